@@ -1,0 +1,1 @@
+"""The fedlora Flower ClientApp."""

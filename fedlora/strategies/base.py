@@ -1,0 +1,184 @@
+"""The contract every LoRA strategy implements, in two halves.
+
+Server half (``LoraStrategy``): a Flower Message-API strategy (it subclasses
+Flower's ``FedAvg`` for node sampling) that decides what each client
+downloads and how uploads become the next global adapter. Client half
+(``ClientHalf``): what a client starts from, which tensor kinds it trains and
+what it uploads. Both halves of one strategy live in one module under
+``fedlora/strategies/``; the client loop (client/app.py) and the round loop
+(server/app.py) never change when a strategy is added.
+
+Every payload goes through ``fedlora.codec``. Replies that fail to decode or
+validate are rejected and logged per node ("reply from node N rejected: …")
+and never aggregated; when fewer than ``min_replies`` remain the global adapter
+stays as it was and the round says so in its metrics.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import ClassVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedlora import codec
+from fedlora.adapters import State
+from fedlora.config import RunConfig
+
+PAYLOAD = "payload"  # ArrayRecord key of the encoded adapter payload, both ways
+CONFIG = "config"  # ConfigRecord key of the run config sent to clients
+METRICS = "metrics"  # MetricRecord key of a client's training metrics
+Shapes = dict[str, tuple[int, ...]]
+
+
+def shapes_of(state: Mapping[str, np.ndarray]) -> Shapes:
+    return {name: tuple(value.shape) for name, value in state.items()}
+
+
+def to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value, dtype=np.float32))
+                        for name, value in state.items()})
+
+
+def from_arrayrecord(record: ArrayRecord) -> State:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+class ClientHalf(ABC):
+    """What a client does with the global adapter; one instance per message."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def download_names(self, names: Iterable[str]) -> list[str]:
+        """Which adapter tensors the server sends (a subset of ``names``)."""
+
+    @abstractmethod
+    def upload_names(self, names: Iterable[str]) -> list[str]:
+        """Which adapter tensors the client sends back."""
+
+    @abstractmethod
+    def trains(self, kind: str) -> bool:
+        """Whether tensors of ``kind`` (lora_A, lora_B, head) are trained."""
+
+    def start_state(self, received: State, template: State) -> State:
+        """The full adapter to train from; ``template`` is the adapter as built
+        under the run seed (it fills in whatever is not sent)."""
+        return {**template, **received}
+
+    def upload(self, start: State, trained: State) -> State:
+        """The tensors to send after local training."""
+        return {name: trained[name] for name in self.upload_names(trained)}
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    node_id: int
+    weight: float
+    tensors: State
+    metrics: MetricRecord
+
+
+class LoraStrategy(FedAvg, ABC):
+    """Server half: sampling from Flower's FedAvg, payloads and aggregation here."""
+
+    name: ClassVar[str]
+    client_half: ClassVar[type[ClientHalf]]
+
+    def __init__(self, config: RunConfig, initial_state: State) -> None:
+        per_round = config["clients-per-round"]
+        super().__init__(
+            fraction_train=per_round / config["num-clients"], fraction_evaluate=0.0,
+            min_train_nodes=per_round, min_evaluate_nodes=0,
+            min_available_nodes=per_round,
+        )
+        self.config = config
+        self.min_replies = 1
+        self.roles = self.client_half(config)
+        self.state: State = {k: v.copy() for k, v in initial_state.items()}
+        self.download_shapes = {n: initial_state[n].shape
+                                for n in self.roles.download_names(initial_state)}
+        self.upload_shapes = {n: initial_state[n].shape
+                              for n in self.roles.upload_names(initial_state)}
+        self._downlink_bytes = 0
+
+    # -- what subclasses define ------------------------------------------------
+    @abstractmethod
+    def merge(self, updates: list[ClientUpdate]) -> State:
+        """The next global adapter from the accepted updates (and ``self.state``)."""
+
+    def download(self, state: State) -> bytes:
+        """Encode what clients receive this round."""
+        return codec.encode({n: state[n] for n in self.download_shapes})
+
+    # -- Flower's Strategy interface --------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord,
+                        config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.state = from_arrayrecord(arrays)
+        blob = self.download(self.state)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        record = RecordDict({PAYLOAD: codec.to_record(blob), CONFIG: config})
+        self._downlink_bytes = len(blob) * len(messages)
+        return [Message(content=record, message_type=MessageType.TRAIN,
+                        dst_node_id=m.metadata.dst_node_id) for m in messages]
+
+    @staticmethod
+    def _payload(message: Message) -> bytes:
+        """The reply's payload bytes; raises ``PayloadError`` when there are none."""
+        if message.has_error():
+            reason = message.error.reason.strip().splitlines()
+            raise codec.PayloadError(f"client failed: {reason[-1] if reason else '?'}")
+        records = message.content.array_records
+        if PAYLOAD not in records:
+            raise codec.PayloadError("reply has no payload record")
+        return codec.from_record(records[PAYLOAD])
+
+    def _decode(self, message: Message, blob: bytes) -> ClientUpdate:
+        """Validate one reply; raises ``PayloadError`` with the reason."""
+        metrics = message.content.metric_records.get(METRICS)
+        weight = metrics.get("num-examples") if metrics is not None else None
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            raise codec.PayloadError(f"bad or missing num-examples {weight!r}")
+        tensors = codec.decode(blob, self.upload_shapes)
+        return ClientUpdate(message.metadata.src_node_id, float(weight), tensors, metrics)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+        accepted: list[ClientUpdate] = []
+        uplink = rejected = 0
+        for message in replies:
+            try:
+                blob = self._payload(message)
+                uplink += len(blob)
+                accepted.append(self._decode(message, blob))
+            except codec.PayloadError as err:
+                log(WARNING, "round %d: reply from node %d rejected: %s", server_round,
+                    message.metadata.src_node_id, err)
+                rejected += 1
+        total = sum(u.weight for u in accepted)
+        metrics = MetricRecord({
+            "clients": len(accepted), "rejected": rejected,
+            "uplink_bytes": uplink, "downlink_bytes": self._downlink_bytes,
+            "train_loss": (sum(u.weight * float(u.metrics.get("train-loss", 0.0))
+                               for u in accepted) / total) if accepted else float("nan"),
+            "compute_s": sum(float(u.metrics.get("compute-seconds", 0.0)) for u in accepted),
+        })
+        if len(accepted) < self.min_replies:
+            log(WARNING, "round %d: %d valid replies (< %d): global adapter unchanged",
+                server_round, len(accepted), self.min_replies)
+            return None, metrics
+        self.state = self.merge(accepted)
+        return to_arrayrecord(self.state), metrics
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> fedlora strategy: %s", self.name)
+        super().summary()

@@ -1,0 +1,123 @@
+"""Local training and evaluation loops (plain torch), the same for every strategy.
+
+Batches are padded to their longest example (no fixed-length padding), so
+short texts cost what they are. ``compute_seconds`` counts only forward,
+backward and optimiser step time: the work the orchestration exists to serve.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+from fedlora.models import LoraModel, autocast
+
+EVAL_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_examples: int
+    steps: int
+    mean_loss: float
+    compute_seconds: float
+
+
+def _collate(rows: Sequence[dict], model: LoraModel) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest example; causal-LM labels cover only the answer."""
+    width = max(len(row["input_ids"]) for row in rows)
+    ids = torch.full((len(rows), width), model.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[i, :n] = torch.tensor(row["input_ids"], dtype=torch.long)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "label": torch.tensor([row["label"] for row in rows], dtype=torch.long)}
+    if model.spec.task == "causal-lm":
+        targets = ids.clone()
+        targets[mask == 0] = -100
+        for i, row in enumerate(rows):
+            targets[i, : row["prompt_len"]] = -100
+        batch["lm_labels"] = targets
+        batch["prompt_len"] = torch.tensor([row["prompt_len"] for row in rows])
+    return batch
+
+
+def _batches(data: Dataset, batch_size: int, model: LoraModel,
+             generator: torch.Generator | None) -> Iterator[dict[str, torch.Tensor]]:
+    rows = data.to_list()
+    order = (torch.randperm(len(rows), generator=generator).tolist()
+             if generator is not None else range(len(rows)))
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        yield _collate([rows[i] for i in order[start:start + batch_size]], model)
+
+
+def _loss(model: LoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    dev = model.device
+    inputs = {"input_ids": batch["input_ids"].to(dev),
+              "attention_mask": batch["attention_mask"].to(dev)}
+    if model.spec.task == "causal-lm":
+        return model.peft(**inputs, labels=batch["lm_labels"].to(dev)).loss
+    return model.peft(**inputs, labels=batch["label"].to(dev)).loss
+
+
+def train_local(model: LoraModel, params: list[torch.nn.Parameter], data: Dataset, *,
+                epochs: int, max_steps: int, batch_size: int, lr: float,
+                optimizer: str, seed: int) -> TrainResult:
+    """Train ``params`` (the adapter's trainable tensors) on ``data``; a fresh
+    optimiser every call, so no state leaks between clients."""
+    if len(data) == 0:
+        raise ValueError("client has no training examples")
+    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=lr))
+    generator = torch.Generator().manual_seed(seed)
+    model.peft.train()
+    losses, compute, steps = [], 0.0, 0
+    limit = max_steps if max_steps > 0 else math.inf
+    for _ in range(epochs):
+        for batch in _batches(data, batch_size, model, generator):
+            if steps >= limit:
+                break
+            started = time.perf_counter()
+            with autocast(model.device):
+                loss = _loss(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            compute += time.perf_counter() - started
+            losses.append(float(loss.detach()))
+            steps += 1
+    if not all(math.isfinite(x) for x in losses):
+        raise FloatingPointError("local training diverged (non-finite loss)")
+    return TrainResult(len(data), steps, sum(losses) / max(len(losses), 1), compute)
+
+
+@torch.no_grad()
+def evaluate(model: LoraModel, data: Dataset) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on ``data``. Causal LMs are scored on the
+    label words' first tokens at the last prompt position."""
+    model.peft.eval()
+    correct, total_loss, count = 0, 0.0, 0
+    for batch in _batches(data, EVAL_BATCH_SIZE, model, generator=None):
+        dev = model.device
+        with autocast(dev):
+            logits = model.peft(input_ids=batch["input_ids"].to(dev),
+                                attention_mask=batch["attention_mask"].to(dev)).logits
+        logits = logits.float()
+        if model.spec.task == "causal-lm":
+            last = (batch["prompt_len"] - 1).to(dev)
+            rows = torch.arange(logits.shape[0], device=dev)
+            logits = logits[rows, last][:, list(model.label_token_ids)]
+        labels = batch["label"].to(dev)
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        count += len(labels)
+    return correct / count, total_loss / count

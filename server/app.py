@@ -1,0 +1,79 @@
+"""Flower ServerApp: config → strategy → rounds → central evaluation → results.
+
+``run_federation`` is the whole server side of a run; the Flower ``app`` below
+calls it with the run config Flower hands over (``flwr run``), and
+``fedlora simulate`` calls it with the config it resolved.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.adapters import load_adapter_state
+from fedlora.config import RunConfig, from_flower
+from fedlora.features import encoded_splits, model_for, partitioner_for
+from fedlora.results import RunWriter, prepare_out_dir
+from fedlora.strategies import STRATEGIES
+from fedlora.strategies.base import from_arrayrecord, to_arrayrecord
+from fedlora.training import evaluate
+
+ROUND_TIMEOUT_S = 24 * 3600.0  # replies are awaited; a failing client replies with an error
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.2f}MB"
+
+
+def run_federation(grid: Grid, config: RunConfig) -> dict:
+    """Run all rounds and write the outputs contract; returns the summary."""
+    out_dir = prepare_out_dir(config["out-dir"] or
+                              Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    writer = RunWriter(out_dir, config)
+    model = model_for(config)
+    test = encoded_splits(config).test
+    partitioner_for(config)  # bad partition settings fail here, before any round
+    strategy = STRATEGIES[config["strategy"]](config, model.initial_state)
+    arrays = to_arrayrecord(model.initial_state)
+    rounds, started = config["rounds"], time.perf_counter()
+    for server_round in range(1, rounds + 1):
+        round_start = time.perf_counter()
+        messages = strategy.configure_train(server_round, arrays,
+                                            ConfigRecord(config.to_dict()), grid)
+        replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S)
+        new_arrays, train = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        accuracy = loss = None
+        if server_round % config["eval-every"] == 0 or server_round == rounds:
+            load_adapter_state(model.peft, from_arrayrecord(arrays))
+            accuracy, loss = evaluate(model, test)
+        record = {"round": server_round, "accuracy": accuracy, "loss": loss,
+                  **{k: v for k, v in train.items()}, "epsilon": None,
+                  "updated": new_arrays is not None,
+                  "seconds": time.perf_counter() - round_start}
+        writer.add_round(record)
+        shown = f"acc {accuracy:.4f} loss {loss:.4f}" if accuracy is not None else "acc -"
+        print(f"round {server_round}/{rounds}  {shown}  train_loss "
+              f"{record['train_loss']:.4f}  clients {record['clients']}"
+              f"{' (rejected ' + str(record['rejected']) + ')' if record['rejected'] else ''}"
+              f"  up {_megabytes(record['uplink_bytes'])}"
+              f"  down {_megabytes(record['downlink_bytes'])}  {record['seconds']:.1f}s",
+              flush=True)
+    load_adapter_state(model.peft, from_arrayrecord(arrays))
+    writer.save_adapter(model.peft)
+    return writer.finish({"strategy": config["strategy"],
+                          "wall_seconds": time.perf_counter() - started,
+                          "out_dir": str(out_dir)})
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, from_flower(context.run_config))

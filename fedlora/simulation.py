@@ -46,15 +46,6 @@ def backend_config(config: RunConfig) -> dict:
                                  "num_gpus": config["client-gpus"]}}
 
 
-def quiet_workers() -> None:
-    """Environment the Ray workers inherit: no tokenizer thread pools fighting
-    the actors for cores, no progress bars per client."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
-
 def simulate(config: RunConfig, verbose: bool = False) -> None:
     """Run the federation described by ``config`` to completion (blocking)."""
     from client.app import app as client_app
@@ -66,7 +57,6 @@ def simulate(config: RunConfig, verbose: bool = False) -> None:
     def _main(grid: Grid, context: Context) -> None:
         run_federation(grid, config)
 
-    quiet_workers()
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
     backend = backend_config(config)

@@ -19,13 +19,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+import logging
 from typing import ClassVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -37,6 +36,7 @@ PAYLOAD = "payload"  # ArrayRecord key of the encoded adapter payload, both ways
 CONFIG = "config"  # ConfigRecord key of the run config sent to clients
 METRICS = "metrics"  # MetricRecord key of a client's training metrics
 Shapes = dict[str, tuple[int, ...]]
+LOGGER = logging.getLogger(__name__)
 
 
 def shapes_of(state: Mapping[str, np.ndarray]) -> Shapes:
@@ -161,7 +161,7 @@ class LoraStrategy(FedAvg, ABC):
                 uplink += len(blob)
                 accepted.append(self._decode(message, blob))
             except codec.PayloadError as err:
-                log(WARNING, "round %d: reply from node %d rejected: %s", server_round,
+                LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
                     message.metadata.src_node_id, err)
                 rejected += 1
         total = sum(u.weight for u in accepted)
@@ -173,12 +173,12 @@ class LoraStrategy(FedAvg, ABC):
             "compute_s": sum(float(u.metrics.get("compute-seconds", 0.0)) for u in accepted),
         })
         if len(accepted) < self.min_replies:
-            log(WARNING, "round %d: %d valid replies (< %d): global adapter unchanged",
+            LOGGER.warning("round %d: %d valid replies (< %d): global adapter unchanged",
                 server_round, len(accepted), self.min_replies)
             return None, metrics
         self.state = self.merge(accepted)
         return to_arrayrecord(self.state), metrics
 
     def summary(self) -> None:
-        log(INFO, "\t├──> fedlora strategy: %s", self.name)
+        LOGGER.info("fedlora strategy: %s", self.name)
         super().summary()

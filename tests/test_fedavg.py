@@ -1,0 +1,117 @@
+"""FedAvg over LoRA factors: the math, and what aggregate_train accepts or rejects."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+
+from fedlora import codec
+from fedlora.config import resolve
+from fedlora.strategies import STRATEGIES
+from fedlora.strategies.base import METRICS, PAYLOAD, ClientUpdate
+from fedlora.strategies.fedavg import FedAvgLoRA, weighted_mean
+
+SHAPES = {
+    "m.q.lora_A.weight": (4, 6), "m.q.lora_B.weight": (5, 4),
+    "m.v.lora_A.weight": (4, 6), "m.v.lora_B.weight": (5, 4),
+    "m.classifier.weight": (3, 5), "m.classifier.bias": (3,),
+}
+
+
+def _random_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _reply(node_id: int, content: RecordDict | None = None,
+           error: Error | None = None) -> Message:
+    metadata = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id,
+                        dst_node_id=0, reply_to_message_id="q", group_id="1",
+                        created_at=time.time(), ttl=60.0, message_type="train")
+    return make_message(metadata=metadata, content=content, error=error)
+
+
+def _update_reply(node_id: int, state: dict, examples: int) -> Message:
+    content = RecordDict({
+        PAYLOAD: codec.to_record(codec.encode(state)),
+        METRICS: MetricRecord({"num-examples": examples, "train-loss": 1.0 * node_id}),
+    })
+    return _reply(node_id, content)
+
+
+@pytest.fixture
+def strategy() -> FedAvgLoRA:
+    config = resolve({"num-clients": 10, "clients-per-round": 3})
+    return FedAvgLoRA(config, _random_state(np.random.default_rng(0)))
+
+
+def test_registry_names_fedavg():
+    assert STRATEGIES["fedavg"] is FedAvgLoRA
+
+
+def test_weighted_mean_averages_each_factor_separately():
+    rng = np.random.default_rng(1)
+    states = [_random_state(rng) for _ in range(3)]
+    weights = [10.0, 30.0, 60.0]
+    updates = [ClientUpdate(i, w, s, MetricRecord()) for i, (w, s) in
+               enumerate(zip(weights, states))]
+    mean = weighted_mean(updates, SHAPES)
+    for name in SHAPES:
+        expected = sum(w / 100.0 * s[name] for w, s in zip(weights, states))
+        np.testing.assert_allclose(mean[name], expected, rtol=1e-6, atol=1e-6)
+    # FedIT averages factors, not products: B̄Ā differs from mean of B_k A_k
+    product_mean = sum(w / 100.0 * s["m.q.lora_B.weight"] @ s["m.q.lora_A.weight"]
+                       for w, s in zip(weights, states))
+    assert not np.allclose(mean["m.q.lora_B.weight"] @ mean["m.q.lora_A.weight"],
+                           product_mean)
+
+
+def test_aggregate_train_weights_by_examples_and_counts_bytes(strategy):
+    rng = np.random.default_rng(2)
+    states = [_random_state(rng) for _ in range(2)]
+    replies = [_update_reply(11, states[0], 100), _update_reply(12, states[1], 300)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    merged = {k: a.numpy() for k, a in arrays.items()}
+    for name in SHAPES:
+        np.testing.assert_allclose(merged[name], 0.25 * states[0][name] + 0.75 * states[1][name],
+                                   rtol=1e-6, atol=1e-6)
+    assert metrics["clients"] == 2 and metrics["rejected"] == 0
+    assert metrics["uplink_bytes"] == sum(len(codec.encode(s)) for s in states)
+    assert metrics["train_loss"] == pytest.approx(0.25 * 11 + 0.75 * 12)
+
+
+def test_bad_replies_are_rejected_not_averaged(strategy, caplog):
+    rng = np.random.default_rng(3)
+    good = _random_state(rng)
+    nan_state = {**_random_state(rng)}
+    nan_state["m.q.lora_A.weight"][0, 0] = np.nan
+    wrong_shape = {**_random_state(rng), "m.v.lora_B.weight": np.zeros((4, 4), np.float32)}
+    replies = [
+        _update_reply(21, good, 50),
+        _update_reply(22, nan_state, 50),
+        _update_reply(23, wrong_shape, 50),
+        _reply(24, error=Error(code=1, reason="Traceback ...\nRuntimeError: out of memory")),
+        _reply(25, RecordDict({METRICS: MetricRecord({"num-examples": 5})})),
+        _update_reply(26, good, 0),
+    ]
+    with caplog.at_level("WARNING"):
+        arrays, metrics = strategy.aggregate_train(4, replies)
+    merged = {k: a.numpy() for k, a in arrays.items()}
+    for name in SHAPES:
+        np.testing.assert_array_equal(merged[name], good[name])
+    assert metrics["clients"] == 1 and metrics["rejected"] == 5
+    for node in (22, 23, 24, 25, 26):
+        assert f"reply from node {node} rejected" in caplog.text
+    assert "out of memory" in caplog.text
+
+
+def test_round_without_valid_replies_keeps_the_global(strategy):
+    before = {k: v.copy() for k, v in strategy.state.items()}
+    arrays, metrics = strategy.aggregate_train(2, [_reply(31, error=Error(0, "boom"))])
+    assert arrays is None
+    assert metrics["clients"] == 0
+    for name, value in before.items():
+        np.testing.assert_array_equal(strategy.state[name], value)

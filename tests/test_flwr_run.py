@@ -1,0 +1,261 @@
+"""End to end the Flower way: ``flwr run .`` with a tiny model, offline, on loopback.
+
+``flwr run . local`` (the ``:local:`` connection of a fresh ``$FLWR_HOME``)
+starts a detached ``flower-superlink --simulation`` on 127.0.0.1, which starts
+``flower-superexec``, which starts ``flwr-simulation`` for the run, which
+starts Ray (``gcs_server``, ``raylet``, workers). The SuperLink and SuperExec
+keep running after the run; this test stops them by pid.
+
+Every process of that tree inherits the environment given here, so "ours" is
+exactly the set of processes whose ``FLWR_HOME`` is this test's temporary
+one: nothing else on the machine is looked at twice or touched.
+
+Ports: the local SuperLink's port comes from ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``
+(default 39091) and ``FLWR_LOCAL_CONTROL_API_PORT`` (default 39093); the test
+picks free ones, so it neither collides with nor reuses another SuperLink.
+
+Ray on loopback: ``flwr run`` lets only ``num_cpus``, ``num_gpus``,
+``logging_level`` and ``log_to_driver`` through to ``ray.init`` (the
+``init-args-*`` keys of ``--federation-config``), so ``_node_ip_address`` cannot
+be passed, and in Ray 2.55 ``_node_ip_address="127.0.0.1"`` is rewritten to the
+node's routable address anyway. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the
+environment makes Ray's node address 127.0.0.1 and its servers bind there;
+the test checks every listening socket of its processes while the run goes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 600
+ROUND_FIELDS = {"round", "accuracy", "loss", "train_loss", "clients", "uplink_bytes",
+                "downlink_bytes", "epsilon", "seconds"}
+NUM_CLIENTS = 8
+RAY_NAMES = ("gcs_server", "raylet", "ray::")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _toml_literal(path: Path) -> str:
+    """A path as a TOML literal string; ``--run-config`` splits on ``'...'``."""
+    assert "'" not in str(path), f"cannot quote {path} for --run-config"
+    return f"'{path}'"
+
+
+def _ours(home: str) -> list[psutil.Process]:
+    """Live processes started under this test's FLWR_HOME (inherited by the
+    whole tree: flwr, flower-superlink, flower-superexec, flwr-simulation, Ray)."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get("FLWR_HOME") == home:
+                found.append(proc)
+        except (psutil.Error, OSError):  # gone, zombie, or not ours to read
+            continue
+    return found
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        cmd = proc.cmdline()
+        return " ".join(Path(a).name for a in cmd[:2]) if cmd else proc.name()
+    except psutil.Error:
+        return "?"
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _listening(pids: set[int]) -> dict[tuple[int, str, int], bool]:
+    """(pid, ip, port) -> is loopback, for sockets of ``pids`` in LISTEN state."""
+    found = {}
+    for conn in psutil.net_connections("inet"):
+        if conn.pid in pids and conn.status == psutil.CONN_LISTEN:
+            found[(conn.pid, conn.laddr.ip, conn.laddr.port)] = _is_loopback(conn.laddr.ip)
+    return found
+
+
+def _stop(procs: list[psutil.Process], timeout: float = 15) -> list[psutil.Process]:
+    """SIGTERM, wait, SIGKILL what is left; returns those that needed the kill."""
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    return alive
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
+
+
+def test_flwr_run_end_to_end(tmp_path, tiny_bert, topic_dataset):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    out = tmp_path / "run"
+    log = tmp_path / "flwr-run.log"
+    superlink_log = home / "local-superlink" / "superlink.log"
+    http_port, control_port = _free_ports(2)
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superlink etc.
+        FLWR_HOME=str(home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # Ray node address and binds: 127.0.0.1
+    )
+    run_config = " ".join([
+        f"model={_toml_literal(tiny_bert)}",
+        f"dataset={_toml_literal(topic_dataset)}",
+        f"num-clients={NUM_CLIENTS}", "clients-per-round=4", "rounds=2",
+        "batch-size=8", "lr=0.005", "partition='dirichlet'", "dirichlet-alpha=1.0",
+        f"out-dir={_toml_literal(out)}",
+    ])
+    # Two actors whatever the machine: the 4 clients of a round share them.
+    federation_config = (f"num-supernodes={NUM_CLIENTS} client-resources-num-cpus=1 "
+                         "client-resources-num-gpus=0 init-args-num-cpus=2 "
+                         "init-args-num-gpus=0")
+    command = [str(BIN / "flwr"), "run", ".", "local", "--run-config", run_config,
+               "--federation-config", federation_config, "--stream"]
+
+    listening: dict[tuple[int, str, int], bool] = {}
+    names: dict[int, str] = {}
+    started = time.monotonic()
+    try:
+        with open(log, "w") as handle:
+            cli = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # Wait for the CLI (it streams the logs until the run ends); meanwhile
+            # record every listening socket of our processes.
+            deadline = started + RUN_TIMEOUT_S
+            while True:
+                try:
+                    cli.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"flwr run still running after {RUN_TIMEOUT_S}s:\n"
+                                f"{_tail(log)}\n--- superlink.log ---\n{_tail(superlink_log)}")
+                procs = _ours(str(home))
+                for proc in procs:
+                    names.setdefault(proc.pid, _name(proc))
+                listening.update(_listening({p.pid for p in procs}))
+        output = log.read_text(errors="replace")
+        elapsed = time.monotonic() - started
+        print(f"flwr run took {elapsed:.1f}s")
+        assert cli.returncode == 0, (f"flwr run exited {cli.returncode}:\n{output[-4000:]}"
+                                     f"\n--- superlink.log ---\n{_tail(superlink_log)}")
+
+        # The run, as the SuperLink saw it: finished and completed.
+        match = re.search(r"Successfully started run (\d+)", output)
+        assert match, output[-4000:]
+        status = subprocess.run(
+            [str(BIN / "flwr"), "ls", "local", "--run-id", match.group(1), "--format",
+             "json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stdout + status.stderr
+        runs = json.loads(status.stdout)["runs"]
+        assert [r["status"] for r in runs] == ["finished:completed"], (
+            f"{runs}\n{output[-4000:]}")
+
+        # The ServerApp's progress lines came through the log stream.
+        assert [line.split()[1] for line in output.splitlines()
+                if line.startswith("round ")] == ["1/2", "2/2"], output[-4000:]
+
+        # Everything listened on loopback only, Ray included.
+        ray_pids = {pid for pid, name in names.items()
+                    if any(r in name for r in RAY_NAMES)}
+        assert any(pid in ray_pids for pid, _, _ in listening), (
+            f"no Ray server was seen listening: {names}")
+        print("listening:", sorted(f"{names.get(pid, pid)} {ip}:{port}"
+                                   for (pid, ip, port) in listening))
+        exposed = sorted(f"{names.get(pid, pid)} {ip}:{port}"
+                         for (pid, ip, port), loop in listening.items() if not loop)
+        assert not exposed, f"listening beyond loopback: {exposed}"
+
+        # Ray went away with the run; the SuperLink and SuperExec stay until stopped.
+        print(f"run status checked at {time.monotonic() - started:.1f}s")
+        ray_left = [p for p in _ours(str(home)) if any(r in _name(p) for r in RAY_NAMES)]
+        _, ray_alive = psutil.wait_procs(ray_left, timeout=60)
+        print(f"Ray gone at {time.monotonic() - started:.1f}s")
+        assert not ray_alive, f"Ray outlived the run: {[_name(p) for p in ray_alive]}"
+        superlinks = [p for p in _ours(str(home)) if "flower-superlink" in _name(p)]
+        assert len(superlinks) == 1, [_name(p) for p in _ours(str(home))]
+        assert str(superlink_log) in superlinks[0].cmdline()
+
+        # The outputs contract.
+        config = json.loads((out / "config.json").read_text())
+        assert config["model"] == str(tiny_bert) and config["dataset"] == str(topic_dataset)
+        assert config["num-clients"] == NUM_CLIENTS and config["rounds"] == 2
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [row["round"] for row in rows] == [1, 2]
+        for row in rows:
+            assert ROUND_FIELDS <= set(row), sorted(ROUND_FIELDS - set(row))
+            assert 0.0 <= row["accuracy"] <= 1.0
+            assert math.isfinite(row["loss"]) and row["loss"] > 0
+            assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0
+            assert row["clients"] == 4
+            assert row["uplink_bytes"] > 0 and row["downlink_bytes"] > 0
+            assert row["epsilon"] is None
+            assert row["seconds"] > 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == 2 and summary["final_round"] == 2
+        assert summary["final_accuracy"] == rows[-1]["accuracy"]
+        assert summary["client_updates"] == 8
+        assert summary["out_dir"] == str(out)
+        adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert adapter["peft_type"] == "LORA" and adapter["r"] == config["lora-rank"]
+        assert adapter["base_model_name_or_path"] == str(tiny_bert)
+        assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    finally:
+        # Stop everything this test started, by pid: the SuperLink first (it
+        # stops its SuperExec), then whatever of ours is still alive.
+        _stop([p for p in _ours(str(home)) if "flower-superlink" in _name(p)])
+        _stop(_ours(str(home)))
+        left = [(p.pid, _name(p)) for p in _ours(str(home))]
+        print(f"all stopped at {time.monotonic() - started:.1f}s")
+    assert not left, f"left running: {left}"

@@ -9,6 +9,11 @@ Flower's ``run_simulation`` hands the ServerApp an empty run config, so the
 ServerApp used here is a thin one bound to the resolved config; the
 ClientApp is the module-level one that ``flwr run`` uses, and it reads the
 config from each message.
+
+Loopback: Ray resolves ``_node_ip_address="127.0.0.1"`` to the machine's
+routable address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set before
+Ray is imported (then a local Ray binds 127.0.0.1 only); ``simulate`` sets it
+for a local Ray and leaves it alone when attaching to ``ray-address``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import warnings
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
 from fedlora.config import ConfigError, RunConfig
 
@@ -60,6 +64,10 @@ def simulate(config: RunConfig, verbose: bool = False) -> None:
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
     backend = backend_config(config)
+    if not config["ray-address"]:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from flwr.simulation import run_simulation
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(server_app=server_app, client_app=client_app,

@@ -25,7 +25,6 @@ the test checks every listening socket of its processes while the run goes.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from processes import describe, listening_sockets, ours, stop
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,62 +63,6 @@ def _toml_literal(path: Path) -> str:
     """A path as a TOML literal string; ``--run-config`` splits on ``'...'``."""
     assert "'" not in str(path), f"cannot quote {path} for --run-config"
     return f"'{path}'"
-
-
-def _ours(home: str) -> list[psutil.Process]:
-    """Live processes started under this test's FLWR_HOME (inherited by the
-    whole tree: flwr, flower-superlink, flower-superexec, flwr-simulation, Ray)."""
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
-            continue
-        try:
-            if proc.environ().get("FLWR_HOME") == home:
-                found.append(proc)
-        except (psutil.Error, OSError):  # gone, zombie, or not ours to read
-            continue
-    return found
-
-
-def _name(proc: psutil.Process) -> str:
-    try:
-        cmd = proc.cmdline()
-        return " ".join(Path(a).name for a in cmd[:2]) if cmd else proc.name()
-    except psutil.Error:
-        return "?"
-
-
-def _is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip.split("%")[0])
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
-def _listening(pids: set[int]) -> dict[tuple[int, str, int], bool]:
-    """(pid, ip, port) -> is loopback, for sockets of ``pids`` in LISTEN state."""
-    found = {}
-    for conn in psutil.net_connections("inet"):
-        if conn.pid in pids and conn.status == psutil.CONN_LISTEN:
-            found[(conn.pid, conn.laddr.ip, conn.laddr.port)] = _is_loopback(conn.laddr.ip)
-    return found
-
-
-def _stop(procs: list[psutil.Process], timeout: float = 15) -> list[psutil.Process]:
-    """SIGTERM, wait, SIGKILL what is left; returns those that needed the kill."""
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
-    return alive
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -181,10 +125,10 @@ def test_flwr_run_end_to_end(tmp_path, tiny_bert, topic_dataset):
                 if time.monotonic() > deadline:
                     pytest.fail(f"flwr run still running after {RUN_TIMEOUT_S}s:\n"
                                 f"{_tail(log)}\n--- superlink.log ---\n{_tail(superlink_log)}")
-                procs = _ours(str(home))
+                procs = ours(str(home))
                 for proc in procs:
-                    names.setdefault(proc.pid, _name(proc))
-                listening.update(_listening({p.pid for p in procs}))
+                    names.setdefault(proc.pid, describe(proc))
+                listening.update(listening_sockets({p.pid for p in procs}))
         output = log.read_text(errors="replace")
         elapsed = time.monotonic() - started
         print(f"flwr run took {elapsed:.1f}s")
@@ -219,12 +163,12 @@ def test_flwr_run_end_to_end(tmp_path, tiny_bert, topic_dataset):
 
         # Ray went away with the run; the SuperLink and SuperExec stay until stopped.
         print(f"run status checked at {time.monotonic() - started:.1f}s")
-        ray_left = [p for p in _ours(str(home)) if any(r in _name(p) for r in RAY_NAMES)]
+        ray_left = [p for p in ours(str(home)) if any(r in describe(p) for r in RAY_NAMES)]
         _, ray_alive = psutil.wait_procs(ray_left, timeout=60)
         print(f"Ray gone at {time.monotonic() - started:.1f}s")
-        assert not ray_alive, f"Ray outlived the run: {[_name(p) for p in ray_alive]}"
-        superlinks = [p for p in _ours(str(home)) if "flower-superlink" in _name(p)]
-        assert len(superlinks) == 1, [_name(p) for p in _ours(str(home))]
+        assert not ray_alive, f"Ray outlived the run: {[describe(p) for p in ray_alive]}"
+        superlinks = [p for p in ours(str(home)) if "flower-superlink" in describe(p)]
+        assert len(superlinks) == 1, [describe(p) for p in ours(str(home))]
         assert str(superlink_log) in superlinks[0].cmdline()
 
         # The outputs contract.
@@ -254,8 +198,8 @@ def test_flwr_run_end_to_end(tmp_path, tiny_bert, topic_dataset):
     finally:
         # Stop everything this test started, by pid: the SuperLink first (it
         # stops its SuperExec), then whatever of ours is still alive.
-        _stop([p for p in _ours(str(home)) if "flower-superlink" in _name(p)])
-        _stop(_ours(str(home)))
-        left = [(p.pid, _name(p)) for p in _ours(str(home))]
+        stop([p for p in ours(str(home)) if "flower-superlink" in describe(p)])
+        stop(ours(str(home)))
+        left = [(p.pid, describe(p)) for p in ours(str(home))]
         print(f"all stopped at {time.monotonic() - started:.1f}s")
     assert not left, f"left running: {left}"

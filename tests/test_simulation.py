@@ -1,8 +1,10 @@
 """Integration: real Flower simulations on real Ray (local, 127.0.0.1), tiny models.
 
-Each run goes through the installed ``fedlora`` console script in a child
-process, as a user would run it, and the outputs contract is checked file by
-file; ``fedlora evaluate`` must then reproduce the final accuracy exactly.
+Each run goes through the ``fedlora`` command in a child process, as a user
+would run it, and the outputs contract is checked file by file; ``fedlora
+evaluate`` must then reproduce the final accuracy exactly. While a run goes,
+every listening socket of its process tree is recorded: all must be loopback,
+and the tree must be gone when the command returns.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from processes import describe, ours, stop, watch
 from safetensors.numpy import load_file
 
 from fedlora import codec
@@ -24,30 +27,15 @@ ROUND_FIELDS = {"round", "accuracy", "loss", "train_loss", "clients", "uplink_by
 FEDLORA = [sys.executable, "-m", "fedlora.cli"]
 
 
-def _ray_pids() -> set[int]:
-    names = {"raylet", "gcs_server"}
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in names}
-
-
 def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
-    return env
+    """The child's environment; its unique FLWR_HOME marks its process tree."""
+    return dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), HF_HUB_OFFLINE="1",
+                HF_DATASETS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
 
 
 def run_fedlora(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*FEDLORA, *args], env=_env(tmp_path), capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _wait_for_ray_exit(before: set[int]) -> set[int]:
-    """Ray processes this test started that are still alive after 30 s."""
-    started = _ray_pids() - before
-    procs = [psutil.Process(pid) for pid in started if psutil.pid_exists(pid)]
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    for proc in alive:  # stop what we started, then report it
-        proc.kill()
-    return {p.pid for p in alive}
 
 
 def check_run(tmp_path: Path, model_dir: Path, dataset: Path, **overrides) -> dict:
@@ -56,15 +44,25 @@ def check_run(tmp_path: Path, model_dir: Path, dataset: Path, **overrides) -> di
                 "clients-per-round": 4, "rounds": 2, "batch-size": 8, "lr": 0.005,
                 "partition": "dirichlet", "dirichlet-alpha": 1.0, "client-cpus": 1,
                 **overrides}
-    before = _ray_pids()
-    proc = run_fedlora(tmp_path, "simulate", "--set",
-                       *[f"{k}={v}" for k, v in settings.items()], "--out", str(out))
-    leftover = _wait_for_ray_exit(before)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not leftover, f"Ray processes left running: {leftover}"
+    env, log = _env(tmp_path), tmp_path / "simulate.log"
+    command = [*FEDLORA, "simulate", "--set", *[f"{k}={v}" for k, v in settings.items()],
+               "--out", str(out)]
+    try:
+        code, sockets, names = watch(command, env, env["FLWR_HOME"], log, timeout=600)
+        output = log.read_text()
+        assert code == 0, output[-3000:]
+        # Ray shut down with the run: nothing of the tree outlives the command
+        _, alive = psutil.wait_procs(ours(env["FLWR_HOME"]), timeout=30)
+        assert not alive, f"left running: {[describe(p) for p in alive]}"
+    finally:
+        stop(ours(env["FLWR_HOME"]))
+    assert any("raylet" in names.get(pid, "") for pid, _, _ in sockets), names
+    exposed = [f"{names.get(pid)} {ip}:{port}" for (pid, ip, port), loop in sockets.items()
+               if not loop]
+    assert not exposed, f"listening beyond loopback: {exposed}"
 
     # one progress line per round
-    assert [line.split()[1] for line in proc.stdout.splitlines()
+    assert [line.split()[1] for line in output.splitlines()
             if line.startswith("round ")] == ["1/2", "2/2"]
 
     config = json.loads((out / "config.json").read_text())

@@ -25,7 +25,7 @@ from fedlora.training import train_local
 app = ClientApp()
 
 
-def _run_config(message: Message) -> RunConfig:
+def _run_config(message: Message) -> tuple[RunConfig, int]:
     sent = dict(message.content.config_records[CONFIG])
     server_round = int(sent.pop("server-round"))
     return from_flower(sent), server_round
@@ -53,7 +53,7 @@ def train(message: Message, context: Context) -> Message:
         batch_size=config["batch-size"], lr=config["lr"], optimizer=config["optimizer"],
         seed=hash((config["seed"], server_round, partition_id)) % 2**31,
     )
-    blob = codec.encode(role.upload(start, adapter_state(model.peft)))
+    blob = codec.encode(role.upload(start, adapter_state(model.peft), context.state))
     metrics = MetricRecord({
         "num-examples": result.num_examples, "train-loss": result.mean_loss,
         "steps": result.steps, "compute-seconds": result.compute_seconds,

@@ -28,7 +28,8 @@ def _quiet_environment() -> None:
                         ("TRANSFORMERS_VERBOSITY", "error"),
                         ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
                         ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                        ("RAY_DEDUP_LOGS", "0")):
+                        ("RAY_DEDUP_LOGS", "0"),
+                        ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")):
         os.environ.setdefault(name, value)
     logger = logging.getLogger("fedlora")
     if not logger.handlers:

@@ -13,6 +13,7 @@ expects, and raises ``PayloadError`` (one line) on the first problem.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -33,6 +34,56 @@ class PayloadError(ValueError):
     """A payload that does not decode to what the receiver expects."""
 
 
+@dataclass(frozen=True)
+class SparseTensor:
+    """The kept entries of a tensor: strictly increasing row-major flat
+    positions and their values; every other entry is zero."""
+
+    shape: tuple[int, ...]
+    indices: np.ndarray  # int64
+    values: np.ndarray  # float32
+
+    def to_dense(self) -> np.ndarray:
+        dense = np.zeros(int(np.prod(self.shape)), dtype=np.float32)
+        dense[self.indices] = self.values
+        return dense.reshape(self.shape)
+
+
+_MAX_VARINT_BYTES = 10
+
+
+def _varints(numbers: np.ndarray) -> bytes:
+    """Unsigned LEB128 encoding of non-negative integers, vectorised."""
+    numbers = numbers.astype(np.uint64)
+    sizes = np.ones(len(numbers), dtype=np.int64)
+    for shift in range(7, 64, 7):
+        sizes += numbers >= (np.uint64(1) << np.uint64(shift))
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    out = np.empty(int(sizes.sum()), dtype=np.uint8)
+    for k in range(int(sizes.max()) if len(sizes) else 0):
+        present = sizes > k
+        chunk = (numbers[present] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (sizes[present] > k + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[present] + k] = (chunk | more).astype(np.uint8)
+    return out.tobytes()
+
+
+def _unvarints(data: bytes, count: int, where: str) -> np.ndarray:
+    """Decode exactly ``count`` LEB128 varints that fill ``data``."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(raw < 0x80)
+    if len(ends) != count or (count and ends[-1] != len(raw) - 1) or (not count and len(raw)):
+        raise PayloadError(f"{where}: index bytes do not hold {count} varints")
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    if np.max(ends - starts) >= _MAX_VARINT_BYTES:
+        raise PayloadError(f"{where}: index varint longer than {_MAX_VARINT_BYTES} bytes")
+    position = np.arange(len(raw)) - np.repeat(starts, ends - starts + 1)
+    parts = (raw & 0x7F).astype(np.uint64) << (np.uint64(7) * position.astype(np.uint64))
+    return np.add.reduceat(parts, starts)
+
+
 def _encode_values(values: np.ndarray, encoding: str) -> pb.Values:
     flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     if encoding == "int8":
@@ -44,15 +95,24 @@ def _encode_values(values: np.ndarray, encoding: str) -> pb.Values:
     return pb.Values(encoding=code, data=flat.astype(_DTYPES[code]).tobytes())
 
 
-def encode(tensors: Mapping[str, np.ndarray], encoding: str = "float32") -> bytes:
-    """Serialize named dense tensors (float32 by default)."""
+def encode(tensors: Mapping[str, np.ndarray | SparseTensor],
+           encoding: str = "float32") -> bytes:
+    """Serialize named tensors, dense arrays or ``SparseTensor``s, with values
+    in ``encoding`` (float32, float16 or int8)."""
     if encoding not in _ENCODINGS:
         raise ValueError(f"unknown value encoding {encoding!r}")
     message = pb.AdapterPayload(format_version=FORMAT_VERSION)
-    for name, values in tensors.items():
-        message.tensors.append(pb.Tensor(
-            name=name, shape=list(np.shape(values)),
-            dense=_encode_values(np.asarray(values), encoding)))
+    for name, tensor in tensors.items():
+        if isinstance(tensor, SparseTensor):
+            gaps = np.diff(tensor.indices, prepend=0)
+            layout = {"sparse": pb.Sparse(
+                index_gaps=_varints(gaps), count=len(tensor.indices),
+                values=_encode_values(tensor.values, encoding))}
+            shape = tensor.shape
+        else:
+            layout = {"dense": _encode_values(np.asarray(tensor), encoding)}
+            shape = np.shape(tensor)
+        message.tensors.append(pb.Tensor(name=name, shape=list(shape), **layout))
     return message.SerializeToString()
 
 
@@ -74,11 +134,34 @@ def _decode_values(values: pb.Values, count: int, where: str) -> np.ndarray:
     return array
 
 
+def size_limit(expected: Mapping[str, tuple[int, ...]]) -> int:
+    """The largest payload accepted for ``expected``: float32 values plus, for
+    sparse layouts, up to 2 bytes of index per entry, plus framing."""
+    values = sum(int(np.prod(shape)) * 6 for shape in expected.values())
+    return values + _FRAMING_ALLOWANCE + 64 * len(expected)
+
+
+def _decode_sparse(sparse: pb.Sparse, shape: tuple[int, ...], where: str) -> SparseTensor:
+    size = int(np.prod(shape))
+    if sparse.count > size:
+        raise PayloadError(f"{where}: {sparse.count} kept entries in a tensor of {size}")
+    count = int(sparse.count)
+    gaps = _unvarints(sparse.index_gaps, count, where)
+    if count and np.any(gaps[1:] == 0):
+        raise PayloadError(f"{where}: sparse positions not strictly increasing")
+    if count and int(gaps.max()) >= size:
+        raise PayloadError(f"{where}: sparse position out of range")
+    positions = np.cumsum(gaps, dtype=np.uint64)
+    if count and int(positions[-1]) >= size:
+        raise PayloadError(f"{where}: sparse position out of range")
+    values = _decode_values(sparse.values, count, where)
+    return SparseTensor(shape, positions.astype(np.int64), values)
+
+
 def decode(blob: bytes, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Parse and validate a payload that must hold exactly the ``expected``
     tensors (name → shape); returns float32 arrays."""
-    limit = sum(int(np.prod(shape)) * 4 for shape in expected.values())
-    limit += _FRAMING_ALLOWANCE + 64 * len(expected)
+    limit = size_limit(expected)
     if len(blob) > limit:
         raise PayloadError(f"payload of {len(blob)} bytes exceeds the {limit}-byte limit")
     message = pb.AdapterPayload()
@@ -98,11 +181,14 @@ def decode(blob: bytes, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np
         shape = tuple(int(d) for d in tensor.shape)
         if shape != tuple(expected[tensor.name]):
             raise PayloadError(f"{where}: shape {shape}, expected {tuple(expected[tensor.name])}")
+        size = int(np.prod(shape))
         layout = tensor.WhichOneof("layout")
-        if layout != "dense":
-            raise PayloadError(f"{where}: layout {layout!r} is not supported")
-        count = int(np.prod(shape))
-        tensors[tensor.name] = _decode_values(tensor.dense, count, where).reshape(shape)
+        if layout == "dense":
+            tensors[tensor.name] = _decode_values(tensor.dense, size, where).reshape(shape)
+        elif layout == "sparse":
+            tensors[tensor.name] = _decode_sparse(tensor.sparse, shape, where).to_dense()
+        else:
+            raise PayloadError(f"{where}: no values")
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise PayloadError(f"missing tensor {missing[0]!r} ({len(missing)} missing)")

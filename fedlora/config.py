@@ -34,6 +34,7 @@ class Key:
     default: Any
     help: str
     check: Callable[[Any], str | None] = lambda value: None
+    strategy: str | None = None  # the one strategy this key applies to
 
 
 def _positive(value: float) -> str | None:
@@ -53,6 +54,10 @@ def _one_of(*choices: str) -> Callable[[str], str | None]:
 
 def _probability(value: float) -> str | None:
     return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _density(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
 KEYS: dict[str, Key] = {
@@ -87,12 +92,32 @@ KEYS: dict[str, Key] = {
     "clients-per-round": Key(int, 5, "clients sampled each round", _positive),
     "eval-every": Key(int, 1, "central evaluation every N rounds (and after the last)",
                       _positive),
+    # --- strategy-specific (docs/algorithms.md) ------------------------------
+    "ffa-a-init": Key(str, "kaiming", "FFA-LoRA's frozen A: kaiming (PEFT default) or "
+                      "gaussian, drawn from the run seed", _one_of("kaiming", "gaussian"),
+                      strategy="ffa"),
+    "fair-lambda": Key(float, 0.01, "LoRA-FAIR regulariser weight λ on ‖ΔB‖²",
+                       _non_negative, strategy="lora-fair"),
+    "fair-steps": Key(int, 200, "LoRA-FAIR gradient steps per module", _positive,
+                      strategy="lora-fair"),
+    "fair-lr": Key(float, 0.01, "LoRA-FAIR Adam step size for ΔB", _positive,
+                   strategy="lora-fair"),
+    "cellm-up-density": Key(float, 0.05, "CELLM share of update entries uploaded",
+                            _density, strategy="cellm"),
+    "cellm-down-density": Key(float, 1.0, "CELLM share of global entries downloaded",
+                              _density, strategy="cellm"),
+    "cellm-error-feedback": Key(bool, False, "CELLM: keep the dropped residual per "
+                                "client and add it next round", strategy="cellm"),
+    "cellm-server-optimizer": Key(str, "sgd", "CELLM server update: sgd | adam",
+                                  _one_of("sgd", "adam"), strategy="cellm"),
+    "cellm-server-lr": Key(float, 1.0, "CELLM server learning rate (FLASC: 1 for sgd, "
+                           "1e-3 for adam)", _positive, strategy="cellm"),
     # --- local training ------------------------------------------------------
     "local-epochs": Key(int, 1, "epochs over the client's data per round", _positive),
     "local-steps": Key(int, 0, "cap on optimiser steps per round; 0 = no cap",
                        _non_negative),
     "batch-size": Key(int, 16, "local batch size", _positive),
-    "lr": Key(float, 1e-3, "client learning rate", _positive),
+    "lr": Key(float, 2e-3, "client learning rate", _positive),
     "optimizer": Key(str, "adamw", "adamw | sgd", _one_of("adamw", "sgd")),
     # --- resources -----------------------------------------------------------
     "client-cpus": Key(float, 1.0, "CPUs per simulated client (Ray actor)", _positive),
@@ -111,6 +136,8 @@ def _coerce(key: str, value: Any) -> Any:
     if want is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
     elif want is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -188,6 +215,11 @@ def resolve(overrides: Mapping[str, Any]) -> RunConfig:
             f"config key 'strategy': unknown strategy {values['strategy']!r} "
             f"(available: {', '.join(sorted(STRATEGIES))})"
         )
+    for key, value in overrides.items():
+        owner = KEYS[key].strategy
+        if owner and owner != values["strategy"] and values[key] != KEYS[key].default:
+            raise ConfigError(f"config key '{key}' applies to strategy {owner}, "
+                              f"not {values['strategy']}")
     return RunConfig(values)
 
 

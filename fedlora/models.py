@@ -100,15 +100,17 @@ class ModelSpec:
     dropout: float
     target_modules: tuple[str, ...] | None
     seed: int
+    a_init: str = "kaiming"  # LoRA A init: PEFT's kaiming-uniform or gaussian
 
     @classmethod
     def from_config(cls, config: RunConfig, label_names: tuple[str, ...]) -> "ModelSpec":
         path = resolve_model_path(config["model"])
         task = config["task"] if config["task"] != "auto" else detect_task(path)
         targets = config.target_modules
+        a_init = config["ffa-a-init"] if config["strategy"] == "ffa" else "kaiming"
         return cls(path, task, tuple(label_names), config["lora-rank"],
                    config["lora-alpha"], config["lora-dropout"],
-                   tuple(targets) if targets else None, config["seed"])
+                   tuple(targets) if targets else None, config["seed"], a_init)
 
 
 @dataclass
@@ -197,6 +199,7 @@ def _build(spec: ModelSpec) -> LoraModel:
         task_type=task_type, r=spec.rank, lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules) if spec.target_modules else None,
+        init_lora_weights=True if spec.a_init == "kaiming" else "gaussian",
     )
     try:
         with warnings.catch_warnings():

@@ -29,18 +29,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora import codec
-from fedlora.adapters import State
+from fedlora.adapters import State, lora_pairs
 from fedlora.config import RunConfig
 
 PAYLOAD = "payload"  # ArrayRecord key of the encoded adapter payload, both ways
 CONFIG = "config"  # ConfigRecord key of the run config sent to clients
 METRICS = "metrics"  # MetricRecord key of a client's training metrics
-Shapes = dict[str, tuple[int, ...]]
 LOGGER = logging.getLogger(__name__)
-
-
-def shapes_of(state: Mapping[str, np.ndarray]) -> Shapes:
-    return {name: tuple(value.shape) for name, value in state.items()}
 
 
 def to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -75,8 +70,11 @@ class ClientHalf(ABC):
         under the run seed (it fills in whatever is not sent)."""
         return {**template, **received}
 
-    def upload(self, start: State, trained: State) -> State:
-        """The tensors to send after local training."""
+    def upload(self, start: State, trained: State,
+               memory: RecordDict) -> Mapping[str, np.ndarray | codec.SparseTensor]:
+        """The tensors to send after local training. ``memory`` is the client's
+        persistent state (Flower's ``context.state``): the same client gets it
+        back in its next round, e.g. for error-feedback residuals."""
         return {name: trained[name] for name in self.upload_names(trained)}
 
 
@@ -86,6 +84,21 @@ class ClientUpdate:
     weight: float
     tensors: State
     metrics: MetricRecord
+
+
+def aggregation_residual(factors: list[tuple[float, State]], sent: State) -> float:
+    """‖ΔW* − B̃Ã‖_F / ‖ΔW*‖_F over all LoRA modules (docs/algorithms.md §0):
+    ΔW* = Σ p_k B_k A_k is the average of the clients' merged updates and
+    (Ã, B̃) what the server sends; the LoRA scale s cancels. One module's d×k
+    matrix is held at a time. NaN when ΔW* is zero."""
+    total = sum(weight for weight, _ in factors)
+    error = norm = 0.0
+    for a_name, b_name in lora_pairs(list(sent)):
+        ideal = sum((weight / total) * (f[b_name].astype(np.float64) @ f[a_name])
+                    for weight, f in factors)
+        error += float(np.sum((ideal - sent[b_name].astype(np.float64) @ sent[a_name]) ** 2))
+        norm += float(np.sum(ideal ** 2))
+    return float(np.sqrt(error / norm)) if norm > 0 else float("nan")
 
 
 class LoraStrategy(FedAvg, ABC):
@@ -105,6 +118,7 @@ class LoraStrategy(FedAvg, ABC):
         self.min_replies = 1
         self.roles = self.client_half(config)
         self.state: State = {k: v.copy() for k, v in initial_state.items()}
+        self.sent: State = {}  # the full adapter clients started from this round
         self.download_shapes = {n: initial_state[n].shape
                                 for n in self.roles.download_names(initial_state)}
         self.upload_shapes = {n: initial_state[n].shape
@@ -114,17 +128,30 @@ class LoraStrategy(FedAvg, ABC):
     # -- what subclasses define ------------------------------------------------
     @abstractmethod
     def merge(self, updates: list[ClientUpdate]) -> State:
-        """The next global adapter from the accepted updates (and ``self.state``)."""
+        """The next global adapter from the accepted updates (``self.state`` is
+        the current one, ``self.sent`` what clients started from)."""
 
-    def download(self, state: State) -> bytes:
-        """Encode what clients receive this round."""
-        return codec.encode({n: state[n] for n in self.download_shapes})
+    def download(self, state: State) -> tuple[State, bytes]:
+        """(what clients start from, its encoding) for this round."""
+        return state, codec.encode({n: state[n] for n in self.download_shapes})
+
+    def client_factors(self, update: ClientUpdate) -> State:
+        """The client's full adapter after training, as far as the server can
+        tell: what it started from overwritten by what it sent."""
+        return {**self.sent, **update.tensors}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Strategy state a checkpoint must keep (optimiser moments, ...)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what ``state_dict`` returned."""
 
     # -- Flower's Strategy interface --------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord,
                         config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.state = from_arrayrecord(arrays)
-        blob = self.download(self.state)
+        self.sent, blob = self.download(self.state)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         record = RecordDict({PAYLOAD: codec.to_record(blob), CONFIG: config})
         self._downlink_bytes = len(blob) * len(messages)
@@ -177,6 +204,8 @@ class LoraStrategy(FedAvg, ABC):
                 server_round, len(accepted), self.min_replies)
             return None, metrics
         self.state = self.merge(accepted)
+        metrics["agg_residual"] = aggregation_residual(
+            [(u.weight, self.client_factors(u)) for u in accepted], self.state)
         return to_arrayrecord(self.state), metrics
 
     def summary(self) -> None:

@@ -1,0 +1,98 @@
+"""CELLM sparse updates, by the published mechanism (FLASC; docs/algorithms.md §4).
+
+Download: one global top-k mask over |θ| at ``cellm-down-density`` (all LoRA
+tensors and the head flattened together); clients start from θ ⊙ mask.
+Local training is dense. Upload: δ_k = θ_received − θ_k, global top-k at
+``cellm-up-density``; with ``cellm-error-feedback`` the dropped remainder is
+kept in the client's persistent state and added to the next δ. Server: the
+weighted average Δ of the sparse δ_k applied by SGD (θ − lr·Δ) or used as the
+pseudo-gradient of a server Adam (``cellm-server-optimizer``,
+``cellm-server-lr``), whose moments are strategy state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedlora import codec
+from fedlora.adapters import State
+from fedlora.sparsity import top_k
+from fedlora.strategies.base import ClientHalf, ClientUpdate, LoraStrategy
+from fedlora.strategies.fedavg import weighted_mean
+
+RESIDUAL_KEY = "cellm-residual"  # the client's error-feedback remainder in context.state
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+class CellmClient(ClientHalf):
+    """Dense local training; upload the top-k of the change (plus remainder)."""
+
+    def download_names(self, names: Iterable[str]) -> list[str]:
+        return list(names)
+
+    def upload_names(self, names: Iterable[str]) -> list[str]:
+        return list(names)
+
+    def trains(self, kind: str) -> bool:
+        return True
+
+    def upload(self, start: State, trained: State,
+               memory: RecordDict) -> Mapping[str, codec.SparseTensor]:
+        delta = {n: start[n] - trained[n] for n in self.upload_names(trained)}
+        feedback = self.config["cellm-error-feedback"]
+        if feedback and RESIDUAL_KEY in memory.array_records:
+            kept = memory.array_records[RESIDUAL_KEY]
+            delta = {n: delta[n] + kept[n].numpy() for n in delta}
+        sent = top_k(delta, self.config["cellm-up-density"])
+        if feedback:
+            memory.array_records[RESIDUAL_KEY] = ArrayRecord(
+                {n: Array(delta[n] - sent[n].to_dense()) for n in delta})
+        return sent
+
+
+class Cellm(LoraStrategy):
+    """Sparse down, sparse up, server SGD or Adam on the averaged delta."""
+
+    name = "cellm"
+    client_half = CellmClient
+
+    def __init__(self, config, initial_state: State) -> None:
+        super().__init__(config, initial_state)
+        self.step = 0
+        self.moments: dict[str, np.ndarray] = {}
+
+    def download(self, state: State) -> tuple[State, bytes]:
+        density = self.config["cellm-down-density"]
+        if density >= 1.0:
+            return super().download(state)
+        kept = top_k(state, density)
+        return {n: t.to_dense() for n, t in kept.items()}, codec.encode(kept)
+
+    def client_factors(self, update: ClientUpdate) -> State:
+        return {n: self.sent[n] - update.tensors[n] for n in self.sent}
+
+    def merge(self, updates: list[ClientUpdate]) -> State:
+        delta = weighted_mean(updates, self.upload_shapes)
+        lr = self.config["cellm-server-lr"]
+        if self.config["cellm-server-optimizer"] == "sgd":
+            return {n: self.state[n] - lr * delta[n] for n in self.state}
+        self.step += 1
+        (beta1, beta2), merged = ADAM_BETAS, {}
+        for name, grad in delta.items():
+            m = beta1 * self.moments.get(f"m/{name}", 0.0) + (1 - beta1) * grad
+            v = beta2 * self.moments.get(f"v/{name}", 0.0) + (1 - beta2) * grad**2
+            self.moments[f"m/{name}"], self.moments[f"v/{name}"] = m, v
+            m_hat, v_hat = m / (1 - beta1**self.step), v / (1 - beta2**self.step)
+            merged[name] = (self.state[name] - lr * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
+                            ).astype(np.float32)
+        return merged
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"step": np.array(self.step), **self.moments}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self.step = int(state.get("step", 0))
+        self.moments = {k: np.asarray(v) for k, v in state.items() if k != "step"}

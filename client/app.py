@@ -2,7 +2,9 @@
 
 The loop is the same for every strategy: decode the download, let the
 strategy's client half say where training starts and what trains, train on
-this client's partition, let it say what goes back, encode. The base model
+this client's partition (with DP-SGD when ``dp=local``; a client whose next
+round would exceed its ε budget declines instead), let the strategy say what
+goes back, encode. The base model
 and the tokenised partitions are cached in the worker process
 (``fedlora.features``); the adapter and the optimiser are rebuilt here for
 every message.
@@ -18,6 +20,7 @@ from fedlora import codec
 from fedlora.adapters import adapter_state, load_adapter_state, set_trainable
 from fedlora.config import RunConfig, from_flower
 from fedlora.features import client_dataset, model_for
+from fedlora.privacy import PrivateTraining
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.base import CONFIG, METRICS, PAYLOAD
 from fedlora.training import train_local
@@ -46,17 +49,35 @@ def train(message: Message, context: Context) -> Message:
     start = role.start_state(received, template)
     load_adapter_state(model.peft, start)
     params = set_trainable(model.peft, role.trains)
+    data = client_dataset(config, partition_id)
 
+    private = None
+    if config["dp"] == "local":
+        private = PrivateTraining(config, context.state, len(data))
+        if private.exceeds_budget():
+            return _decline(message, partition_id, private)
     result = train_local(
-        model, params, client_dataset(config, partition_id),
+        model, params, data,
         epochs=config["local-epochs"], max_steps=config["local-steps"],
         batch_size=config["batch-size"], lr=config["lr"], optimizer=config["optimizer"],
-        seed=hash((config["seed"], server_round, partition_id)) % 2**31,
+        seed=hash((config["seed"], server_round, partition_id)) % 2**31, private=private,
     )
     blob = codec.encode(role.upload(start, adapter_state(model.peft), context.state))
     metrics = MetricRecord({
         "num-examples": result.num_examples, "train-loss": result.mean_loss,
         "steps": result.steps, "compute-seconds": result.compute_seconds,
+        "partition-id": partition_id,
     })
+    if private is not None:
+        metrics["epsilon"] = private.epsilon()
     content = RecordDict({PAYLOAD: codec.to_record(blob), METRICS: metrics})
     return Message(content=content, reply_to=message)
+
+
+def _decline(message: Message, partition_id: int, private: PrivateTraining) -> Message:
+    """Reply without an update: one more round would exceed the ε budget."""
+    metrics = MetricRecord({
+        "declined": 1, "partition-id": partition_id, "epsilon": private.epsilon(),
+        "epsilon-after-round": private.epsilon_after_round(),
+    })
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=message)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import functools
 import json
 import math
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -34,7 +35,7 @@ class Key:
     default: Any
     help: str
     check: Callable[[Any], str | None] = lambda value: None
-    strategy: str | None = None  # the one strategy this key applies to
+    only_for: tuple[str, str] | None = None  # (key, value) this key applies under
 
 
 def _positive(value: float) -> str | None:
@@ -54,6 +55,10 @@ def _one_of(*choices: str) -> Callable[[str], str | None]:
 
 def _probability(value: float) -> str | None:
     return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _open_unit(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
 
 
 def _density(value: float) -> str | None:
@@ -90,28 +95,45 @@ KEYS: dict[str, Key] = {
     "strategy": Key(str, "fedavg", "aggregation strategy", lambda v: None),
     "rounds": Key(int, 10, "federated rounds", _positive),
     "clients-per-round": Key(int, 5, "clients sampled each round", _positive),
+    "min-clients": Key(int, 1, "fewest valid updates that change the global adapter "
+                       "in a round (otherwise it stays as it was)", _positive),
     "eval-every": Key(int, 1, "central evaluation every N rounds (and after the last)",
                       _positive),
     # --- strategy-specific (docs/algorithms.md) ------------------------------
     "ffa-a-init": Key(str, "kaiming", "FFA-LoRA's frozen A: kaiming (PEFT default) or "
                       "gaussian, drawn from the run seed", _one_of("kaiming", "gaussian"),
-                      strategy="ffa"),
+                      only_for=("strategy", "ffa")),
     "fair-lambda": Key(float, 0.01, "LoRA-FAIR regulariser weight λ on ‖ΔB‖²",
-                       _non_negative, strategy="lora-fair"),
+                       _non_negative, only_for=("strategy", "lora-fair")),
     "fair-steps": Key(int, 200, "LoRA-FAIR gradient steps per module", _positive,
-                      strategy="lora-fair"),
+                      only_for=("strategy", "lora-fair")),
     "fair-lr": Key(float, 0.01, "LoRA-FAIR Adam step size for ΔB", _positive,
-                   strategy="lora-fair"),
+                   only_for=("strategy", "lora-fair")),
     "cellm-up-density": Key(float, 0.05, "CELLM share of update entries uploaded",
-                            _density, strategy="cellm"),
+                            _density, only_for=("strategy", "cellm")),
     "cellm-down-density": Key(float, 1.0, "CELLM share of global entries downloaded",
-                              _density, strategy="cellm"),
+                              _density, only_for=("strategy", "cellm")),
     "cellm-error-feedback": Key(bool, False, "CELLM: keep the dropped residual per "
-                                "client and add it next round", strategy="cellm"),
+                                "client and add it next round", only_for=("strategy", "cellm")),
     "cellm-server-optimizer": Key(str, "sgd", "CELLM server update: sgd | adam",
-                                  _one_of("sgd", "adam"), strategy="cellm"),
+                                  _one_of("sgd", "adam"), only_for=("strategy", "cellm")),
     "cellm-server-lr": Key(float, 1.0, "CELLM server learning rate (FLASC: 1 for sgd, "
-                           "1e-3 for adam)", _positive, strategy="cellm"),
+                           "1e-3 for adam)", _positive, only_for=("strategy", "cellm")),
+    # --- differential privacy (client-level DP-SGD with Opacus) -----------------
+    "dp": Key(str, "off", "off | local (DP-SGD on each client's trainable tensors)",
+              _one_of("off", "local")),
+    "dp-noise-multiplier": Key(float, 0.0, "noise σ; 0 = derive it from "
+                               "dp-target-epsilon for the planned rounds and steps",
+                               _non_negative, only_for=("dp", "local")),
+    "dp-target-epsilon": Key(float, 0.0, "per-client budget ε; a client whose next round "
+                             "would exceed it declines; 0 = no budget", _non_negative,
+                             only_for=("dp", "local")),
+    "dp-max-grad-norm": Key(float, 1.0, "per-example gradient clipping norm", _positive,
+                            only_for=("dp", "local")),
+    "dp-delta": Key(float, 1e-5, "δ of the (ε, δ) guarantee", _open_unit,
+                    only_for=("dp", "local")),
+    "dp-accountant": Key(str, "rdp", "Opacus accountant: rdp | prv", _one_of("rdp", "prv"),
+                         only_for=("dp", "local")),
     # --- local training ------------------------------------------------------
     "local-epochs": Key(int, 1, "epochs over the client's data per round", _positive),
     "local-steps": Key(int, 0, "cap on optimiser steps per round; 0 = no cap",
@@ -207,6 +229,11 @@ def resolve(overrides: Mapping[str, Any]) -> RunConfig:
             f"config key 'clients-per-round': {values['clients-per-round']} is more "
             f"than num-clients ({values['num-clients']})"
         )
+    if values["min-clients"] > values["clients-per-round"]:
+        raise ConfigError(
+            f"config key 'min-clients': {values['min-clients']} is more than "
+            f"clients-per-round ({values['clients-per-round']})"
+        )
     # Imported here: the strategy registry imports modules that import this one.
     from fedlora.strategies import STRATEGIES
 
@@ -215,12 +242,22 @@ def resolve(overrides: Mapping[str, Any]) -> RunConfig:
             f"config key 'strategy': unknown strategy {values['strategy']!r} "
             f"(available: {', '.join(sorted(STRATEGIES))})"
         )
-    for key, value in overrides.items():
-        owner = KEYS[key].strategy
-        if owner and owner != values["strategy"] and values[key] != KEYS[key].default:
-            raise ConfigError(f"config key '{key}' applies to strategy {owner}, "
-                              f"not {values['strategy']}")
+    for key in overrides:
+        scope = KEYS[key].only_for
+        if scope and values[scope[0]] != scope[1] and values[key] != KEYS[key].default:
+            raise ConfigError(f"config key '{key}' applies to {scope[0]} {scope[1]}, "
+                              f"not {values[scope[0]]}")
+    _check_privacy(values)
     return RunConfig(values)
+
+
+def _check_privacy(values: Mapping[str, Any]) -> None:
+    """DP needs a noise level: given, or derived from a target ε."""
+    if values["dp"] != "local":
+        return
+    if values["dp-noise-multiplier"] == 0 and values["dp-target-epsilon"] == 0:
+        raise ConfigError("config key 'dp': local DP needs dp-noise-multiplier or "
+                          "dp-target-epsilon (> 0)")
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:

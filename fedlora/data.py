@@ -229,8 +229,9 @@ def load_splits(source: str, text_column: str = "", label_column: str = "",
     return LabeledSplits(splits["train"], splits["test"], tuple(names))
 
 
-def make_partitioner(config: RunConfig, train_size: int) -> Partitioner:
-    """The flwr-datasets partitioner the config names (deterministic by seed)."""
+def make_partitioner(config: RunConfig, train_size: int, seed: int) -> Partitioner:
+    """The flwr-datasets partitioner the config names, drawn with ``seed``.
+    Dirichlet partitions must hold at least one example each."""
     clients = config["num-clients"]
     if clients > train_size:
         raise ConfigError(
@@ -244,11 +245,10 @@ def make_partitioner(config: RunConfig, train_size: int) -> Partitioner:
         return DirichletPartitioner(
             num_partitions=clients, partition_by="label",
             alpha=config["dirichlet-alpha"],
-            min_partition_size=max(1, min(10, train_size // (2 * clients))),
-            self_balancing=False, shuffle=True, seed=config["seed"],
+            min_partition_size=1, self_balancing=False, shuffle=True, seed=seed,
         )
     return PathologicalPartitioner(
         num_partitions=clients, partition_by="label",
         num_classes_per_partition=config["labels-per-client"],
-        class_assignment_mode="first-deterministic", shuffle=True, seed=config["seed"],
+        class_assignment_mode="first-deterministic", shuffle=True, seed=seed,
     )

@@ -26,6 +26,7 @@ from fedlora.config import ConfigError, RunConfig, cached_by
 from fedlora.data import LabeledSplits, load_splits, make_partitioner
 from fedlora.models import LoraModel, ModelSpec, lora_model
 
+PARTITION_ATTEMPTS = 20
 PROMPT_PREFIX = "Text: "
 PROMPT_SUFFIX = "\nLabel:"
 
@@ -117,16 +118,23 @@ def partitioner_for(config: RunConfig) -> Partitioner:
         raise ConfigError(
             f"config key 'labels-per-client': {config['labels-per-client']} is more than "
             f"the {len(encoded.label_names)} labels in the dataset")
-    partitioner = make_partitioner(config, len(encoded.train))
     # IidPartitioner cuts contiguous shards: shuffle first so that a file sorted
     # by label still yields IID clients.
-    partitioner.dataset = encoded.train.shuffle(seed=config["seed"]).flatten_indices()
-    try:
-        partitioner.load_partition(0)  # computes the whole assignment, once
-    except ValueError as err:
-        raise ConfigError(f"config key 'partition': the {config['partition']} split "
-                          f"failed ({err}); try fewer clients") from None
-    return partitioner
+    shuffled = encoded.train.shuffle(seed=config["seed"]).flatten_indices()
+    # DirichletPartitioner gives up after 10 draws that leave a client empty
+    # (likely with small α and many clients); further draws use derived seeds,
+    # so the assignment stays a function of the run seed.
+    for attempt in range(PARTITION_ATTEMPTS):
+        partitioner = make_partitioner(config, len(encoded.train),
+                                       seed=config["seed"] + 7919 * attempt)
+        partitioner.dataset = shuffled
+        try:
+            partitioner.load_partition(0)  # computes the whole assignment, once
+            return partitioner
+        except ValueError as err:
+            failure = err
+    raise ConfigError(f"config key 'partition': the {config['partition']} split failed "
+                      f"({failure}); raise dirichlet-alpha or use fewer clients")
 
 
 def client_dataset(config: RunConfig, partition_id: int) -> Dataset:

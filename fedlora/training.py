@@ -7,16 +7,19 @@ backward and optimiser step time: the work the orchestration exists to serve.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from torch.utils.data import DataLoader
 
 from fedlora.models import LoraModel, autocast
+from fedlora.privacy import PrivateTraining
 
 EVAL_BATCH_SIZE = 64
 
@@ -50,14 +53,11 @@ def _collate(rows: Sequence[dict], model: LoraModel) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _batches(data: Dataset, batch_size: int, model: LoraModel,
-             generator: torch.Generator | None) -> Iterator[dict[str, torch.Tensor]]:
-    rows = data.to_list()
-    order = (torch.randperm(len(rows), generator=generator).tolist()
-             if generator is not None else range(len(rows)))
-    order = list(order)
-    for start in range(0, len(order), batch_size):
-        yield _collate([rows[i] for i in order[start:start + batch_size]], model)
+def _loader(data: Dataset, batch_size: int, model: LoraModel,
+            generator: torch.Generator | None) -> DataLoader:
+    """Batches of ``data`` (shuffled when a generator is given)."""
+    return DataLoader(data.to_list(), batch_size=batch_size, shuffle=generator is not None,
+                      generator=generator, collate_fn=functools.partial(_collate, model=model))
 
 
 def _loss(model: LoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -71,21 +71,37 @@ def _loss(model: LoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_local(model: LoraModel, params: list[torch.nn.Parameter], data: Dataset, *,
                 epochs: int, max_steps: int, batch_size: int, lr: float,
-                optimizer: str, seed: int) -> TrainResult:
+                optimizer: str, seed: int, private: PrivateTraining | None = None
+                ) -> TrainResult:
     """Train ``params`` (the adapter's trainable tensors) on ``data``; a fresh
-    optimiser every call, so no state leaks between clients."""
+    optimiser every call, so no state leaks between clients. With ``private``
+    the optimiser clips and noises per-example gradients (Opacus) and batches
+    are Poisson-sampled."""
     if len(data) == 0:
         raise ValueError("client has no training examples")
     opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer == "adamw"
            else torch.optim.SGD(params, lr=lr))
-    generator = torch.Generator().manual_seed(seed)
-    model.peft.train()
+    loader = _loader(data, batch_size, model, torch.Generator().manual_seed(seed))
+    model.peft.train()  # also what Opacus needs to see activations
+    if private is not None:
+        opt, loader = private.attach(model.peft, opt, loader)
+    try:
+        return _optimise(model, opt, loader, epochs, max_steps, len(data))
+    finally:
+        if private is not None:
+            private.detach()
+
+
+def _optimise(model: LoraModel, opt: torch.optim.Optimizer, loader: DataLoader,
+              epochs: int, max_steps: int, num_examples: int) -> TrainResult:
     losses, compute, steps = [], 0.0, 0
     limit = max_steps if max_steps > 0 else math.inf
     for _ in range(epochs):
-        for batch in _batches(data, batch_size, model, generator):
+        for batch in loader:
             if steps >= limit:
                 break
+            if batch["input_ids"].shape[0] == 0:  # an empty Poisson batch
+                continue
             started = time.perf_counter()
             with autocast(model.device):
                 loss = _loss(model, batch)
@@ -97,7 +113,7 @@ def train_local(model: LoraModel, params: list[torch.nn.Parameter], data: Datase
             steps += 1
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError("local training diverged (non-finite loss)")
-    return TrainResult(len(data), steps, sum(losses) / max(len(losses), 1), compute)
+    return TrainResult(num_examples, steps, sum(losses) / max(len(losses), 1), compute)
 
 
 @torch.no_grad()
@@ -106,7 +122,7 @@ def evaluate(model: LoraModel, data: Dataset) -> tuple[float, float]:
     label words' first tokens at the last prompt position."""
     model.peft.eval()
     correct, total_loss, count = 0, 0.0, 0
-    for batch in _batches(data, EVAL_BATCH_SIZE, model, generator=None):
+    for batch in _loader(data, EVAL_BATCH_SIZE, model, generator=None):
         dev = model.device
         with autocast(dev):
             logits = model.peft(input_ids=batch["input_ids"].to(dev),

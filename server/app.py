@@ -53,7 +53,7 @@ def run_federation(grid: Grid, config: RunConfig) -> dict:
             load_adapter_state(model.peft, from_arrayrecord(arrays))
             accuracy, loss = evaluate(model, test)
         record = {"round": server_round, "accuracy": accuracy, "loss": loss,
-                  **{k: v for k, v in train.items()}, "epsilon": None,
+                  "epsilon": None, **{k: v for k, v in train.items()},
                   "updated": new_arrays is not None,
                   "seconds": time.perf_counter() - round_start}
         writer.add_round(record)
@@ -61,12 +61,16 @@ def run_federation(grid: Grid, config: RunConfig) -> dict:
         print(f"round {server_round}/{rounds}  {shown}  train_loss "
               f"{record['train_loss']:.4f}  clients {record['clients']}"
               f"{' (rejected ' + str(record['rejected']) + ')' if record['rejected'] else ''}"
+              f"{' (declined ' + str(record['declined']) + ')' if record['declined'] else ''}"
+              f"{'  eps ' + format(record['epsilon'], '.3f') if record['epsilon'] else ''}"
               f"  up {_megabytes(record['uplink_bytes'])}"
               f"  down {_megabytes(record['downlink_bytes'])}  {record['seconds']:.1f}s",
               flush=True)
     load_adapter_state(model.peft, from_arrayrecord(arrays))
     writer.save_adapter(model.peft)
     return writer.finish({"strategy": config["strategy"],
+                          "epsilon_per_client": {str(k): v for k, v in
+                                                 sorted(strategy.epsilons.items())} or None,
                           "wall_seconds": time.perf_counter() - started,
                           "out_dir": str(out_dir)})
 

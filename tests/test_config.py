@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedlora import cli
 from fedlora.config import KEYS, ConfigError, load_toml, parse_set_option, resolve

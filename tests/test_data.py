@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from datasets import ClassLabel, Dataset
 
-from conftest import SHARED_DATA
 from fedlora import features
 from fedlora.config import ConfigError, resolve
 from fedlora.data import HELD_OUT_FRACTION, load_splits

@@ -115,3 +115,13 @@ def test_round_without_valid_replies_keeps_the_global(strategy):
     assert metrics["clients"] == 0
     for name, value in before.items():
         np.testing.assert_array_equal(strategy.state[name], value)
+
+
+def test_too_few_valid_replies_leave_the_global_unchanged():
+    config = resolve({"num-clients": 10, "clients-per-round": 3, "min-clients": 3})
+    rng = np.random.default_rng(5)
+    strategy = FedAvgLoRA(config, _random_state(rng))
+    replies = [_update_reply(41, _random_state(rng), 10), _update_reply(42, _random_state(rng), 10),
+               _reply(43, error=Error(code=1, reason="boom"))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is None and metrics["clients"] == 2 and metrics["rejected"] == 1

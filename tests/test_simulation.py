@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
+from opacus.accountants import RDPAccountant
 from processes import describe, ours, stop, watch
 from safetensors.numpy import load_file
 
@@ -38,7 +40,7 @@ def run_fedlora(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.Co
                           text=True, timeout=timeout)
 
 
-def check_run(tmp_path: Path, model_dir: Path, dataset: Path,
+def check_run(tmp_path: Path, model_dir: Path, dataset: Path, clients=(4, 4),
               **overrides) -> tuple[dict, list[dict], dict]:
     """Run ``fedlora simulate`` and check the outputs contract; returns
     (summary, metrics rows, the saved adapter tensors)."""
@@ -69,24 +71,27 @@ def check_run(tmp_path: Path, model_dir: Path, dataset: Path,
             if line.startswith("round ")] == ["1/2", "2/2"]
 
     config = json.loads((out / "config.json").read_text())
-    assert config["num-clients"] == 8 and config["model"] == str(model_dir)
+    assert config["num-clients"] == settings["num-clients"] and config["model"] == str(model_dir)
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     adapter_dir = out / "adapter"
     saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    private = settings.get("dp") == "local"
+    assert [row["clients"] for row in rows] == list(clients)
     for row in rows:
         assert ROUND_FIELDS <= set(row)
         assert 0.0 <= row["accuracy"] <= 1.0 and row["loss"] > 0
-        assert row["clients"] == 4 and row["epsilon"] is None
-        assert row["uplink_bytes"] > 0 and row["downlink_bytes"] > 0
-        assert row["agg_residual"] is None or row["agg_residual"] >= 0
-        assert row["train_loss"] > 0 and row["seconds"] > 0
+        assert (row["epsilon"] > 0) if private else (row["epsilon"] is None)
+        assert row["downlink_bytes"] > 0 and row["seconds"] > 0
+        if row["clients"]:
+            assert row["uplink_bytes"] > 0 and row["train_loss"] > 0
+            assert row["agg_residual"] is None or row["agg_residual"] >= 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
     assert summary["uplink_bytes"] == sum(r["uplink_bytes"] for r in rows)
-    assert summary["client_updates"] == 8
+    assert summary["client_updates"] == sum(clients)
 
     # training moved the adapter off PEFT's B = 0 init; `evaluate` below loads it
     # with PeftModel.from_pretrained
@@ -114,24 +119,60 @@ def test_causal_lm_simulation(tmp_path, tiny_llama, topic_dataset):
     assert rows[-1]["uplink_bytes"] == 4 * len(codec.encode(saved))
 
 
-def test_ffa_simulation(tmp_path, tiny_bert, topic_dataset):
-    _, rows, saved = check_run(tmp_path, tiny_bert, topic_dataset, strategy="ffa")
+# The other strategies run with client-level DP on: each run checks the
+# strategy's own contract and the DP accounting (8 IID clients of 40 examples,
+# batch 8, noise 1.0: a client's ε after one round is known in advance).
+DP = {"partition": "iid", "dp": "local", "dp-noise-multiplier": 1.0}
+
+
+def _one_round_epsilon(examples: int, batch: int, noise: float) -> float:
+    """ε of one epoch of Poisson-sampled DP-SGD, by Opacus's own accountant."""
+    accountant = RDPAccountant()
+    steps = -(-examples // batch)
+    accountant.history = [(noise, 1.0 / steps, steps)]
+    return accountant.get_epsilon(1e-5)
+
+
+def _check_epsilon(rows: list[dict]) -> None:
+    assert rows[0]["epsilon"] == pytest.approx(_one_round_epsilon(40, 8, 1.0), rel=1e-6)
+    assert rows[1]["epsilon"] >= rows[0]["epsilon"]
+
+
+def test_ffa_simulation_with_dp(tmp_path, tiny_bert, topic_dataset):
+    _, rows, saved = check_run(tmp_path, tiny_bert, topic_dataset, strategy="ffa", **DP)
     sent = {n: v for n, v in saved.items() if ".lora_A." not in n}
     for row in rows:
         assert row["uplink_bytes"] == 4 * len(codec.encode(sent))
         assert row["agg_residual"] < 1e-6  # exact aggregation
+    _check_epsilon(rows)
 
 
-def test_lora_fair_simulation(tmp_path, tiny_bert, topic_dataset):
+def test_lora_fair_simulation_with_dp(tmp_path, tiny_bert, topic_dataset):
     _, rows, _ = check_run(tmp_path, tiny_bert, topic_dataset, strategy="lora-fair",
-                           **{"fair-steps": 50})
+                           **{"fair-steps": 50}, **DP)
     assert all(row["agg_residual"] is not None for row in rows)
+    _check_epsilon(rows)
 
 
-def test_cellm_simulation(tmp_path, tiny_bert, topic_dataset):
+def test_cellm_simulation_with_dp(tmp_path, tiny_bert, topic_dataset):
     _, rows, saved = check_run(tmp_path, tiny_bert, topic_dataset, strategy="cellm",
-                               **{"cellm-up-density": 0.05, "cellm-error-feedback": "true"})
+                               **{"cellm-up-density": 0.05, "cellm-error-feedback": "true"},
+                               **DP)
     dense = len(codec.encode(saved))
     for row in rows:
         assert row["downlink_bytes"] == 4 * dense
         assert row["uplink_bytes"] * 5 < row["downlink_bytes"]
+    _check_epsilon(rows)
+
+
+def test_dp_budget_stops_clients(tmp_path, tiny_bert, topic_dataset):
+    """All 4 clients train in round 1; a second round would exceed the budget,
+    so in round 2 they all decline and the global adapter stays as it was."""
+    one = _one_round_epsilon(80, 8, 1.0)
+    _, rows, _ = check_run(
+        tmp_path, tiny_bert, topic_dataset, clients=(4, 0), partition="iid",
+        **{"num-clients": 4, "clients-per-round": 4, "dp": "local",
+           "dp-noise-multiplier": 1.0, "dp-target-epsilon": round(1.1 * one, 6)})
+    assert rows[0]["epsilon"] == pytest.approx(one, rel=1e-6)
+    assert rows[1]["declined"] == 4 and rows[1]["updated"] is False
+    assert rows[1]["accuracy"] == rows[0]["accuracy"]

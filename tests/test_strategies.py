@@ -98,7 +98,8 @@ def test_fedavg_residual_is_the_factor_cross_covariance():
     for a_name in ("m.q.lora_A.weight", "m.v.lora_A.weight"):
         b_name = a_name.replace("lora_A", "lora_B")
         a_bar, b_bar = merged[a_name], merged[b_name]
-        covariance = sum(u.weight / total * (u.tensors[b_name] - b_bar) @ (u.tensors[a_name] - a_bar)
+        covariance = sum(u.weight / total
+                         * (u.tensors[b_name] - b_bar) @ (u.tensors[a_name] - a_bar)
                          for u in updates)
         ideal = sum(u.weight / total * u.tensors[b_name] @ u.tensors[a_name] for u in updates)
         np.testing.assert_allclose(ideal - b_bar @ a_bar, covariance, rtol=1e-4, atol=1e-4)

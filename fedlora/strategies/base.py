@@ -10,16 +10,17 @@ what it uploads. Both halves of one strategy live in one module under
 
 Every payload goes through ``fedlora.codec``. Replies that fail to decode or
 validate are rejected and logged per node ("reply from node N rejected: …")
-and never aggregated; when fewer than ``min_replies`` remain the global adapter
+and never aggregated; when fewer than ``min-clients`` remain the global adapter
 stays as it was and the round says so in its metrics.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-import logging
 from typing import ClassVar
 
 import numpy as np
@@ -115,7 +116,7 @@ class LoraStrategy(FedAvg, ABC):
             min_available_nodes=per_round,
         )
         self.config = config
-        self.min_replies = 1
+        self.min_replies = config["min-clients"]
         self.roles = self.client_half(config)
         self.state: State = {k: v.copy() for k, v in initial_state.items()}
         self.sent: State = {}  # the full adapter clients started from this round
@@ -124,6 +125,7 @@ class LoraStrategy(FedAvg, ABC):
         self.upload_shapes = {n: initial_state[n].shape
                               for n in self.roles.upload_names(initial_state)}
         self._downlink_bytes = 0
+        self.epsilons: dict[int, float] = {}  # ε spent so far, by partition id
 
     # -- what subclasses define ------------------------------------------------
     @abstractmethod
@@ -158,6 +160,21 @@ class LoraStrategy(FedAvg, ABC):
         return [Message(content=record, message_type=MessageType.TRAIN,
                         dst_node_id=m.metadata.dst_node_id) for m in messages]
 
+    def _note_privacy(self, server_round: int, message: Message) -> bool:
+        """Record the ε a DP client reports; True when it declined to train."""
+        if message.has_error():
+            return False
+        metrics = message.content.metric_records.get(METRICS)
+        if metrics is None or "epsilon" not in metrics or "partition-id" not in metrics:
+            return False
+        self.epsilons[int(metrics["partition-id"])] = float(metrics["epsilon"])
+        if not metrics.get("declined"):
+            return False
+        LOGGER.info("round %d: node %d declined: one more round would spend ε=%.3f, over "
+                    "the budget", server_round, message.metadata.src_node_id,
+                    float(metrics.get("epsilon-after-round", float("nan"))))
+        return True
+
     @staticmethod
     def _payload(message: Message) -> bytes:
         """The reply's payload bytes; raises ``PayloadError`` when there are none."""
@@ -180,9 +197,13 @@ class LoraStrategy(FedAvg, ABC):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+        started = time.perf_counter()
         accepted: list[ClientUpdate] = []
-        uplink = rejected = 0
+        uplink = rejected = declined = 0
         for message in replies:
+            if self._note_privacy(server_round, message):
+                declined += 1
+                continue
             try:
                 blob = self._payload(message)
                 uplink += len(blob)
@@ -193,17 +214,20 @@ class LoraStrategy(FedAvg, ABC):
                 rejected += 1
         total = sum(u.weight for u in accepted)
         metrics = MetricRecord({
-            "clients": len(accepted), "rejected": rejected,
+            "clients": len(accepted), "rejected": rejected, "declined": declined,
             "uplink_bytes": uplink, "downlink_bytes": self._downlink_bytes,
             "train_loss": (sum(u.weight * float(u.metrics.get("train-loss", 0.0))
                                for u in accepted) / total) if accepted else float("nan"),
             "compute_s": sum(float(u.metrics.get("compute-seconds", 0.0)) for u in accepted),
         })
+        if self.epsilons:
+            metrics["epsilon"] = max(self.epsilons.values())
         if len(accepted) < self.min_replies:
             LOGGER.warning("round %d: %d valid replies (< %d): global adapter unchanged",
                 server_round, len(accepted), self.min_replies)
             return None, metrics
         self.state = self.merge(accepted)
+        metrics["aggregate_s"] = time.perf_counter() - started
         metrics["agg_residual"] = aggregation_residual(
             [(u.weight, self.client_factors(u)) for u in accepted], self.state)
         return to_arrayrecord(self.state), metrics

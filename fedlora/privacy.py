@@ -1,0 +1,104 @@
+"""Client-level DP-SGD with Opacus, accounted per client across rounds.
+
+``PrivateTraining`` is the one entry point the client loop uses: it restores
+this client's accountant history from its persistent state (Flower's
+``context.state``: the same client in round 1 and round 20), decides the
+noise (given, or derived from ``dp-target-epsilon`` for the run's planned
+rounds and steps), tells whether the next round would exceed the budget,
+attaches Opacus to the model for one round of training and detaches it again,
+and saves the grown history.
+
+Opacus × PEFT traps, handled at the root:
+- Opacus records activations only in training mode: ``train_local`` calls
+  ``model.train()`` before the first forward ("No activations detected").
+- The model is never moved or rebuilt after ``make_private``: the cached PEFT
+  model is wrapped in place, trained, then the hooks are removed
+  (``_close``) so the next message starts from a clean module; the client
+  test asserts the adapter really changed.
+- Only the trainable tensors (``set_trainable``: B and the head under FFA)
+  get per-sample gradients, clipping and noise; names are read from the
+  unwrapped PEFT model, so Opacus's ``_module.`` prefix never leaks.
+
+Sampling: Poisson with rate q = 1 / ceil(n / batch-size), ceil(n / batch-size)
+steps per epoch (``local-steps`` caps them), as Opacus's ``DPDataLoader``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch.utils.data import DataLoader
+
+from fedlora.config import RunConfig
+
+HISTORY_KEY = "dp-history"  # the client's accountant history in context.state
+
+
+def steps_per_round(config: RunConfig, num_examples: int) -> int:
+    per_epoch = math.ceil(num_examples / config["batch-size"])
+    steps = config["local-epochs"] * per_epoch
+    return min(steps, config["local-steps"]) if config["local-steps"] > 0 else steps
+
+
+class PrivateTraining:
+    """One client's DP-SGD for one round, and its privacy ledger."""
+
+    def __init__(self, config: RunConfig, memory: RecordDict, num_examples: int) -> None:
+        self.config = config
+        self.memory = memory
+        self.delta = config["dp-delta"]
+        self.sample_rate = 1.0 / math.ceil(num_examples / config["batch-size"])
+        self.steps = steps_per_round(config, num_examples)
+        self.engine = PrivacyEngine(accountant=config["dp-accountant"])
+        record = memory.config_records.get(HISTORY_KEY)
+        if record is not None:
+            self.engine.accountant.history = [
+                (float(n), float(q), int(s))
+                for n, q, s in zip(record["noise"], record["rate"], record["steps"])]
+        self.noise_multiplier = config["dp-noise-multiplier"] or get_noise_multiplier(
+            target_epsilon=config["dp-target-epsilon"], target_delta=self.delta,
+            sample_rate=self.sample_rate, steps=self.steps * config["rounds"],
+            accountant=config["dp-accountant"])
+        self._module = None
+
+    def epsilon(self) -> float:
+        """ε spent so far by this client (0 before its first round)."""
+        if not self.engine.accountant.history:
+            return 0.0
+        return float(self.engine.get_epsilon(self.delta))
+
+    def epsilon_after_round(self) -> float:
+        """ε this client would have spent after training this round."""
+        preview = create_accountant(self.config["dp-accountant"])
+        preview.history = [*self.engine.accountant.history,
+                           (self.noise_multiplier, self.sample_rate, self.steps)]
+        return float(preview.get_epsilon(self.delta))
+
+    def exceeds_budget(self) -> bool:
+        target = self.config["dp-target-epsilon"]
+        return target > 0 and self.epsilon_after_round() > target
+
+    def attach(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               loader: DataLoader) -> tuple[torch.optim.Optimizer, DataLoader]:
+        """Per-sample clipping and noise on ``optimizer``; Poisson batches."""
+        self._module, optimizer, loader = self.engine.make_private(
+            module=module, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.config["dp-max-grad-norm"], poisson_sampling=True)
+        return optimizer, loader
+
+    def detach(self) -> None:
+        """Remove Opacus's hooks from the (cached) model and save the ledger."""
+        if self._module is not None:
+            self._module._close()
+            self._module = None
+        history = self.engine.accountant.history
+        self.memory.config_records[HISTORY_KEY] = ConfigRecord({
+            "noise": [float(h[0]) for h in history],
+            "rate": [float(h[1]) for h in history],
+            "steps": [int(h[2]) for h in history]})

@@ -70,7 +70,8 @@ def stop(procs: list[psutil.Process], timeout: float = 15) -> list[psutil.Proces
     return alive
 
 
-def watch(command: list[str], env: dict, home: str, log: Path, timeout: float
+def watch(command: list[str], env: dict, home: str, log: Path, timeout: float,
+          cwd: Path | None = None
           ) -> tuple[int, dict[tuple[int, str, int], bool], dict[int, str]]:
     """Run ``command`` to completion, recording every listening socket of the
     processes under ``home`` once a second; returns (exit code, sockets → is
@@ -82,8 +83,8 @@ def watch(command: list[str], env: dict, home: str, log: Path, timeout: float
     names: dict[int, str] = {}
     deadline = time.monotonic() + timeout
     with open(log, "w") as handle:
-        child = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=handle,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         while True:
             try:
                 child.wait(timeout=1.0)
@@ -91,8 +92,9 @@ def watch(command: list[str], env: dict, home: str, log: Path, timeout: float
             except subprocess.TimeoutExpired:
                 pass
             if time.monotonic() > deadline:
-                stop([child, *ours(home)])
-                raise TimeoutError(f"{command[:3]} still running after {timeout}s")
+                stop([psutil.Process(child.pid), *ours(home)])
+                raise TimeoutError(f"{command[:3]} still running after {timeout}s:\n"
+                                   f"{log.read_text(errors='replace')[-4000:]}")
             procs = ours(home)
             for proc in procs:
                 names.setdefault(proc.pid, describe(proc))

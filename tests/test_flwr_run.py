@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
-from processes import describe, listening_sockets, ours, stop
+from processes import describe, ours, stop, watch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -106,33 +105,16 @@ def test_flwr_run_end_to_end(tmp_path, tiny_bert, topic_dataset):
     command = [str(BIN / "flwr"), "run", ".", "local", "--run-config", run_config,
                "--federation-config", federation_config, "--stream"]
 
-    listening: dict[tuple[int, str, int], bool] = {}
-    names: dict[int, str] = {}
     started = time.monotonic()
     try:
-        with open(log, "w") as handle:
-            cli = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            # Wait for the CLI (it streams the logs until the run ends); meanwhile
-            # record every listening socket of our processes.
-            deadline = started + RUN_TIMEOUT_S
-            while True:
-                try:
-                    cli.wait(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"flwr run still running after {RUN_TIMEOUT_S}s:\n"
-                                f"{_tail(log)}\n--- superlink.log ---\n{_tail(superlink_log)}")
-                procs = ours(str(home))
-                for proc in procs:
-                    names.setdefault(proc.pid, describe(proc))
-                listening.update(listening_sockets({p.pid for p in procs}))
+        # Waits for the CLI (it streams the logs until the run ends), recording
+        # every listening socket of our processes meanwhile.
+        returncode, listening, names = watch(command, env, str(home), log,
+                                             timeout=RUN_TIMEOUT_S, cwd=REPO)
         output = log.read_text(errors="replace")
         elapsed = time.monotonic() - started
         print(f"flwr run took {elapsed:.1f}s")
-        assert cli.returncode == 0, (f"flwr run exited {cli.returncode}:\n{output[-4000:]}"
+        assert returncode == 0, (f"flwr run exited {returncode}:\n{output[-4000:]}"
                                      f"\n--- superlink.log ---\n{_tail(superlink_log)}")
 
         # The run, as the SuperLink saw it: finished and completed.

@@ -12,7 +12,7 @@ pseudo-gradient of a server Adam (``cellm-server-optimizer``,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -20,24 +20,16 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from fedlora import codec
 from fedlora.adapters import State
 from fedlora.sparsity import top_k
-from fedlora.strategies.base import ClientHalf, ClientUpdate, LoraStrategy
-from fedlora.strategies.fedavg import weighted_mean
+from fedlora.strategies.base import ClientUpdate, LoraStrategy
+from fedlora.strategies.fedavg import FedAvgClient, weighted_mean
 
 RESIDUAL_KEY = "cellm-residual"  # the client's error-feedback remainder in context.state
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 
-class CellmClient(ClientHalf):
-    """Dense local training; upload the top-k of the change (plus remainder)."""
-
-    def download_names(self, names: Iterable[str]) -> list[str]:
-        return list(names)
-
-    def upload_names(self, names: Iterable[str]) -> list[str]:
-        return list(names)
-
-    def trains(self, kind: str) -> bool:
-        return True
+class CellmClient(FedAvgClient):
+    """Dense local training of everything, as FedAvg; the upload is the top-k
+    of the change (plus the kept remainder)."""
 
     def upload(self, start: State, trained: State,
                memory: RecordDict) -> Mapping[str, codec.SparseTensor]:

@@ -12,6 +12,7 @@ from flwr.common import serde
 
 from fedlora import codec
 from fedlora.codec import PayloadError
+from fedlora.sparsity import top_k
 from fedlora.v1 import update_pb2 as pb
 
 SHAPES = {
@@ -278,11 +279,12 @@ def _varint(value: int) -> bytes:
 def test_fuzzed_payloads_decode_cleanly_or_raise_payload_error():
     rng = np.random.default_rng(1234)
     good = codec.encode(_state(5))
-    other = codec.encode(_state(6), "int8")
+    others = [codec.encode(_state(6), "int8"),
+              codec.encode(top_k(_state(7), 0.3), "float16")]  # sparse layouts
     accepted = rejected = 0
     start = time.monotonic()
     for _ in range(300):
-        blob = bytearray(good if rng.random() < 0.7 else other)
+        blob = bytearray(good if rng.random() < 0.5 else others[int(rng.integers(0, 2))])
         for _ in range(int(rng.integers(1, 4))):
             kind = int(rng.integers(0, 4))
             position = int(rng.integers(0, len(blob) + 1))
@@ -311,3 +313,28 @@ def test_fuzzed_payloads_decode_cleanly_or_raise_payload_error():
     assert rejected > 0 and accepted > 0  # both outcomes were exercised
     assert accepted + rejected == 300
     assert time.monotonic() - start < 10.0
+
+
+def test_sparse_round_trip_and_malformed_indices_rejected():
+    shape = (6, 5)
+    dense = np.zeros(shape, np.float32)
+    dense.flat[[0, 7, 29]] = [1.5, -2.0, 3.25]
+    sparse = codec.SparseTensor(shape, np.array([0, 7, 29], np.int64),
+                                np.array([1.5, -2.0, 3.25], np.float32))
+    np.testing.assert_array_equal(codec.decode(codec.encode({"t": sparse}), {"t": shape})["t"],
+                                  dense)
+
+    def payload(gaps: bytes, count: int, values: int) -> bytes:
+        tensor = pb.Tensor(name="t", shape=list(shape), sparse=pb.Sparse(
+            index_gaps=gaps, count=count,
+            values=pb.Values(encoding=pb.FLOAT32, data=b"\0" * 4 * values)))
+        return pb.AdapterPayload(format_version=1, tensors=[tensor]).SerializeToString()
+
+    for blob in (payload(bytes([0, 7, 40]), 3, 3),   # position 47 >= 30
+                 payload(bytes([3, 0]), 2, 2),       # repeated position
+                 payload(bytes([0, 7]), 3, 3),       # fewer indices than count
+                 payload(bytes([0x80, 0x80]), 1, 1),  # unterminated varint
+                 payload(bytes([0, 1]), 2, 3),       # values do not match count
+                 payload(b"", 31, 31)):              # more entries than the tensor
+        with pytest.raises(PayloadError):
+            codec.decode(blob, {"t": shape})

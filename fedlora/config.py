@@ -105,9 +105,11 @@ KEYS: dict[str, Key] = {
                       only_for=("strategy", "ffa")),
     "fair-lambda": Key(float, 0.01, "LoRA-FAIR regulariser weight λ on ‖ΔB‖²",
                        _non_negative, only_for=("strategy", "lora-fair")),
-    "fair-steps": Key(int, 200, "LoRA-FAIR gradient steps per module", _positive,
+    "fair-steps": Key(int, 50, "LoRA-FAIR Adam steps per module after the "
+                      "least-squares warm start", _non_negative,
                       only_for=("strategy", "lora-fair")),
-    "fair-lr": Key(float, 0.01, "LoRA-FAIR Adam step size for ΔB", _positive,
+    "fair-lr": Key(float, 0.01, "LoRA-FAIR Adam step, relative to B's RMS entry",
+                   _positive,
                    only_for=("strategy", "lora-fair")),
     "cellm-up-density": Key(float, 0.05, "CELLM share of update entries uploaded",
                             _density, only_for=("strategy", "cellm")),

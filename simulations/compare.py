@@ -3,9 +3,9 @@
 A comparison file (TOML) holds the shared run config under ``[base]`` and one
 ``[[run]]`` table per simulation: a ``label``, a ``group`` (one plot panel per
 group) and the run-config keys that differ. Each run is a ``fedlora
-simulate`` into ``OUT/<label>`` (a finished run is reused, so an interrupted
-comparison resumes); then ``OUT/table.md``, ``OUT/accuracy_vs_round.png`` and
-``OUT/accuracy_vs_uplink.png`` are written.
+simulate`` into ``OUT/<label>`` (a finished run is reused and an unfinished
+one restarted, so an interrupted comparison resumes); then ``OUT/table.md``,
+``OUT/accuracy_vs_round.png`` and ``OUT/accuracy_vs_uplink.png`` are written.
 
     python simulations/compare.py simulations/strategies.toml --out runs/strategies
 """
@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 def run(base: dict, spec: dict, out: Path) -> list[dict]:
     run_dir = out / spec["label"]
     if not (run_dir / "summary.json").is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt
         overrides = {**base, **{k: v for k, v in spec.items() if k not in ("label", "group")}}
         command = [sys.executable, "-m", "fedlora.cli", "simulate", "--set",
                    *[f"{k}={json.dumps(v) if isinstance(v, str) else v}"

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora import codec
 from fedlora.adapters import adapter_state, load_adapter_state, set_trainable
-from fedlora.config import RunConfig, from_flower
+from fedlora.config import RunConfig, from_message
 from fedlora.features import client_dataset, model_for
 from fedlora.privacy import PrivateTraining
 from fedlora.strategies import STRATEGIES
@@ -31,7 +31,7 @@ app = ClientApp()
 def _run_config(message: Message) -> tuple[RunConfig, int]:
     sent = dict(message.content.config_records[CONFIG])
     server_round = int(sent.pop("server-round"))
-    return from_flower(sent), server_round
+    return from_message(sent), server_round
 
 
 @app.train()

@@ -212,8 +212,11 @@ class RunConfig:
         return names or None
 
 
-def resolve(overrides: Mapping[str, Any]) -> RunConfig:
-    """Defaults updated by ``overrides``, type-checked and cross-checked."""
+def resolve(overrides: Mapping[str, Any], check_scope: bool = True) -> RunConfig:
+    """Defaults updated by ``overrides``, type-checked and cross-checked.
+    ``check_scope`` rejects keys given for another strategy or with DP off; it
+    is off for a config that was resolved already (the one a client receives,
+    which holds every key)."""
     unknown = sorted(set(overrides) - set(KEYS))
     if unknown:
         raise ConfigError(
@@ -244,7 +247,7 @@ def resolve(overrides: Mapping[str, Any]) -> RunConfig:
             f"config key 'strategy': unknown strategy {values['strategy']!r} "
             f"(available: {', '.join(sorted(STRATEGIES))})"
         )
-    for key in overrides:
+    for key in overrides if check_scope else ():
         scope = KEYS[key].only_for
         if scope and values[scope[0]] != scope[1] and values[key] != KEYS[key].default:
             raise ConfigError(f"config key '{key}' applies to {scope[0]} {scope[1]}, "
@@ -290,6 +293,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not valid TOML ({err})") from None
     table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
     return dict(table) if table is not None else data
+
+
+def from_message(sent: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig a client receives from the server (resolved there)."""
+    return resolve(dict(sent), check_scope=False)
 
 
 def from_flower(run_config: Mapping[str, Any]) -> RunConfig:

@@ -335,3 +335,14 @@ def test_console_script_bad_value(tmp_path):
     assert lines[0].startswith("fedlora: error:") and "rounds" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_client_accepts_the_full_config_the_server_sent():
+    """A client gets every key, resolved by the server: keys of other strategies
+    may hold any valid value there (e.g. other defaults) and are not re-judged."""
+    from fedlora.config import from_message
+
+    sent = {**resolve({}).to_dict(), "fair-steps": 7}
+    assert from_message(sent)["fair-steps"] == 7
+    with pytest.raises(ConfigError, match="applies to strategy lora-fair"):
+        resolve(sent)

@@ -25,8 +25,18 @@ from fedlora.training import evaluate
 ROUND_TIMEOUT_S = 24 * 3600.0  # replies are awaited; a failing client replies with an error
 
 
-def _megabytes(n: float) -> str:
-    return f"{n / 1e6:.2f}MB"
+def progress_line(record: dict, rounds: int) -> str:
+    """The one line printed per round."""
+    parts = [f"round {record['round']}/{rounds}",
+             f"acc {record['accuracy']:.4f} loss {record['loss']:.4f}"
+             if record["accuracy"] is not None else "acc -",
+             f"train_loss {record['train_loss']:.4f}", f"clients {record['clients']}"]
+    parts += [f"{key} {record[key]}" for key in ("rejected", "declined") if record.get(key)]
+    if record["epsilon"] is not None:
+        parts.append(f"eps {record['epsilon']:.3f}")
+    parts += [f"up {record['uplink_bytes'] / 1e6:.2f}MB",
+              f"down {record['downlink_bytes'] / 1e6:.2f}MB", f"{record['seconds']:.1f}s"]
+    return "  ".join(parts)
 
 
 def run_federation(grid: Grid, config: RunConfig) -> dict:
@@ -57,15 +67,7 @@ def run_federation(grid: Grid, config: RunConfig) -> dict:
                   "updated": new_arrays is not None,
                   "seconds": time.perf_counter() - round_start}
         writer.add_round(record)
-        shown = f"acc {accuracy:.4f} loss {loss:.4f}" if accuracy is not None else "acc -"
-        print(f"round {server_round}/{rounds}  {shown}  train_loss "
-              f"{record['train_loss']:.4f}  clients {record['clients']}"
-              f"{' (rejected ' + str(record['rejected']) + ')' if record['rejected'] else ''}"
-              f"{' (declined ' + str(record['declined']) + ')' if record['declined'] else ''}"
-              f"{'  eps ' + format(record['epsilon'], '.3f') if record['epsilon'] else ''}"
-              f"  up {_megabytes(record['uplink_bytes'])}"
-              f"  down {_megabytes(record['downlink_bytes'])}  {record['seconds']:.1f}s",
-              flush=True)
+        print(progress_line(record, rounds), flush=True)
     load_adapter_state(model.peft, from_arrayrecord(arrays))
     writer.save_adapter(model.peft)
     return writer.finish({"strategy": config["strategy"],

@@ -12,8 +12,8 @@ from flwr.app.message.message import make_message
 from fedlora import codec
 from fedlora.config import resolve
 from fedlora.strategies import STRATEGIES
-from fedlora.strategies.base import METRICS, PAYLOAD, ClientUpdate
-from fedlora.strategies.fedavg import FedAvgLoRA, weighted_mean
+from fedlora.strategies.base import METRICS, PAYLOAD, ClientUpdate, weighted_mean
+from fedlora.strategies.fedavg import FedAvgLoRA
 
 SHAPES = {
     "m.q.lora_A.weight": (4, 6), "m.q.lora_B.weight": (5, 4),

@@ -150,7 +150,8 @@ def test_ffa_simulation_with_dp(tmp_path, tiny_bert, topic_dataset):
 def test_lora_fair_simulation_with_dp(tmp_path, tiny_bert, topic_dataset):
     _, rows, _ = check_run(tmp_path, tiny_bert, topic_dataset, strategy="lora-fair",
                            **{"fair-steps": 50}, **DP)
-    assert all(row["agg_residual"] is not None for row in rows)
+    for row in rows:  # the correction never loses to plain averaging of the same factors
+        assert row["agg_residual"] <= row["agg_residual_fedavg"] + 1e-9
     _check_epsilon(rows)
 
 

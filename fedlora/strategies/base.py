@@ -87,6 +87,18 @@ class ClientUpdate:
     metrics: MetricRecord
 
 
+def weighted_mean(updates: list[ClientUpdate], names: Iterable[str]) -> State:
+    """Σ p_k x_k for each tensor name, accumulated one update at a time."""
+    total = sum(u.weight for u in updates)
+    mean: State = {}
+    for name in names:
+        acc = np.zeros_like(updates[0].tensors[name], dtype=np.float64)
+        for update in updates:
+            acc += (update.weight / total) * update.tensors[name]
+        mean[name] = acc.astype(np.float32)
+    return mean
+
+
 def aggregation_residual(factors: list[tuple[float, State]], sent: State) -> float:
     """‖ΔW* − B̃Ã‖_F / ‖ΔW*‖_F over all LoRA modules (docs/algorithms.md §0):
     ΔW* = Σ p_k B_k A_k is the average of the clients' merged updates and
@@ -228,8 +240,13 @@ class LoraStrategy(FedAvg, ABC):
             return None, metrics
         self.state = self.merge(accepted)
         metrics["aggregate_s"] = time.perf_counter() - started
+        factors = [ClientUpdate(u.node_id, u.weight, self.client_factors(u), u.metrics)
+                   for u in accepted]
         metrics["agg_residual"] = aggregation_residual(
-            [(u.weight, self.client_factors(u)) for u in accepted], self.state)
+            [(u.weight, u.tensors) for u in factors], self.state)
+        # the same clients' factors averaged separately (FedIT): the baseline
+        metrics["agg_residual_fedavg"] = aggregation_residual(
+            [(u.weight, u.tensors) for u in factors], weighted_mean(factors, self.state))
         return to_arrayrecord(self.state), metrics
 
     def summary(self) -> None:

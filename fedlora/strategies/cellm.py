@@ -20,8 +20,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from fedlora import codec
 from fedlora.adapters import State
 from fedlora.sparsity import top_k
-from fedlora.strategies.base import ClientUpdate, LoraStrategy
-from fedlora.strategies.fedavg import FedAvgClient, weighted_mean
+from fedlora.strategies.base import ClientUpdate, LoraStrategy, weighted_mean
+from fedlora.strategies.fedavg import FedAvgClient
 
 RESIDUAL_KEY = "cellm-residual"  # the client's error-feedback remainder in context.state
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
-
 from fedlora.adapters import State
-from fedlora.strategies.base import ClientHalf, ClientUpdate, LoraStrategy
+from fedlora.strategies.base import ClientHalf, ClientUpdate, LoraStrategy, weighted_mean
 
 
 class FedAvgClient(ClientHalf):
@@ -27,18 +25,6 @@ class FedAvgClient(ClientHalf):
 
     def trains(self, kind: str) -> bool:
         return True
-
-
-def weighted_mean(updates: list[ClientUpdate], names: Iterable[str]) -> State:
-    """Σ p_k x_k for each tensor name, accumulated one update at a time."""
-    total = sum(u.weight for u in updates)
-    mean: State = {}
-    for name in names:
-        acc = np.zeros_like(updates[0].tensors[name], dtype=np.float64)
-        for update in updates:
-            acc += (update.weight / total) * update.tensors[name]
-        mean[name] = acc.astype(np.float32)
-    return mean
 
 
 class FedAvgLoRA(LoraStrategy):

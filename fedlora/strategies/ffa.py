@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedlora.adapters import State, tensor_kind
-from fedlora.strategies.base import ClientHalf, ClientUpdate, LoraStrategy
-from fedlora.strategies.fedavg import weighted_mean
+from fedlora.strategies.base import ClientHalf, ClientUpdate, LoraStrategy, weighted_mean
 
 
 class FfaClient(ClientHalf):

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from fedlora.adapters import State, lora_pairs
-from fedlora.strategies.base import ClientUpdate, LoraStrategy
-from fedlora.strategies.fedavg import FedAvgClient, weighted_mean
+from fedlora.strategies.base import ClientUpdate, LoraStrategy, weighted_mean
+from fedlora.strategies.fedavg import FedAvgClient
 
 
 def correct_b(ideal: np.ndarray, b_bar: np.ndarray, a_bar: np.ndarray, lam: float,

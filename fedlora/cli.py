@@ -82,7 +82,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise RuntimeError("the simulation ended without writing summary.json")
     summary = json.loads(summary_path.read_text())
     print(f"done: final accuracy {summary['final_accuracy']:.4f} after "
-          f"{summary['rounds']} rounds; results in {overrides_out}")
+          f"{summary['rounds']} rounds ({summary['client_updates']} client updates, "
+          f"{summary['rejected_updates']} rejected); results in {overrides_out}")
+    if summary["client_updates"] == 0:
+        print("fedlora: error: no client update was accepted in any round (see the "
+              "'rejected' lines above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,24 +2,37 @@
 
 The loop is the same for every strategy: decode the download, let the
 strategy's client half say where training starts and what trains, train on
-this client's partition (with DP-SGD when ``dp=local``; a client whose next
+this client's data (with DP-SGD when ``dp=local``; a client whose next
 round would exceed its ε budget declines instead), let the strategy say what
 goes back, encode. The base model
 and the tokenised partitions are cached in the worker process
 (``fedlora.features``); the adapter and the optimiser are rebuilt here for
 every message.
+
+A client's data: in a deployment, the node's own directory (node config
+``data-path``), labelled by the classes the server sends; its node id is its
+identity (seeds, DP accounting). Otherwise (simulation, demos) partition
+``partition-id`` of the run's shared ``dataset``.
 """
 
 from __future__ import annotations
 
 import torch
+from datasets import Dataset
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import codec
 from fedlora.adapters import adapter_state, load_adapter_state, set_trainable
 from fedlora.config import RunConfig, from_message
-from fedlora.features import client_dataset, model_for
+from fedlora.features import (
+    LABEL_NAMES,
+    client_dataset,
+    model_for,
+    model_with_labels,
+    node_dataset,
+)
+from fedlora.models import LoraModel
 from fedlora.privacy import PrivateTraining
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.base import CONFIG, METRICS, PAYLOAD
@@ -28,18 +41,34 @@ from fedlora.training import train_local
 app = ClientApp()
 
 
-def _run_config(message: Message) -> tuple[RunConfig, int]:
+def message_config(message: Message) -> tuple[RunConfig, int]:
+    """(run config, server round) sent with a training message."""
     sent = dict(message.content.config_records[CONFIG])
     server_round = int(sent.pop("server-round"))
+    sent.pop(LABEL_NAMES, None)  # not a run-config key; see train()
     return from_message(sent), server_round
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    config, server_round = _run_config(message)
-    torch.set_num_threads(max(1, int(config["client-cpus"])))
+    config, server_round = message_config(message)
+    data_path = context.node_config.get("data-path")
+    if data_path:
+        labels = tuple(message.content.config_records[CONFIG][LABEL_NAMES])
+        model = model_with_labels(config, labels)
+        return local_update(message, context, config, server_round, model,
+                            node_dataset(config, model, str(data_path)), context.node_id)
     partition_id = int(context.node_config["partition-id"])
-    model = model_for(config)
+    return local_update(message, context, config, server_round, model_for(config),
+                        client_dataset(config, partition_id), partition_id)
+
+
+def local_update(message: Message, context: Context, config: RunConfig, server_round: int,
+                 model: LoraModel, data: Dataset, partition_id: int) -> Message:
+    """The reply to one training message, given this client's model and data
+    (``fedlora.bench_scale`` passes freshly built ones to measure the stock
+    pattern against the cached one)."""
+    torch.set_num_threads(max(1, int(config["client-cpus"])))
     role = STRATEGIES[config["strategy"]].client_half(config)
 
     template = model.initial_state
@@ -49,7 +78,6 @@ def train(message: Message, context: Context) -> Message:
     start = role.start_state(received, template)
     load_adapter_state(model.peft, start)
     params = set_trainable(model.peft, role.trains)
-    data = client_dataset(config, partition_id)
 
     private = None
     if config["dp"] == "local":

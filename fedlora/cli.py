@@ -1,4 +1,4 @@
-"""The ``fedlora`` command: simulate | evaluate | keys.
+"""The ``fedlora`` command: simulate | evaluate | keys | bench-scale.
 
 Bad input of any kind (unknown key, bad value, missing file or column, model
 that does not load) ends with one ``fedlora: error: …`` line and exit code 2,
@@ -8,6 +8,7 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ def _quiet_environment() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _absolute_paths(overrides: dict) -> dict:
+def absolute_paths(overrides: dict) -> dict:
     """Local paths made absolute: Ray workers and `evaluate` may run elsewhere."""
     for key in PATH_KEYS:
         value = overrides.get(key)
@@ -53,10 +54,10 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     for item in args.set or []:
         key, value = parse_set_option(item)
         overrides[key] = value
-    return resolve(_absolute_paths(overrides))
+    return resolve(absolute_paths(overrides))
 
 
-def _preflight(config: RunConfig) -> None:
+def preflight(config: RunConfig) -> None:
     """Load data, model and partitions now, so bad input fails in one line before
     Ray starts (and the driver's caches are warm for central evaluation)."""
     from fedlora.features import encoded_splits, model_for, partitioner_for
@@ -73,7 +74,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_out_dir(overrides_out)
     config = _config_from_args(args)
     config = RunConfig({**config.to_dict(), "out-dir": overrides_out})
-    _preflight(config)
+    preflight(config)
     from fedlora.simulation import simulate
 
     simulate(config, verbose=args.verbose)
@@ -102,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run_dir}: not a finished run (needs config.json and adapter/)")
     saved = json.loads(config_path.read_text())
     if args.dataset:
-        saved["dataset"] = _absolute_paths({"dataset": args.dataset})["dataset"]
+        saved["dataset"] = absolute_paths({"dataset": args.dataset})["dataset"]
     config = resolve(saved)
     spec = ModelSpec.from_config(config, splits_for(config).label_names)
     model = load_trained(spec, adapter_dir)
@@ -134,14 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=cmd_evaluate)
     keys = sub.add_parser("keys", help="list the run-config keys and defaults")
     keys.set_defaults(run=cmd_keys)
+    # parsed by fedlora.bench_scale itself (main() hands it the rest of the line)
+    sub.add_parser("bench-scale", add_help=False,
+                   help="measure simulation overhead at 10/100/500 clients vs the stock "
+                        "Flower pattern (see `fedlora bench-scale --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench-scale"]:
+        from fedlora import bench_scale
+
+        run = functools.partial(bench_scale.main, argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        run = functools.partial(args.run, args)
     _quiet_environment()
     try:
-        return args.run(args)
+        return run()
     except ConfigError as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2

@@ -35,7 +35,8 @@ class Key:
     default: Any
     help: str
     check: Callable[[Any], str | None] = lambda value: None
-    only_for: tuple[str, str] | None = None  # (key, value) this key applies under
+    # (key, value) this key applies under; "a|b" means either value
+    only_for: tuple[str, str] | None = None
 
 
 def _positive(value: float) -> str | None:
@@ -99,6 +100,10 @@ KEYS: dict[str, Key] = {
                        "in a round (otherwise it stays as it was)", _positive),
     "eval-every": Key(int, 1, "central evaluation every N rounds (and after the last)",
                       _positive),
+    "eval-examples": Key(int, 0, "central evaluation on this many test examples (a "
+                         "seeded sample); 0 = the whole test split", _non_negative),
+    "agg-residual": Key(bool, True, "report agg_residual metrics each round (the server "
+                        "holds one d×k matrix per LoRA module; off for large models)"),
     # --- strategy-specific (docs/algorithms.md) ------------------------------
     "ffa-a-init": Key(str, "kaiming", "FFA-LoRA's frozen A: kaiming (PEFT default) or "
                       "gaussian, drawn from the run seed", _one_of("kaiming", "gaussian"),
@@ -122,20 +127,23 @@ KEYS: dict[str, Key] = {
     "cellm-server-lr": Key(float, 1.0, "CELLM server learning rate (FLASC: 1 for sgd, "
                            "1e-3 for adam)", _positive, only_for=("strategy", "cellm")),
     # --- differential privacy (client-level DP-SGD with Opacus) -----------------
-    "dp": Key(str, "off", "off | local (DP-SGD on each client's trainable tensors)",
-              _one_of("off", "local")),
+    "dp": Key(str, "off", "off | local (DP-SGD on each client's trainable tensors) | "
+              "central (server clips each client's update and noises the average)",
+              _one_of("off", "local", "central")),
     "dp-noise-multiplier": Key(float, 0.0, "noise σ; 0 = derive it from "
-                               "dp-target-epsilon for the planned rounds and steps",
-                               _non_negative, only_for=("dp", "local")),
-    "dp-target-epsilon": Key(float, 0.0, "per-client budget ε; a client whose next round "
-                             "would exceed it declines; 0 = no budget", _non_negative,
-                             only_for=("dp", "local")),
-    "dp-max-grad-norm": Key(float, 1.0, "per-example gradient clipping norm", _positive,
-                            only_for=("dp", "local")),
+                               "dp-target-epsilon for the planned rounds (and steps)",
+                               _non_negative, only_for=("dp", "local|central")),
+    "dp-target-epsilon": Key(float, 0.0, "budget ε (per client for local DP: a client "
+                             "whose next round would exceed it declines; for the run for "
+                             "central DP); 0 = no budget", _non_negative,
+                             only_for=("dp", "local|central")),
+    "dp-max-grad-norm": Key(float, 1.0, "clipping norm: of each example's gradient (local) "
+                            "or of each client's update (central)", _positive,
+                            only_for=("dp", "local|central")),
     "dp-delta": Key(float, 1e-5, "δ of the (ε, δ) guarantee", _open_unit,
-                    only_for=("dp", "local")),
+                    only_for=("dp", "local|central")),
     "dp-accountant": Key(str, "rdp", "Opacus accountant: rdp | prv", _one_of("rdp", "prv"),
-                         only_for=("dp", "local")),
+                         only_for=("dp", "local|central")),
     # --- local training ------------------------------------------------------
     "local-epochs": Key(int, 1, "epochs over the client's data per round", _positive),
     "local-steps": Key(int, 0, "cap on optimiser steps per round; 0 = no cap",
@@ -249,7 +257,8 @@ def resolve(overrides: Mapping[str, Any], check_scope: bool = True) -> RunConfig
         )
     for key in overrides if check_scope else ():
         scope = KEYS[key].only_for
-        if scope and values[scope[0]] != scope[1] and values[key] != KEYS[key].default:
+        if (scope and values[scope[0]] not in scope[1].split("|")
+                and values[key] != KEYS[key].default):
             raise ConfigError(f"config key '{key}' applies to {scope[0]} {scope[1]}, "
                               f"not {values[scope[0]]}")
     _check_privacy(values)
@@ -257,12 +266,17 @@ def resolve(overrides: Mapping[str, Any], check_scope: bool = True) -> RunConfig
 
 
 def _check_privacy(values: Mapping[str, Any]) -> None:
-    """DP needs a noise level: given, or derived from a target ε."""
-    if values["dp"] != "local":
+    """DP needs a noise level: given, or derived from a target ε. Central DP
+    cannot cover LoRA-FAIR, whose server correction reads every client's raw
+    factors (Σ p_k B_k A_k) outside the clipping and noise."""
+    if values["dp"] == "off":
         return
     if values["dp-noise-multiplier"] == 0 and values["dp-target-epsilon"] == 0:
-        raise ConfigError("config key 'dp': local DP needs dp-noise-multiplier or "
+        raise ConfigError(f"config key 'dp': {values['dp']} DP needs dp-noise-multiplier or "
                           "dp-target-epsilon (> 0)")
+    if values["dp"] == "central" and values["strategy"] == "lora-fair":
+        raise ConfigError("config key 'dp': central DP cannot cover strategy lora-fair (its "
+                          "server correction reads each client's raw factors); use dp=local")
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:

@@ -229,6 +229,68 @@ def load_splits(source: str, text_column: str = "", label_column: str = "",
     return LabeledSplits(splits["train"], splits["test"], tuple(names))
 
 
+def load_node_examples(source: str, label_names: tuple[str, ...], text_column: str = "",
+                       label_column: str = "") -> Dataset:
+    """A SuperNode's own training examples (``text``, ``label``) from its ``data-path``.
+
+    In a deployment every node holds private data, so there is no shared dataset
+    to partition: ``source`` is a directory with a ``train.*`` file (or one data
+    file) in any format ``load_splits`` reads, with the same column keys. The
+    label indices must mean what they mean on the server, whose test set fixes
+    the classes (``label_names``, sent with every message): a value maps to the
+    class of the same name, else an integer is taken as the class index (AG News
+    files). Anything else — a missing or empty directory, missing columns, a
+    label the server does not know — is one ``data-path …`` ConfigError line, so
+    the node's ClientApp fails clearly and the server goes on without it.
+    """
+    try:
+        return _node_examples(Path(source).expanduser(), label_names, text_column,
+                              label_column)
+    except ConfigError as err:
+        raise ConfigError(f"data-path {source}: {str(err).removeprefix('dataset: ')}"
+                          ) from None
+
+
+def _node_examples(path: Path, label_names: tuple[str, ...], text_column: str,
+                   label_column: str) -> Dataset:
+    if path.is_dir():
+        file = _find_split_file(path, ("train",))
+        if file is None:
+            found = sorted(p.name for p in path.iterdir())
+            raise ConfigError(f"no train.{{csv,tsv,json,jsonl,parquet}} file "
+                              f"(found: {', '.join(found) or 'nothing'})")
+    elif path.is_file():
+        file = path
+    else:
+        raise ConfigError("no such file or directory")
+    raw = _read_local({"train": file})["train"]
+    if len(raw) == 0:
+        raise ConfigError(f"{file.name} has no examples")
+    text = _pick_column(raw, text_column, _TEXT_CANDIDATES, "text", "text-column", file.name)
+    label = _pick_column(raw, label_column, _LABEL_CANDIDATES, "label", "label-column",
+                         file.name)
+    feature = raw.features[label]
+    index = {name: i for i, name in enumerate(label_names)}
+    mapping = {}
+    for value in raw.unique(label):
+        name = feature.int2str(value) if isinstance(feature, ClassLabel) else value
+        if str(name) in index:
+            mapping[value] = index[str(name)]
+        elif isinstance(name, int) and 0 <= name < len(label_names):
+            mapping[value] = name
+        else:
+            raise ConfigError(f"label {name!r} in column {label!r} is not one of the "
+                              f"server's classes ({', '.join(label_names)})")
+
+    def normalise(batch: dict) -> dict:
+        return {"text": [str(t) for t in batch[text]],
+                "label": [mapping[v] for v in batch[label]]}
+
+    examples = raw.map(normalise, batched=True, remove_columns=raw.column_names,
+                       desc="normalising node data")
+    return examples.cast_column("label", ClassLabel(names=list(label_names)))
+
+
 def make_partitioner(config: RunConfig, train_size: int, seed: int) -> Partitioner:
     """The flwr-datasets partitioner the config names, drawn with ``seed``.
     Dirichlet partitions must hold at least one example each."""

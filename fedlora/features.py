@@ -23,12 +23,15 @@ from datasets import Dataset
 from flwr_datasets.partitioner import Partitioner
 
 from fedlora.config import ConfigError, RunConfig, cached_by
-from fedlora.data import LabeledSplits, load_splits, make_partitioner
+from fedlora.data import LabeledSplits, load_node_examples, load_splits, make_partitioner
 from fedlora.models import LoraModel, ModelSpec, lora_model
 
 PARTITION_ATTEMPTS = 20
 PROMPT_PREFIX = "Text: "
 PROMPT_SUFFIX = "\nLabel:"
+# Entry of the config record sent with every training message, beside the run
+# config: the server's classes, onto which a node's own data (data-path) is mapped.
+LABEL_NAMES = "label-names"
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,13 @@ def splits_for(config: RunConfig) -> LabeledSplits:
 
 def model_for(config: RunConfig) -> LoraModel:
     """The process-wide LoRA model for this run's model, task and labels."""
-    return lora_model(ModelSpec.from_config(config, splits_for(config).label_names))
+    return model_with_labels(config, splits_for(config).label_names)
+
+
+def model_with_labels(config: RunConfig, label_names: tuple[str, ...]) -> LoraModel:
+    """The process-wide LoRA model for classes the caller knows: a deployed node
+    has no copy of the run's dataset and gets the server's classes by message."""
+    return lora_model(ModelSpec.from_config(config, label_names))
 
 
 def _seq_cls_encoder(model: LoraModel, max_len: int):
@@ -86,6 +95,14 @@ def _causal_encoder(model: LoraModel, max_len: int, label_names: tuple[str, ...]
     return encode
 
 
+def encoder_for(model: LoraModel, max_len: int, label_names: tuple[str, ...]):
+    """The batched ``datasets.map`` function that tokenises raw examples for
+    ``model``'s task."""
+    if model.spec.task == "seq-cls":
+        return _seq_cls_encoder(model, max_len)
+    return _causal_encoder(model, max_len, label_names)
+
+
 _DATA_KEYS = ("dataset", "text-column", "label-column", "seed", "model", "task",
               "max-seq-len")
 _PARTITION_KEYS = _DATA_KEYS + ("num-clients", "partition", "dirichlet-alpha",
@@ -97,16 +114,23 @@ def encoded_splits(config: RunConfig) -> EncodedSplits:
     """Tokenised train and test splits (cached per process and on disk)."""
     splits = splits_for(config)
     model = model_for(config)
-    max_len = config["max-seq-len"]
-    if model.spec.task == "seq-cls":
-        encode = _seq_cls_encoder(model, max_len)
-    else:
-        encode = _causal_encoder(model, max_len, splits.label_names)
+    encode = encoder_for(model, config["max-seq-len"], splits.label_names)
     out = {}
     for name, ds in (("train", splits.train), ("test", splits.test)):
         out[name] = ds.map(encode, batched=True, remove_columns=["text"],
                            desc=f"tokenising {name}")
     return EncodedSplits(out["train"], out["test"], splits.label_names)
+
+
+@cached_by(*_DATA_KEYS, "eval-examples")
+def central_test_set(config: RunConfig) -> Dataset:
+    """The server's evaluation set: the test split, or a seeded sample of
+    ``eval-examples`` of it (fast evaluation when the test split is large)."""
+    test = encoded_splits(config).test
+    wanted = config["eval-examples"]
+    if not wanted or wanted >= len(test):
+        return test
+    return test.shuffle(seed=config["seed"]).select(range(wanted)).flatten_indices()
 
 
 @cached_by(*_PARTITION_KEYS)
@@ -142,3 +166,22 @@ def client_dataset(config: RunConfig, partition_id: int) -> Dataset:
     if not 0 <= partition_id < config["num-clients"]:
         raise ConfigError(f"partition id {partition_id} outside 0..{config['num-clients'] - 1}")
     return partitioner_for(config).load_partition(partition_id)
+
+
+_NODE_DATA: dict[tuple, Dataset] = {}
+
+
+def node_dataset(config: RunConfig, model: LoraModel, data_path: str) -> Dataset:
+    """A deployed node's tokenised examples from its own ``data-path`` (node
+    config), labelled by ``model``'s classes (the server's). Built once per
+    process like the partitions; ``datasets`` also caches the files on disk for
+    the next ClientApp process."""
+    key = (data_path, config["text-column"], config["label-column"], config["max-seq-len"],
+           model.spec)
+    if key not in _NODE_DATA:
+        examples = load_node_examples(data_path, model.spec.label_names,
+                                      config["text-column"], config["label-column"])
+        encode = encoder_for(model, config["max-seq-len"], model.spec.label_names)
+        _NODE_DATA[key] = examples.map(encode, batched=True, remove_columns=["text"],
+                                       desc="tokenising node data")
+    return _NODE_DATA[key]

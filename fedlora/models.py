@@ -192,7 +192,8 @@ def _bundle(spec: ModelSpec, peft_model: PeftModel, tokenizer) -> LoraModel:
     return LoraModel(spec, peft_model, tokenizer, dev, adapter_state(peft_model), label_ids)
 
 
-def _build(spec: ModelSpec) -> LoraModel:
+def build_lora_model(spec: ModelSpec) -> LoraModel:
+    """A new PEFT model for ``spec``, loaded from disk (``lora_model`` caches it)."""
     torch.manual_seed(spec.seed)  # head and LoRA A init: same in every process
     base, tokenizer, task_type = _load_base(spec)
     lora = LoraConfig(
@@ -221,4 +222,4 @@ def load_trained(spec: ModelSpec, adapter_dir: str | Path) -> LoraModel:
 @functools.lru_cache(maxsize=2)
 def lora_model(spec: ModelSpec) -> LoraModel:
     """The process-wide PEFT model for ``spec`` (built on first use)."""
-    return _build(spec)
+    return build_lora_model(spec)

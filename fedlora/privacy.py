@@ -1,4 +1,5 @@
-"""Client-level DP-SGD with Opacus, accounted per client across rounds.
+"""Differential privacy: client-level DP-SGD (``dp=local``) and central DP with
+server-side fixed clipping (``dp=central``), both accounted with Opacus.
 
 ``PrivateTraining`` is the one entry point the client loop uses: it restores
 this client's accountant history from its persistent state (Flower's
@@ -21,14 +22,27 @@ Opacus × PEFT traps, handled at the root:
 
 Sampling: Poisson with rate q = 1 / ceil(n / batch-size), ceil(n / batch-size)
 steps per epoch (``local-steps`` caps them), as Opacus's ``DPDataLoader``.
+
+``CentralPrivacy`` is the server's: DP-FedAvg with fixed clipping (McMahan et
+al. 2018, as Flower's ``DifferentialPrivacyServerSideFixedClipping``, whose
+clipping and noise functions it uses). Flower's wrapper itself cannot be used:
+it clips the reply ArrayRecords, and ours carry encoded (possibly sparse)
+payloads, so the clipping happens after decoding (``fedlora.strategies.base``).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
+from flwr.supercore.differential_privacy import (
+    add_gaussian_noise_inplace,
+    clip_inputs_inplace,
+    compute_stdv,
+    get_norm,
+)
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -102,3 +116,49 @@ class PrivateTraining:
             "noise": [float(h[0]) for h in history],
             "rate": [float(h[1]) for h in history],
             "steps": [int(h[2]) for h in history]})
+
+
+class CentralPrivacy:
+    """Server-side DP over one run: per round, every client's update (the change
+    it made to the tensors it trains) is clipped to L2 norm C =
+    ``dp-max-grad-norm``, the clipped updates are summed with equal weights and
+    divided by m = ``clients-per-round``, and N(0, (σC/m)²) noise is added to
+    that average. Accounted as a subsampled Gaussian mechanism, one step per
+    round at rate q = m / ``num-clients`` (Flower samples m clients without
+    replacement; the Poisson-sampling analysis is the usual approximation).
+
+    The noise comes from NumPy's global generator, seeded by the OS, not by the
+    run seed: noise that anyone with the config can regenerate protects nothing.
+    """
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.delta = config["dp-delta"]
+        self.sampled = config["clients-per-round"]
+        self.sample_rate = min(1.0, self.sampled / config["num-clients"])
+        self.clipping_norm = config["dp-max-grad-norm"]
+        self.accountant = create_accountant(config["dp-accountant"])
+        self.noise_multiplier = config["dp-noise-multiplier"] or get_noise_multiplier(
+            target_epsilon=config["dp-target-epsilon"], target_delta=self.delta,
+            sample_rate=self.sample_rate, steps=config["rounds"],
+            accountant=config["dp-accountant"])
+
+    def clip(self, update: list[np.ndarray]) -> None:
+        """Scale ``update`` (all its tensors as one vector) to norm ≤ C, in place."""
+        if get_norm(update) > 0:  # Flower's clip divides by the norm
+            clip_inputs_inplace(update, self.clipping_norm)
+
+    def noisy_average(self, clipped_sum: list[np.ndarray]) -> list[np.ndarray]:
+        """Σ clipped / m plus the Gaussian noise; records the release."""
+        average = [array / self.sampled for array in clipped_sum]
+        add_gaussian_noise_inplace(average, compute_stdv(
+            self.noise_multiplier, self.clipping_norm, self.sampled))
+        self.accountant.step(noise_multiplier=self.noise_multiplier,
+                             sample_rate=self.sample_rate)
+        return average
+
+    def epsilon(self) -> float:
+        """ε spent by the releases so far (0 before the first)."""
+        if not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(self.delta))

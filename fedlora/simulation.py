@@ -10,23 +10,36 @@ ServerApp used here is a thin one bound to the resolved config; the
 ClientApp is the module-level one that ``flwr run`` uses, and it reads the
 config from each message.
 
-Loopback: Ray resolves ``_node_ip_address="127.0.0.1"`` to the machine's
-routable address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set before
-Ray is imported (then a local Ray binds 127.0.0.1 only); ``simulate`` sets it
-for a local Ray and leaves it alone when attaching to ``ray-address``.
+Loopback: Ray resolves ``_node_ip_address="127.0.0.1"`` (and a ``ray-address``
+of 127.0.0.1) to the machine's routable address unless
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set before Ray is imported (then a
+local Ray binds 127.0.0.1 only); ``start_ray`` sets it for a local Ray and for
+a loopback ``ray-address`` and leaves it alone for a remote cluster.
+
+Ray is started here, before Flower's backend (which reuses an initialised
+Ray), so that an unreachable ``ray-address`` or resources no node has fail in
+one line instead of hanging.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 
 import torch
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import ConfigError, RunConfig
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+CONNECT_TIMEOUT_S = 5.0
+# messages outstanding per Ray worker: enough that none waits for work
+# (see fedlora.replies for why not all of a round's at once)
+IN_FLIGHT_PER_WORKER = 4
 
 
 def backend_config(config: RunConfig) -> dict:
@@ -50,26 +63,80 @@ def backend_config(config: RunConfig) -> dict:
                                  "num_gpus": config["client-gpus"]}}
 
 
-def simulate(config: RunConfig, verbose: bool = False) -> None:
-    """Run the federation described by ``config`` to completion (blocking)."""
-    from client.app import app as client_app
+def _check_reachable(address: str) -> None:
+    """Fail in one line when nothing listens at ``host:port`` (Ray itself
+    retries an unreachable GCS for minutes)."""
+    if address == "auto":
+        return  # Ray finds the local cluster itself, or says there is none
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"config key 'ray-address': {address!r} is not host:port or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError(f"config key 'ray-address': cannot reach a Ray head at {address} "
+                          f"({err.strerror or err}); start one with `ray start --head`"
+                          ) from None
+
+
+def start_ray(config: RunConfig) -> int:
+    """Start (or attach to) Ray for this run; returns how many client workers
+    (Ray actors) it can run at once. Fails in one line when the cluster cannot
+    host a single client with ``client-cpus``/``client-gpus``."""
+    address = config["ray-address"]
+    host = address.removeprefix("ray://").rpartition(":")[0]
+    if not address or host in LOOPBACK_HOSTS:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    backend = backend_config(config)
+    if address:
+        _check_reachable(address)
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    if not ray.is_initialized():
+        try:
+            ray.init(**backend["init_args"])
+        except ConnectionError as err:
+            raise ConfigError(f"config key 'ray-address': {str(err).splitlines()[0]}"
+                              ) from None
+    try:
+        workers = pool_size_from_resources(backend["client_resources"])
+    except ValueError:  # Flower's "ActorPool is empty", with the reason only logged
+        workers = 0
+    if workers == 0:
+        nodes = ", ".join(f"{n['Resources'].get('CPU', 0):g} CPU/"
+                          f"{n['Resources'].get('GPU', 0):g} GPU"
+                          for n in ray.nodes() if n["Resources"])
+        ray.shutdown()
+        raise ConfigError(f"config keys 'client-cpus'/'client-gpus': no Ray node can host "
+                          f"a client with {config['client-cpus']:g} CPU and "
+                          f"{config['client-gpus']:g} GPU (nodes: {nodes or 'none'})")
+    return workers
+
+
+def simulate(config: RunConfig, verbose: bool = False,
+             client_app: ClientApp | None = None) -> int:
+    """Run the federation described by ``config`` to completion (blocking);
+    returns the number of client workers it ran. ``client_app`` replaces the
+    project's ClientApp (the scale benchmark's stock mode)."""
     from server.app import run_federation
 
+    if client_app is None:
+        from client.app import app as client_app
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    workers = start_ray(config)
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config)
+        run_federation(grid, config, in_flight=IN_FLIGHT_PER_WORKER * workers)
 
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-    backend = backend_config(config)
-    if not config["ray-address"]:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from flwr.simulation import run_simulation
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=config["num-clients"], backend_name="ray",
-                       backend_config=backend, verbose_logging=verbose)
+                       backend_config=backend_config(config), verbose_logging=verbose)
+    return workers

@@ -16,7 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.adapters import load_adapter_state
 from fedlora.config import RunConfig, from_flower
-from fedlora.features import encoded_splits, model_for, partitioner_for
+from fedlora.features import LABEL_NAMES, central_test_set, model_for, partitioner_for
+from fedlora.replies import replies_as_they_arrive
 from fedlora.results import RunWriter, prepare_out_dir
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.base import from_arrayrecord, to_arrayrecord
@@ -39,22 +40,27 @@ def progress_line(record: dict, rounds: int) -> str:
     return "  ".join(parts)
 
 
-def run_federation(grid: Grid, config: RunConfig) -> dict:
-    """Run all rounds and write the outputs contract; returns the summary."""
+def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0) -> dict:
+    """Run all rounds and write the outputs contract; returns the summary.
+    ``in_flight`` caps the messages outstanding at once (0 = a round's all at
+    once; see ``fedlora.replies``)."""
     out_dir = prepare_out_dir(config["out-dir"] or
                               Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     writer = RunWriter(out_dir, config)
     model = model_for(config)
-    test = encoded_splits(config).test
+    test = central_test_set(config)
     partitioner_for(config)  # bad partition settings fail here, before any round
     strategy = STRATEGIES[config["strategy"]](config, model.initial_state)
     arrays = to_arrayrecord(model.initial_state)
+    # sent with every training message: the run config and the classes, onto
+    # which a deployed node maps its own data (client/app.py)
+    sent_config = {**config.to_dict(), LABEL_NAMES: list(model.spec.label_names)}
     rounds, started = config["rounds"], time.perf_counter()
     for server_round in range(1, rounds + 1):
         round_start = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays,
-                                            ConfigRecord(config.to_dict()), grid)
-        replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S)
+                                            ConfigRecord(sent_config), grid)
+        replies = replies_as_they_arrive(grid, messages, ROUND_TIMEOUT_S, in_flight)
         new_arrays, train = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays

@@ -92,9 +92,9 @@ def test_save_pretrained_loads_with_peft_from_pretrained(config, tmp_path):
 
 def test_spec_is_the_same_across_processes_by_seed(config):
     """The round-0 adapter is built under the run seed: rebuilding gives it again."""
-    from fedlora.models import _build
+    from fedlora.models import build_lora_model
 
     spec = ModelSpec.from_config(config, encoded_splits(config).label_names)
-    again = _build(spec).initial_state
+    again = build_lora_model(spec).initial_state
     for name, value in model_for(config).initial_state.items():
         np.testing.assert_array_equal(again[name], value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from flwr.app.message.message import make_message
 from fedlora import codec
 from fedlora.config import resolve
 from fedlora.strategies import STRATEGIES
-from fedlora.strategies.base import METRICS, PAYLOAD, ClientUpdate, weighted_mean
+from fedlora.strategies.base import METRICS, PAYLOAD, ClientUpdate, RoundSums
 from fedlora.strategies.fedavg import FedAvgLoRA
 
 SHAPES = {
@@ -52,13 +53,14 @@ def test_registry_names_fedavg():
     assert STRATEGIES["fedavg"] is FedAvgLoRA
 
 
-def test_weighted_mean_averages_each_factor_separately():
+def test_round_sums_average_each_factor_separately():
     rng = np.random.default_rng(1)
     states = [_random_state(rng) for _ in range(3)]
     weights = [10.0, 30.0, 60.0]
-    updates = [ClientUpdate(i, w, s, MetricRecord()) for i, (w, s) in
-               enumerate(zip(weights, states))]
-    mean = weighted_mean(updates, SHAPES)
+    sums = RoundSums()
+    for i, (w, s) in enumerate(zip(weights, states)):
+        sums.add(ClientUpdate(i, w, s, MetricRecord()), s)
+    mean = sums.mean()
     for name in SHAPES:
         expected = sum(w / 100.0 * s[name] for w, s in zip(weights, states))
         np.testing.assert_allclose(mean[name], expected, rtol=1e-6, atol=1e-6)
@@ -67,6 +69,8 @@ def test_weighted_mean_averages_each_factor_separately():
                        for w, s in zip(weights, states))
     assert not np.allclose(mean["m.q.lora_B.weight"] @ mean["m.q.lora_A.weight"],
                            product_mean)
+    np.testing.assert_allclose(sums.ideal("m.q.lora_A.weight", "m.q.lora_B.weight"),
+                               product_mean, rtol=1e-5, atol=1e-5)
 
 
 def test_aggregate_train_weights_by_examples_and_counts_bytes(strategy):
@@ -125,3 +129,29 @@ def test_too_few_valid_replies_leave_the_global_unchanged():
                _reply(43, error=Error(code=1, reason="boom"))]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is None and metrics["clients"] == 2 and metrics["rejected"] == 1
+
+
+def test_aggregation_streams_over_replies(strategy):
+    """Each reply is folded in and dropped before the next one is produced: when
+    reply k is made, replies up to k-2 are gone (k-1 is still the consumer's
+    loop variable), so a round's memory does not grow with its clients."""
+    rng = np.random.default_rng(6)
+    states = [_random_state(rng) for _ in range(6)]
+    alive: list[weakref.ref] = []
+    held_back: list[int] = []
+
+    def replies():
+        for k, state in enumerate(states):
+            held_back.extend(j for j, ref in enumerate(alive[:-1]) if ref() is not None)
+            reply = _update_reply(50 + k, state, 10)
+            alive.append(weakref.ref(reply))
+            yield reply
+            del reply
+
+    arrays, metrics = strategy.aggregate_train(1, replies())
+    assert metrics["clients"] == len(states)
+    assert held_back == []
+    merged = {k: a.numpy() for k, a in arrays.items()}
+    for name in SHAPES:
+        np.testing.assert_allclose(merged[name], np.mean([s[name] for s in states], axis=0),
+                                   rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ from fedlora import codec
 from fedlora.config import ConfigError, resolve
 from fedlora.sparsity import top_k
 from fedlora.strategies import STRATEGIES
-from fedlora.strategies.base import ClientUpdate, aggregation_residual
+from fedlora.strategies.base import ClientUpdate
 from fedlora.strategies.cellm import RESIDUAL_KEY, Cellm, CellmClient
 from fedlora.strategies.fedavg import FedAvgLoRA
 from fedlora.strategies.ffa import FfaLoRA
@@ -44,6 +44,10 @@ def _strategy(cls, rng, **keys):
     return strategy
 
 
+def _merged(strategy, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+    return strategy.merge(strategy.sums(updates))
+
+
 def test_registry_has_the_four_strategies():
     assert set(STRATEGIES) == {"fedavg", "ffa", "lora-fair", "cellm"}
 
@@ -62,7 +66,7 @@ def test_ffa_aggregation_is_exact():
     rng = np.random.default_rng(1)
     strategy = _strategy(FfaLoRA, rng)
     updates = _updates(rng, names=strategy.upload_shapes)
-    merged = strategy.merge(updates)
+    merged = _merged(strategy, updates)
     total = sum(u.weight for u in updates)
     for a_name in ("m.q.lora_A.weight", "m.v.lora_A.weight"):
         b_name = a_name.replace("lora_A", "lora_B")
@@ -70,8 +74,7 @@ def test_ffa_aggregation_is_exact():
         ideal = sum(u.weight / total * u.tensors[b_name] @ merged[a_name] for u in updates)
         np.testing.assert_allclose(merged[b_name] @ merged[a_name], ideal, rtol=1e-5,
                                    atol=1e-5)
-    factors = [(u.weight, strategy.client_factors(u)) for u in updates]
-    assert aggregation_residual(factors, merged) < 1e-6
+    assert strategy.sums(updates).residual(merged) < 1e-6
 
 
 def test_ffa_sends_exactly_half_of_fedavg_lora_bytes():
@@ -92,7 +95,7 @@ def test_fedavg_residual_is_the_factor_cross_covariance():
     rng = np.random.default_rng(3)
     strategy = _strategy(FedAvgLoRA, rng)
     updates = _updates(rng)
-    merged = strategy.merge(updates)
+    merged = _merged(strategy, updates)
     total = sum(u.weight for u in updates)
     error = norm = 0.0
     for a_name in ("m.q.lora_A.weight", "m.v.lora_A.weight"):
@@ -105,10 +108,12 @@ def test_fedavg_residual_is_the_factor_cross_covariance():
         np.testing.assert_allclose(ideal - b_bar @ a_bar, covariance, rtol=1e-4, atol=1e-4)
         error += float(np.sum(covariance.astype(np.float64) ** 2))
         norm += float(np.sum(ideal.astype(np.float64) ** 2))
-    factors = [(u.weight, strategy.client_factors(u)) for u in updates]
-    assert aggregation_residual(factors, merged) == pytest.approx(np.sqrt(error / norm),
-                                                                   rel=1e-4)
-    assert aggregation_residual(factors, merged) > 0.1  # heterogeneous: clearly inexact
+    residual = strategy.sums(updates).residual(merged)
+    assert residual == pytest.approx(np.sqrt(error / norm), rel=1e-4)
+    assert residual > 0.1  # heterogeneous: clearly inexact
+    # the metric's baseline, FedIT's separately averaged factors, is this same merge
+    assert strategy.sums(updates).residual(strategy.sums(updates).factor_mean()) == \
+        pytest.approx(residual, rel=1e-5)
 
 
 # -- LoRA-FAIR ---------------------------------------------------------------------
@@ -117,22 +122,23 @@ def test_lora_fair_residual_is_below_fedavg():
     updates = _updates(rng, count=5)
     fedavg = _strategy(FedAvgLoRA, np.random.default_rng(9))
     fair = _strategy(LoraFair, np.random.default_rng(9))
-    plain, corrected = fedavg.merge(updates), fair.merge(updates)
+    plain, corrected = _merged(fedavg, updates), _merged(fair, updates)
     for name in SHAPES:  # only B is corrected
         if ".lora_B." not in name:
             np.testing.assert_array_equal(plain[name], corrected[name])
-    factors = [(u.weight, fedavg.client_factors(u)) for u in updates]
-    r_fedavg = aggregation_residual(factors, plain)
-    r_fair = aggregation_residual(factors, corrected)
+    sums = fedavg.sums(updates)
+    r_fedavg, r_fair = sums.residual(plain), sums.residual(corrected)
     assert r_fair < r_fedavg
 
 
 def test_lora_fair_regulariser_limits_the_correction():
     rng = np.random.default_rng(5)
     updates = _updates(rng)
-    light = _strategy(LoraFair, np.random.default_rng(1), **{"fair-lambda": 0.0}).merge(updates)
-    heavy = _strategy(LoraFair, np.random.default_rng(1), **{"fair-lambda": 10.0}).merge(updates)
-    plain = _strategy(FedAvgLoRA, np.random.default_rng(1)).merge(updates)
+    light = _merged(_strategy(LoraFair, np.random.default_rng(1), **{"fair-lambda": 0.0}),
+                    updates)
+    heavy = _merged(_strategy(LoraFair, np.random.default_rng(1), **{"fair-lambda": 10.0}),
+                    updates)
+    plain = _merged(_strategy(FedAvgLoRA, np.random.default_rng(1)), updates)
     b = "m.q.lora_B.weight"
     assert np.linalg.norm(heavy[b] - plain[b]) < np.linalg.norm(light[b] - plain[b])
 
@@ -197,7 +203,7 @@ def test_cellm_dense_sgd_equals_averaging_client_models():
     weights = [1.0, 2.0, 5.0]
     updates = [ClientUpdate(i, w, {n: strategy.sent[n] - c[n] for n in c}, MetricRecord())
                for i, (w, c) in enumerate(zip(weights, clients))]
-    merged = strategy.merge(updates)
+    merged = _merged(strategy, updates)
     for name in SHAPES:
         expected = sum(w / 8.0 * c[name] for w, c in zip(weights, clients))
         np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-5)
@@ -220,13 +226,13 @@ def test_cellm_adam_state_round_trips():
     keys = {"cellm-server-optimizer": "adam", "cellm-server-lr": 1e-3}
     first = _strategy(Cellm, rng, **keys)
     updates = _updates(rng)
-    first.merge(updates)
+    _merged(first, updates)
     saved = first.state_dict()
     second = _strategy(Cellm, np.random.default_rng(12), **keys)
     second.state = first.state
     second.load_state_dict(saved)
-    np.testing.assert_array_equal(
-        first.merge(updates)["m.q.lora_A.weight"], second.merge(updates)["m.q.lora_A.weight"])
+    np.testing.assert_array_equal(_merged(first, updates)["m.q.lora_A.weight"],
+                                  _merged(second, updates)["m.q.lora_A.weight"])
 
 
 # -- configuration -----------------------------------------------------------------

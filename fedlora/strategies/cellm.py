@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from fedlora import codec
 from fedlora.adapters import State
 from fedlora.sparsity import top_k
-from fedlora.strategies.base import ClientUpdate, LoraStrategy, weighted_mean
+from fedlora.strategies.base import ClientUpdate, LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
 
 RESIDUAL_KEY = "cellm-residual"  # the client's error-feedback remainder in context.state
@@ -66,8 +66,11 @@ class Cellm(LoraStrategy):
     def client_factors(self, update: ClientUpdate) -> State:
         return {n: self.sent[n] - update.tensors[n] for n in self.sent}
 
-    def merge(self, updates: list[ClientUpdate]) -> State:
-        delta = weighted_mean(updates, self.upload_shapes)
+    def upload_of(self, factors: State) -> State:
+        return {n: self.sent[n] - factors[n] for n in self.upload_shapes}
+
+    def merge(self, sums: RoundSums) -> State:
+        delta = sums.mean()
         lr = self.config["cellm-server-lr"]
         if self.config["cellm-server-optimizer"] == "sgd":
             return {n: self.state[n] - lr * delta[n] for n in self.state}

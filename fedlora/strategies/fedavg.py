@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedlora.adapters import State
-from fedlora.strategies.base import ClientHalf, ClientUpdate, LoraStrategy, weighted_mean
+from fedlora.strategies.base import ClientHalf, LoraStrategy, RoundSums
 
 
 class FedAvgClient(ClientHalf):
@@ -33,5 +33,5 @@ class FedAvgLoRA(LoraStrategy):
     name = "fedavg"
     client_half = FedAvgClient
 
-    def merge(self, updates: list[ClientUpdate]) -> State:
-        return {**self.state, **weighted_mean(updates, self.upload_shapes)}
+    def merge(self, sums: RoundSums) -> State:
+        return {**self.state, **sums.mean()}

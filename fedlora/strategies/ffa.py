@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedlora.adapters import State, tensor_kind
-from fedlora.strategies.base import ClientHalf, ClientUpdate, LoraStrategy, weighted_mean
+from fedlora.strategies.base import ClientHalf, LoraStrategy, RoundSums
 
 
 class FfaClient(ClientHalf):
@@ -34,5 +34,5 @@ class FfaLoRA(LoraStrategy):
     name = "ffa"
     client_half = FfaClient
 
-    def merge(self, updates: list[ClientUpdate]) -> State:
-        return {**self.state, **weighted_mean(updates, self.upload_shapes)}
+    def merge(self, sums: RoundSums) -> State:
+        return {**self.state, **sums.mean()}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fedlora.adapters import State, lora_pairs
-from fedlora.strategies.base import ClientUpdate, LoraStrategy, weighted_mean
+from fedlora.strategies.base import LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
 
 
@@ -59,12 +59,12 @@ class LoraFair(LoraStrategy):
     name = "lora-fair"
     client_half = FedAvgClient
 
-    def merge(self, updates: list[ClientUpdate]) -> State:
-        merged = {**self.state, **weighted_mean(updates, self.upload_shapes)}
-        total = sum(u.weight for u in updates)
+    needs_products = True
+
+    def merge(self, sums: RoundSums) -> State:
+        merged = {**self.state, **sums.mean()}
         for a_name, b_name in lora_pairs(list(merged)):
-            ideal = sum((u.weight / total) * (u.tensors[b_name] @ u.tensors[a_name])
-                        for u in updates)
+            ideal = sums.ideal(a_name, b_name)
             if not np.any(ideal):
                 continue  # nothing to align to (e.g. B still 0 everywhere)
             merged[b_name] = merged[b_name] + correct_b(

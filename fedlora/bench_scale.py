@@ -1,0 +1,235 @@
+"""``fedlora bench-scale``: what orchestrating K virtual clients costs, next to
+the stock Flower pattern, in one invocation.
+
+For each K (10, 100, 500 by default) two simulations run through the real
+path (``fedlora.simulation.simulate``: Flower's simulation engine on Ray),
+each in its own child process so Ray starts fresh and memory is measured
+per run:
+
+``fedlora``
+    the project's ClientApp: the base model is built once per Ray worker, the
+    tokenised partitions are cached, each message only overwrites the adapter.
+``stock``
+    the pattern of Flower's own examples: every message loads the model with
+    ``from_pretrained``, wraps it with PEFT, takes its partition of the raw
+    data (whose partitioner is kept per process, like the examples' global
+    ``FederatedDataset``) and tokenises it; then the same local training.
+
+Every client does the same fixed local work (``local-steps`` optimiser steps
+of ``batch-size`` examples) in every round, and all K clients train in every
+round. One JSON object per K is printed (definitions in BENCHMARKS.md):
+
+* ``wall_s``: the whole run in the child: data and model loading, Ray start,
+  all rounds, central evaluation, results written.
+* ``compute_s``: Σ over client updates of the forward/backward/step time
+  measured inside the clients (``TrainResult.compute_seconds``).
+* ``workers``: Ray actors training concurrently (⌊CPUs / client-cpus⌋).
+* ``efficiency = compute_s / (workers × wall_s)``: the share of the workers'
+  time spent in local compute (1 is perfect).
+* ``startup_s``: ``wall_s`` minus the rounds' time (data and model loading,
+  Ray start, results written); ``rounds_efficiency`` is ``efficiency`` over
+  the rounds alone (the first round still includes each worker's one-time
+  imports and model load).
+* ``overhead_ms_per_client = (wall_s − compute_s / workers) / updates``: the
+  wall-clock time beyond perfectly parallel compute, per client update.
+* ``aggregate_s``: Σ over rounds of the server's aggregation time.
+* ``peak_rss_mb``: the peak of the summed RSS of the child process and all
+  its descendants (Ray's GCS, raylet and workers), sampled every 0.5 s.
+* ``speedup_vs_stock = stock wall_s / fedlora wall_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedlora.config import RunConfig, cached_by, parse_set_option, resolve
+
+DEFAULT_CLIENTS = (10, 100, 500)
+RSS_SAMPLE_S = 0.5
+# The fixed local work and the federation shape; --set overrides any of them.
+BENCH_KEYS = {"partition": "iid", "local-steps": 1, "batch-size": 8, "max-seq-len": 64,
+              "rounds": 2, "eval-every": 1000, "eval-examples": 256, "strategy": "fedavg"}
+
+stock_app = ClientApp()
+
+
+@cached_by("dataset", "text-column", "label-column", "seed", "num-clients", "partition",
+           "dirichlet-alpha", "labels-per-client")
+def _raw_partitioner(config: RunConfig):
+    """The raw (untokenised) train split partitioned exactly as ``fedlora.features``
+    partitions the tokenised one (same shuffle, same partitioner seed), kept per
+    process like a Flower example's global ``FederatedDataset``."""
+    from fedlora.data import make_partitioner
+    from fedlora.features import splits_for
+
+    train = splits_for(config).train.shuffle(seed=config["seed"]).flatten_indices()
+    partitioner = make_partitioner(config, len(train), seed=config["seed"])
+    partitioner.dataset = train
+    return partitioner
+
+
+@stock_app.train()
+def _stock_train(message: Message, context: Context) -> Message:
+    """Model from disk and partition tokenised for this message alone."""
+    from client.app import local_update, message_config
+    from fedlora.features import encoder_for, splits_for
+    from fedlora.models import ModelSpec, build_lora_model
+
+    config, server_round = message_config(message)
+    partition_id = int(context.node_config["partition-id"])
+    label_names = splits_for(config).label_names
+    model = build_lora_model(ModelSpec.from_config(config, label_names))
+    raw = _raw_partitioner(config).load_partition(partition_id)
+    data = raw.map(encoder_for(model, config["max-seq-len"], label_names), batched=True,
+                   remove_columns=["text"])
+    return local_update(message, context, config, server_round, model, data, partition_id)
+
+
+# ---------------------------------------------------------------- child process
+def run_child(mode: str, overrides: dict, out_dir: str) -> dict:
+    """One simulation in this process; returns its timings (printed as JSON)."""
+    from fedlora.cli import preflight
+    from fedlora.simulation import simulate
+
+    started = time.perf_counter()
+    config = resolve({**overrides, "out-dir": out_dir})
+    preflight(config)
+    workers = simulate(config, client_app=stock_app if mode == "stock" else None)
+    wall = time.perf_counter() - started
+    rounds = [json.loads(line) for line in
+              (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return {"wall_s": wall, "workers": workers,
+            "compute_s": sum(r["compute_s"] for r in rounds),
+            "rounds_s": sum(r["seconds"] for r in rounds),
+            "aggregate_s": sum(r.get("aggregate_s") or 0.0 for r in rounds),
+            "updates": sum(r["clients"] for r in rounds),
+            "rejected": sum(r["rejected"] for r in rounds)}
+
+
+# --------------------------------------------------------------- parent process
+class TreeRss:
+    """Peak summed RSS of a process and its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self._root = psutil.Process(pid)
+        self._done = threading.Event()
+        self.peak_bytes = 0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._done.is_set():
+            total = 0
+            try:
+                processes = [self._root, *self._root.children(recursive=True)]
+            except psutil.Error:
+                processes = []
+            for process in processes:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:
+                    pass  # exited between listing and reading
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._done.wait(RSS_SAMPLE_S)
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return self.peak_bytes / 2**20
+
+
+def measure(mode: str, overrides: dict, work_dir: Path) -> dict:
+    """Run one child simulation and measure it from outside."""
+    out_dir = work_dir / f"{mode}-{overrides['num-clients']}"
+    command = [sys.executable, "-m", "fedlora.cli", "bench-scale", "--child", mode,
+               "--out", str(out_dir), "--overrides", json.dumps(overrides)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    rss = TreeRss(child.pid)
+    try:
+        stdout, _ = child.communicate()
+    finally:
+        peak = rss.stop()
+        if child.poll() is None:
+            child.kill()
+    if child.returncode != 0:
+        raise RuntimeError(f"{mode} run with {overrides['num-clients']} clients failed "
+                           f"(exit {child.returncode}); see its output above")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_mb"] = peak
+    return result
+
+
+def summarise(clients: int, rounds: int, ours: dict, stock: dict | None) -> dict:
+    workers, wall, compute = ours["workers"], ours["wall_s"], ours["compute_s"]
+    row = {"clients": clients, "rounds": rounds, "updates": ours["updates"],
+           "workers": workers, "wall_s": round(wall, 2), "compute_s": round(compute, 2),
+           "efficiency": round(compute / (workers * wall), 3),
+           "startup_s": round(wall - ours["rounds_s"], 2),
+           "rounds_efficiency": round(compute / (workers * ours["rounds_s"]), 3),
+           "overhead_ms_per_client": round(
+               1000 * (wall - compute / workers) / max(ours["updates"], 1), 1),
+           "aggregate_s": round(ours["aggregate_s"], 3),
+           "peak_rss_mb": round(ours["peak_rss_mb"], 1)}
+    if stock is not None:
+        row.update({"stock_wall_s": round(stock["wall_s"], 2),
+                    "stock_compute_s": round(stock["compute_s"], 2),
+                    "stock_peak_rss_mb": round(stock["peak_rss_mb"], 1),
+                    "speedup_vs_stock": round(stock["wall_s"] / wall, 2)})
+    return row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora bench-scale",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=list(DEFAULT_CLIENTS),
+                        help="numbers of virtual clients K (default: 10 100 500)")
+    parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
+                        help=f"run-config keys (benchmark defaults: {BENCH_KEYS})")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock runs")
+    parser.add_argument("--work-dir", help="keep the runs here (default: a temporary dir)")
+    parser.add_argument("--child", choices=("fedlora", "stock"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args.child, json.loads(args.overrides), args.out)),
+              flush=True)
+        return 0
+    from fedlora.cli import absolute_paths
+
+    base = dict(BENCH_KEYS)
+    for item in args.set or []:
+        key, value = parse_set_option(item)
+        base[key] = value
+    base = absolute_paths(base)
+    for clients in args.clients:  # every setting checked before anything runs
+        resolve({**base, "num-clients": clients, "clients-per-round": clients})
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        work_dir = Path(args.work_dir or tmp)
+        for clients in args.clients:
+            overrides = {**base, "num-clients": clients, "clients-per-round": clients}
+            ours = measure("fedlora", overrides, work_dir)
+            stock = None if args.no_stock else measure("stock", overrides, work_dir)
+            rounds = resolve(overrides)["rounds"]
+            print(json.dumps(summarise(clients, rounds, ours, stock)), flush=True)
+    return 0
+
+

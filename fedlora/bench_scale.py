@@ -52,7 +52,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.config import RunConfig, cached_by, parse_set_option, resolve
+from fedlora.config import ConfigError, RunConfig, cached_by, parse_set_option, resolve
 
 DEFAULT_CLIENTS = (10, 100, 500)
 RSS_SAMPLE_S = 0.5
@@ -66,9 +66,11 @@ stock_app = ClientApp()
 @cached_by("dataset", "text-column", "label-column", "seed", "num-clients", "partition",
            "dirichlet-alpha", "labels-per-client")
 def _raw_partitioner(config: RunConfig):
-    """The raw (untokenised) train split partitioned exactly as ``fedlora.features``
-    partitions the tokenised one (same shuffle, same partitioner seed), kept per
-    process like a Flower example's global ``FederatedDataset``."""
+    """The raw (untokenised) train split partitioned as ``fedlora.features``
+    partitions the tokenised one (same shuffle, same partitioner seed; for a
+    Dirichlet split that needed redraws the two differ, hence the benchmark's
+    IID default), kept per process like a Flower example's global
+    ``FederatedDataset``."""
     from fedlora.data import make_partitioner
     from fedlora.features import splits_for
 
@@ -166,8 +168,8 @@ def measure(mode: str, overrides: dict, work_dir: Path) -> dict:
         if child.poll() is None:
             child.kill()
     if child.returncode != 0:
-        raise RuntimeError(f"{mode} run with {overrides['num-clients']} clients failed "
-                           f"(exit {child.returncode}); see its output above")
+        raise ConfigError(f"the {mode} run with {overrides['num-clients']} clients failed "
+                          f"(exit {child.returncode}); its output is above")
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_rss_mb"] = peak
     return result

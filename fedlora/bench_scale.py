@@ -58,7 +58,7 @@ DEFAULT_CLIENTS = (10, 100, 500)
 RSS_SAMPLE_S = 0.5
 # The fixed local work and the federation shape; --set overrides any of them.
 BENCH_KEYS = {"partition": "iid", "local-steps": 1, "batch-size": 8, "max-seq-len": 64,
-              "rounds": 2, "eval-every": 1000, "eval-examples": 256, "strategy": "fedavg"}
+              "rounds": 2, "eval-every": 1000, "eval-examples": 64, "strategy": "fedavg"}
 
 stock_app = ClientApp()
 

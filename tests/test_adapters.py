@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
 
 from fedlora.adapters import (
     adapter_state,
@@ -51,6 +51,29 @@ def test_load_then_read_is_exact_and_overwrites_everything(config):
     assert set(read) == set(second)
     for name in second:
         np.testing.assert_array_equal(read[name], second[name])
+
+
+def test_load_reaches_the_parameters_peft_reads(config):
+    """The cached views write into the live parameters: PEFT's own fresh
+    state dict and the model's forward pass both see the loaded values."""
+    model = model_for(config)
+    state = _perturbed(model.initial_state, 4)
+    load_adapter_state(model.peft, state)
+    fresh = get_peft_model_state_dict(model.peft)
+    for name, value in state.items():
+        np.testing.assert_array_equal(fresh[name].numpy(), value)
+    b_name = next(n for n in state if ".lora_B." in n)
+    param = dict(model.peft.named_parameters())[b_name.replace(".lora_B.", ".lora_B.default.")]
+    np.testing.assert_array_equal(param.detach().numpy(), state[b_name])
+
+
+def test_wrong_shape_is_refused(config):
+    model = model_for(config)
+    bad = dict(model.initial_state)
+    name = next(iter(bad))
+    bad[name] = np.zeros(bad[name].shape[::-1] + (1,), dtype=np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter_state(model.peft, bad)
 
 
 def test_partial_state_is_refused(config):

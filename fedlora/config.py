@@ -97,7 +97,11 @@ KEYS: dict[str, Key] = {
     "rounds": Key(int, 10, "federated rounds", _positive),
     "clients-per-round": Key(int, 5, "clients sampled each round", _positive),
     "min-clients": Key(int, 1, "fewest valid updates that change the global adapter "
-                       "in a round (otherwise it stays as it was)", _positive),
+                       "in a round (otherwise it stays as it was), and fewest connected "
+                       "nodes a round waits for", _positive),
+    "round-timeout": Key(float, 0.0, "seconds a round waits for replies, then goes on "
+                         "without the missing ones; 0 = no limit (a dead node is given "
+                         "up by the SuperLink after about a minute)", _non_negative),
     "eval-every": Key(int, 1, "central evaluation every N rounds (and after the last)",
                       _positive),
     "eval-examples": Key(int, 0, "central evaluation on this many test examples (a "

@@ -23,7 +23,7 @@ from fedlora.strategies import STRATEGIES
 from fedlora.strategies.base import from_arrayrecord, to_arrayrecord
 from fedlora.training import evaluate
 
-ROUND_TIMEOUT_S = 24 * 3600.0  # replies are awaited; a failing client replies with an error
+NO_LIMIT_S = float("inf")  # round-timeout 0: wait until each reply (or the SuperLink's error)
 
 
 def progress_line(record: dict, rounds: int) -> str:
@@ -32,7 +32,8 @@ def progress_line(record: dict, rounds: int) -> str:
              f"acc {record['accuracy']:.4f} loss {record['loss']:.4f}"
              if record["accuracy"] is not None else "acc -",
              f"train_loss {record['train_loss']:.4f}", f"clients {record['clients']}"]
-    parts += [f"{key} {record[key]}" for key in ("rejected", "declined") if record.get(key)]
+    parts += [f"{key} {record[key]}" for key in ("rejected", "declined", "missing")
+              if record.get(key)]
     if record["epsilon"] is not None:
         parts.append(f"eps {record['epsilon']:.3f}")
     parts += [f"up {record['uplink_bytes'] / 1e6:.2f}MB",
@@ -56,12 +57,14 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0) -> dict:
     # which a deployed node maps its own data (client/app.py)
     sent_config = {**config.to_dict(), LABEL_NAMES: list(model.spec.label_names)}
     rounds, started = config["rounds"], time.perf_counter()
+    timeout = config["round-timeout"] or NO_LIMIT_S
     for server_round in range(1, rounds + 1):
         round_start = time.perf_counter()
-        messages = strategy.configure_train(server_round, arrays,
-                                            ConfigRecord(sent_config), grid)
-        replies = replies_as_they_arrive(grid, messages, ROUND_TIMEOUT_S, in_flight)
+        messages = list(strategy.configure_train(server_round, arrays,
+                                                 ConfigRecord(sent_config), grid))
+        replies = replies_as_they_arrive(grid, messages, timeout, in_flight)
         new_arrays, train = strategy.aggregate_train(server_round, replies)
+        answered = sum(int(train[k]) for k in ("clients", "rejected", "declined"))
         if new_arrays is not None:
             arrays = new_arrays
         accuracy = loss = None
@@ -69,7 +72,8 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0) -> dict:
             load_adapter_state(model.peft, from_arrayrecord(arrays))
             accuracy, loss = evaluate(model, test)
         record = {"round": server_round, "accuracy": accuracy, "loss": loss,
-                  "epsilon": None, **{k: v for k, v in train.items()},
+                  "epsilon": None, "sampled": len(messages),
+                  "missing": len(messages) - answered, **{k: v for k, v in train.items()},
                   "updated": new_arrays is not None,
                   "seconds": time.perf_counter() - round_start}
         writer.add_round(record)

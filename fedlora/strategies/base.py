@@ -8,6 +8,11 @@ what it uploads. Both halves of one strategy live in one module under
 ``fedlora/strategies/``; the client loop (client/app.py) and the round loop
 (server/app.py) never change when a strategy is added.
 
+Sampling: each round takes ``clients-per-round`` of the connected nodes, or
+all of them when fewer are connected, and waits only until ``min-clients``
+are: a node that died must not stall every later round (Flower's sampler
+would wait for the full ``clients-per-round``).
+
 Every payload goes through ``fedlora.codec``. Replies that fail to decode or
 validate are rejected and logged per node ("reply from node N rejected: …")
 and never aggregated; when fewer than ``min-clients`` remain the global adapter
@@ -17,6 +22,7 @@ stays as it was and the round says so in its metrics.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,6 +31,7 @@ from typing import ClassVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from threadpoolctl import threadpool_limits
@@ -39,6 +46,7 @@ PAYLOAD = "payload"  # ArrayRecord key of the encoded adapter payload, both ways
 CONFIG = "config"  # ConfigRecord key of the run config sent to clients
 METRICS = "metrics"  # MetricRecord key of a client's training metrics
 LOGGER = logging.getLogger(__name__)
+WAIT_FOR_NODES_S = 1.0  # how often the connected nodes are counted while too few are
 
 
 def to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -82,7 +90,8 @@ class ClientHalf(ABC):
 
 
 class LoraStrategy(FedAvg, ABC):
-    """Server half: sampling from Flower's FedAvg, payloads and aggregation here."""
+    """Server half: Flower's FedAvg interface; sampling, payloads and
+    aggregation here."""
 
     name: ClassVar[str]
     client_half: ClassVar[type[ClientHalf]]
@@ -91,11 +100,13 @@ class LoraStrategy(FedAvg, ABC):
         per_round = config["clients-per-round"]
         super().__init__(
             fraction_train=per_round / config["num-clients"], fraction_evaluate=0.0,
-            min_train_nodes=per_round, min_evaluate_nodes=0,
-            min_available_nodes=per_round,
+            min_train_nodes=config["min-clients"], min_evaluate_nodes=0,
+            min_available_nodes=config["min-clients"],
         )
         self.config = config
+        self.per_round = per_round
         self.min_replies = config["min-clients"]
+        self._outbox: list[Message] = []  # this round's messages (ids given at push)
         self.roles = self.client_half(config)
         self.state: State = {k: v.copy() for k, v in initial_state.items()}
         self.sent: State = {}  # the full adapter clients started from this round
@@ -150,16 +161,39 @@ class LoraStrategy(FedAvg, ABC):
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """``clients-per-round`` of the connected nodes (all when fewer are
+        connected), once at least ``min-clients`` are."""
+        while len(nodes := list(grid.get_node_ids())) < self.min_replies:
+            LOGGER.warning("round %d: %d nodes connected, waiting for min-clients=%d",
+                           server_round, len(nodes), self.min_replies)
+            time.sleep(WAIT_FOR_NODES_S)
+        if len(nodes) < self.per_round:
+            LOGGER.warning("round %d: %d nodes connected, fewer than clients-per-round=%d; "
+                           "sampling all of them", server_round, len(nodes), self.per_round)
+        return random.sample(nodes, min(self.per_round, len(nodes)))
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply is about. The SuperLink answers for a node that
+        stopped responding, as node ``SUPERLINK_NODE_ID``; that node is found
+        by the message the answer replies to."""
+        if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return reply.metadata.src_node_id
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
+        return asked.get(reply.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
+
     # -- Flower's Strategy interface --------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord,
                         config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.state = from_arrayrecord(arrays)
         self.sent, blob = self.download(self.state)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        config["server-round"] = server_round
         record = RecordDict({PAYLOAD: codec.to_record(blob), CONFIG: config})
-        self._downlink_bytes = len(blob) * len(messages)
-        return [Message(content=record, message_type=MessageType.TRAIN,
-                        dst_node_id=m.metadata.dst_node_id) for m in messages]
+        nodes = self.sample_nodes(server_round, grid)
+        self._downlink_bytes = len(blob) * len(nodes)
+        self._outbox = [Message(content=record, message_type=MessageType.TRAIN,
+                                dst_node_id=node) for node in nodes]
+        return self._outbox
 
     def _note_privacy(self, server_round: int, message: Message) -> bool:
         """Record the ε a DP client reports; True when it declined to train."""
@@ -211,7 +245,7 @@ class LoraStrategy(FedAvg, ABC):
                 update = self._decode(message, blob)
             except codec.PayloadError as err:
                 LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
-                    message.metadata.src_node_id, err)
+                    self.node_of(message), err)
                 counts["rejected"] += 1
                 continue
             finally:

@@ -46,11 +46,13 @@ class NodeList:
 
 @pytest.fixture(autouse=True)
 def run_identity():
-    """Messages take their run id from Flower's task identity, as in a ServerApp."""
-    before = TaskIdentity._run_id
-    TaskIdentity.run_id = 7
+    """Messages take their ids from Flower's task identity, set in a ServerApp."""
+    fields = ("_task_id", "_run_id", "_node_id")
+    before = [getattr(TaskIdentity, name) for name in fields]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 3, 7, SUPERLINK_NODE_ID
     yield
-    TaskIdentity._run_id = before
+    for name, value in zip(fields, before, strict=True):
+        setattr(TaskIdentity, name, value)
 
 
 def _strategy(**keys) -> FedAvgLoRA:

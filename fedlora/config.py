@@ -98,7 +98,7 @@ KEYS: dict[str, Key] = {
     "clients-per-round": Key(int, 5, "clients sampled each round", _positive),
     "min-clients": Key(int, 1, "fewest valid updates that change the global adapter "
                        "in a round (otherwise it stays as it was), and fewest connected "
-                       "nodes a round waits for", _positive),
+                       "nodes a round after the first waits for", _positive),
     "round-timeout": Key(float, 0.0, "seconds a round waits for replies, then goes on "
                          "without the missing ones; 0 = no limit (a dead node is given "
                          "up by the SuperLink after about a minute)", _non_negative),

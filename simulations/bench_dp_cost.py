@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         base[key] = value
     configs = {name: resolve(absolute_paths({**base, **keys}))
                for name, keys in SETTINGS.items()}
-    if not 1 <= args.repeats <= base["rounds"]:
-        parser.error(f"--repeats must be in 1..{base['rounds']} (the planned rounds)")
+    planned = configs["fedavg"]["rounds"]
+    if not 1 <= args.repeats <= planned:
+        parser.error(f"--repeats must be in 1..{planned} (the planned rounds)")
     for config in configs.values():
         preflight(config)
     contexts = {name: client_context() for name in configs}

@@ -1,10 +1,11 @@
 """Which nodes a round asks, and who a reply is about.
 
 A round samples ``clients-per-round`` of the connected nodes, all of them
-when fewer are connected, and waits only until ``min-clients`` are (so a dead
-node cannot stall the later rounds). The SuperLink answers for a node that
-stopped responding; the rejection names that node, not the SuperLink. The
-grid here is a stand-in listing node ids; the real SuperLink path runs in
+when fewer are connected. The first round waits for ``clients-per-round``
+nodes (the federation forms); later rounds only for ``min-clients``, so a
+dead node cannot stall the rest of the run. The SuperLink answers for a node
+that stopped responding; the rejection names that node, not the SuperLink.
+The grid here is a stand-in listing node ids; the real SuperLink path runs in
 test_deployment."""
 
 from __future__ import annotations
@@ -71,23 +72,42 @@ def test_a_round_asks_clients_per_round_distinct_connected_nodes():
     assert all(m.content.config_records["config"]["server-round"] == 1 for m in messages)
 
 
+def _formed(**keys) -> FedAvgLoRA:
+    """A strategy whose first round found all 5 nodes."""
+    strategy = _strategy(**keys)
+    _round(strategy, NodeList(5))
+    return strategy
+
+
 def test_fewer_connected_than_clients_per_round_asks_them_all(caplog):
-    strategy = _strategy(**{"clients-per-round": 4, "min-clients": 2})
+    strategy = _formed(**{"clients-per-round": 4, "min-clients": 2})
     with caplog.at_level("WARNING"):
         messages = _round(strategy, NodeList(3), server_round=3)
     assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101, 102]
     assert "round 3: 3 nodes connected, fewer than clients-per-round=4" in caplog.text
 
 
-def test_a_round_waits_until_min_clients_nodes_are_connected(monkeypatch, caplog):
+def test_the_first_round_waits_for_clients_per_round_nodes(monkeypatch, caplog):
     monkeypatch.setattr(base, "WAIT_FOR_NODES_S", 0.0)
-    grid = NodeList(0, 1, 2, 5)
+    grid = NodeList(0, 2, 3, 6)
     strategy = _strategy(**{"clients-per-round": 4, "min-clients": 2})
     with caplog.at_level("WARNING"):
         messages = _round(strategy, grid)
+    assert grid.asked == 4  # 0, 2 and 3 connected: wait; 6 connected: go
+    nodes = [m.metadata.dst_node_id for m in messages]
+    assert len(set(nodes)) == 4 and set(nodes) <= set(range(100, 106))
+    assert "round 1: 3 nodes connected, waiting for clients-per-round=4" in caplog.text
+
+
+def test_later_rounds_wait_only_for_min_clients_nodes(monkeypatch, caplog):
+    monkeypatch.setattr(base, "WAIT_FOR_NODES_S", 0.0)
+    strategy = _formed(**{"clients-per-round": 4, "min-clients": 2})
+    grid = NodeList(0, 1, 2, 5)
+    with caplog.at_level("WARNING"):
+        messages = _round(strategy, grid, server_round=2)
     assert grid.asked == 3  # 0 and 1 connected: wait; 2 connected: go
     assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101]
-    assert "1 nodes connected, waiting for min-clients=2" in caplog.text
+    assert "round 2: 1 nodes connected, waiting for min-clients=2" in caplog.text
 
 
 def test_the_superlinks_answer_for_a_dead_node_names_that_node(caplog):

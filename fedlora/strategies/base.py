@@ -9,9 +9,11 @@ what it uploads. Both halves of one strategy live in one module under
 (server/app.py) never change when a strategy is added.
 
 Sampling: each round takes ``clients-per-round`` of the connected nodes, or
-all of them when fewer are connected, and waits only until ``min-clients``
-are: a node that died must not stall every later round (Flower's sampler
-would wait for the full ``clients-per-round``).
+all of them when fewer are connected. The first round waits until
+``clients-per-round`` nodes are connected (the federation forms, as with
+Flower's sampler); later rounds wait only until ``min-clients`` are, so a node
+that died does not stall the rest of the run (Flower's sampler would wait for
+it forever).
 
 Every payload goes through ``fedlora.codec``. Replies that fail to decode or
 validate are rejected and logged per node ("reply from node N rejected: …")
@@ -107,6 +109,7 @@ class LoraStrategy(FedAvg, ABC):
         self.per_round = per_round
         self.min_replies = config["min-clients"]
         self._outbox: list[Message] = []  # this round's messages (ids given at push)
+        self._formed = False  # clients-per-round nodes have been connected once
         self.roles = self.client_half(config)
         self.state: State = {k: v.copy() for k, v in initial_state.items()}
         self.sent: State = {}  # the full adapter clients started from this round
@@ -163,11 +166,15 @@ class LoraStrategy(FedAvg, ABC):
 
     def sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """``clients-per-round`` of the connected nodes (all when fewer are
-        connected), once at least ``min-clients`` are."""
-        while len(nodes := list(grid.get_node_ids())) < self.min_replies:
-            LOGGER.warning("round %d: %d nodes connected, waiting for min-clients=%d",
-                           server_round, len(nodes), self.min_replies)
+        connected), once ``clients-per-round`` (first round) or ``min-clients``
+        (later rounds) are."""
+        key, needed = (("min-clients", self.min_replies) if self._formed
+                       else ("clients-per-round", self.per_round))
+        while len(nodes := list(grid.get_node_ids())) < needed:
+            LOGGER.warning("round %d: %d nodes connected, waiting for %s=%d",
+                           server_round, len(nodes), key, needed)
             time.sleep(WAIT_FOR_NODES_S)
+        self._formed = True
         if len(nodes) < self.per_round:
             LOGGER.warning("round %d: %d nodes connected, fewer than clients-per-round=%d; "
                            "sampling all of them", server_round, len(nodes), self.per_round)

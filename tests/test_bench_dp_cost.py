@@ -1,0 +1,50 @@
+"""simulations/bench_dp_cost.py on a tiny model: one line per setting, the
+DP settings really run DP-SGD (their clients report ε), and bad repeats are
+refused before anything runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "simulations" / "bench_dp_cost.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_dp_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_line_per_setting_relative_to_no_dp(bench, tiny_bert, topic_dataset, capsys):
+    assert bench.main(["--set", f"model={tiny_bert}", f"dataset={topic_dataset}",
+                       "local-steps=2", "--repeats", "2"]) == 0
+    rows = {row["setting"]: row for row in map(json.loads, capsys.readouterr().out.split())}
+    assert set(rows) == {"fedavg", "fedavg-dp", "ffa", "ffa-dp"}
+    for name, row in rows.items():
+        assert row["repeats"] == 2 and row["round_s"] >= row["compute_s"] > 0
+        plain = rows[name.removesuffix("-dp")]
+        assert row["vs_no_dp"] == pytest.approx(row["round_s"] / plain["round_s"], abs=0.01)
+    assert rows["fedavg"]["vs_no_dp"] == rows["ffa"]["vs_no_dp"] == 1.0
+
+
+def test_dp_settings_spend_epsilon(bench, tiny_bert, topic_dataset):
+    from client.app import train
+    from fedlora.config import resolve
+
+    config = resolve({**bench.BENCH_KEYS, **bench.SETTINGS["ffa-dp"], "model": str(tiny_bert),
+                      "dataset": str(topic_dataset), "local-steps": 2})
+    reply = train(bench.training_message(config, 1), bench.client_context())
+    assert reply.content.metric_records["metrics"]["epsilon"] > 0
+
+
+def test_more_repeats_than_planned_rounds_are_refused(bench, tiny_bert, topic_dataset):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--set", f"model={tiny_bert}", f"dataset={topic_dataset}",
+                    "--repeats", "9"])
+    assert stop.value.code == 2

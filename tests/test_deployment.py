@@ -59,17 +59,7 @@ from deploy.local import (  # noqa: E402
 
 RUN_TIMEOUT_S = 420
 NODE_EXAMPLES = (48, 64, 80)  # each node's own training set: nodes differ
-ENV = dict(
-    os.environ,
-    FLWR_TELEMETRY_ENABLED="0",
-    FLWR_DISABLE_UPDATE_CHECK="1",
-    HF_HUB_OFFLINE="1",
-    HF_DATASETS_OFFLINE="1",
-    TRANSFORMERS_OFFLINE="1",
-    TOKENIZERS_PARALLELISM="false",
-    HF_DATASETS_DISABLE_PROGRESS_BARS="1",
-    TRANSFORMERS_VERBOSITY="error",
-)
+ENV = dict(os.environ, HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
 
 
 def _compose() -> dict:

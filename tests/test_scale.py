@@ -44,7 +44,7 @@ def _small(tiny_bert: Path, topic_dataset: Path, **keys) -> list[str]:
 
 def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
     """Both modes run through the real simulation and the row is consistent."""
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"), RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"))
     command = [*FEDLORA, "bench-scale", "--clients", "4", "--work-dir", str(tmp_path / "w"),
                *_small(tiny_bert, topic_dataset)]
     try:
@@ -87,9 +87,7 @@ def test_simulation_attaches_to_a_ray_cluster(tmp_path, tiny_bert, topic_dataset
     port = _free_port()
     # Ray's socket paths must stay under the OS limit: a short temp dir
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = dict(os.environ, FLWR_HOME=home, RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, FLWR_HOME=home, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     head = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
             f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
             "--disable-usage-stats", f"--temp-dir={ray_tmp}"]

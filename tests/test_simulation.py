@@ -31,8 +31,7 @@ FEDLORA = [sys.executable, "-m", "fedlora.cli"]
 
 def _env(tmp_path: Path) -> dict:
     """The child's environment; its unique FLWR_HOME marks its process tree."""
-    return dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), HF_HUB_OFFLINE="1",
-                HF_DATASETS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    return dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"))
 
 
 def run_fedlora(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

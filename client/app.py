@@ -11,8 +11,15 @@ every message.
 
 A client's data: in a deployment, the node's own directory (node config
 ``data-path``), labelled by the classes the server sends; its node id is its
-identity (seeds, DP accounting). Otherwise (simulation, demos) partition
-``partition-id`` of the run's shared ``dataset``.
+identity (seeds, DP accounting). Otherwise (simulation, demos) the partition
+of the run's shared ``dataset`` that the message names (the server draws them
+from the run seed: ``fedlora.seeding``), or the node's own ``partition-id``
+when it names none.
+
+Randomness: every draw of a local round (shuffling, dropout) comes from
+``fedlora.seeding.client_seed`` (seed, round, client), so a reply does not
+depend on which Ray worker computed it or what that worker did before; DP
+noise and Poisson sampling come from their own, secret, generator.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from fedlora.features import (
 )
 from fedlora.models import LoraModel
 from fedlora.privacy import PrivateTraining
+from fedlora.seeding import client_seed, dp_generator
 from fedlora.strategies import STRATEGIES
-from fedlora.strategies.base import CONFIG, METRICS, PAYLOAD
+from fedlora.strategies.base import CONFIG, METRICS, PAYLOAD, TASK
 from fedlora.training import train_local
 
 app = ClientApp()
@@ -58,9 +66,17 @@ def train(message: Message, context: Context) -> Message:
         model = model_with_labels(config, labels)
         return local_update(message, context, config, server_round, model,
                             node_dataset(config, model, str(data_path)), context.node_id)
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = assigned_partition(message, context)
     return local_update(message, context, config, server_round, model_for(config),
                         client_dataset(config, partition_id), partition_id)
+
+
+def assigned_partition(message: Message, context: Context) -> int:
+    """The partition the server asks this message to train, else the node's own."""
+    task = message.content.config_records.get(TASK)
+    if task is not None and "partition-id" in task:
+        return int(task["partition-id"])
+    return int(context.node_config["partition-id"])
 
 
 def local_update(message: Message, context: Context, config: RunConfig, server_round: int,
@@ -79,16 +95,18 @@ def local_update(message: Message, context: Context, config: RunConfig, server_r
     load_adapter_state(model.peft, start)
     params = set_trainable(model.peft, role.trains)
 
+    seed = client_seed(config["seed"], server_round, partition_id)
     private = None
     if config["dp"] == "local":
-        private = PrivateTraining(config, context.state, len(data))
+        private = PrivateTraining(config, context.state, len(data), dp_generator(
+            config["dp-seeded-noise"], config["seed"], server_round, partition_id))
         if private.exceeds_budget():
             return _decline(message, partition_id, private)
     result = train_local(
         model, params, data,
         epochs=config["local-epochs"], max_steps=config["local-steps"],
         batch_size=config["batch-size"], lr=config["lr"], optimizer=config["optimizer"],
-        seed=hash((config["seed"], server_round, partition_id)) % 2**31, private=private,
+        seed=seed, private=private,
     )
     blob = codec.encode(role.upload(start, adapter_state(model.peft), context.state))
     metrics = MetricRecord({

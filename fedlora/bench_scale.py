@@ -83,12 +83,12 @@ def _raw_partitioner(config: RunConfig):
 @stock_app.train()
 def _stock_train(message: Message, context: Context) -> Message:
     """Model from disk and partition tokenised for this message alone."""
-    from client.app import local_update, message_config
+    from client.app import assigned_partition, local_update, message_config
     from fedlora.features import encoder_for, splits_for
     from fedlora.models import ModelSpec, build_lora_model
 
     config, server_round = message_config(message)
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = assigned_partition(message, context)
     label_names = splits_for(config).label_names
     model = build_lora_model(ModelSpec.from_config(config, label_names))
     raw = _raw_partitioner(config).load_partition(partition_id)

@@ -1,4 +1,4 @@
-"""The ``fedlora`` command: simulate | evaluate | keys | bench-scale.
+"""The ``fedlora`` command: simulate | evaluate | compare | keys | bench-scale.
 
 Bad input of any kind (unknown key, bad value, missing file or column, model
 that does not load) ends with one ``fedlora: error: …`` line and exit code 2,
@@ -113,6 +113,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedlora.compare import RunFailed, compare
+
+    try:
+        return compare(args.comparison, args.seeds, args.out)
+    except RunFailed as err:  # not bad input: exit 1, not 2
+        print(f"fedlora: error: {err}", file=sys.stderr)
+        return 1
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     for key, spec in KEYS.items():
         print(f"{key:22} {spec.type.__name__:5} default {spec.default!r:40} {spec.help}")
@@ -133,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--dataset", help="evaluate on this dataset's test split instead")
     ev.set_defaults(run=cmd_evaluate)
+    cmp = sub.add_parser(
+        "compare", help="run a set of simulations over several seeds and compare them",
+        description="Run every [[run]] of a comparison TOML ([base] keys plus each run's "
+                    "label, group and differing keys) once per seed, each as `fedlora "
+                    "simulate` into OUT/<label>/seed-<s> (finished runs are reused), then "
+                    "write OUT/summary.csv, summary.md and accuracy plots (mean and 95% "
+                    "CI over seeds). See fedlora/compare.py.")
+    cmp.add_argument("comparison", metavar="CONFIG.toml", help="comparison file")
+    cmp.add_argument("--seeds", metavar="N|LIST",
+                     help="N = seeds 1..N, or a comma list such as 1,5,9 (default: one "
+                          "seed, [base]'s seed key if it has one, else 1)")
+    cmp.add_argument("--out", required=True, help="comparison directory (created or resumed)")
+    cmp.set_defaults(run=cmd_compare)
     keys = sub.add_parser("keys", help="list the run-config keys and defaults")
     keys.set_defaults(run=cmd_keys)
     # parsed by fedlora.bench_scale itself (main() hands it the rest of the line)

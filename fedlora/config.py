@@ -91,7 +91,8 @@ KEYS: dict[str, Key] = {
     "dirichlet-alpha": Key(float, 0.5, "Dirichlet concentration (label skew)", _positive),
     "labels-per-client": Key(int, 2, "labels per client for partition=pathological",
                              _positive),
-    "seed": Key(int, 42, "seed for partitions, initial adapter, sampling"),
+    "seed": Key(int, 42, "seed of every random choice: partitions, initial adapter, "
+                "client selection, local shuffling and dropout", _non_negative),
     # --- federation ----------------------------------------------------------
     "strategy": Key(str, "fedavg", "aggregation strategy", lambda v: None),
     "rounds": Key(int, 10, "federated rounds", _positive),
@@ -115,7 +116,7 @@ KEYS: dict[str, Key] = {
     "fair-lambda": Key(float, 0.01, "LoRA-FAIR regulariser weight λ on ‖ΔB‖²",
                        _non_negative, only_for=("strategy", "lora-fair")),
     "fair-steps": Key(int, 50, "LoRA-FAIR Adam steps per module after the "
-                      "least-squares warm start", _non_negative,
+                      "warm start (a ridge solve in the objective's units)", _non_negative,
                       only_for=("strategy", "lora-fair")),
     "fair-lr": Key(float, 0.01, "LoRA-FAIR Adam step, relative to B's RMS entry",
                    _positive,
@@ -148,6 +149,10 @@ KEYS: dict[str, Key] = {
                     only_for=("dp", "local|central")),
     "dp-accountant": Key(str, "rdp", "Opacus accountant: rdp | prv", _one_of("rdp", "prv"),
                          only_for=("dp", "local|central")),
+    "dp-seeded-noise": Key(bool, False, "draw DP noise and Poisson samples from the run "
+                           "seed so a DP simulation repeats exactly; anyone who knows the "
+                           "seed can then remove the noise: simulations only",
+                           only_for=("dp", "local|central")),
     # --- local training ------------------------------------------------------
     "local-epochs": Key(int, 1, "epochs over the client's data per round", _positive),
     "local-steps": Key(int, 0, "cap on optimiser steps per round; 0 = no cap",

@@ -23,6 +23,12 @@ Opacus × PEFT traps, handled at the root:
 Sampling: Poisson with rate q = 1 / ceil(n / batch-size), ceil(n / batch-size)
 steps per epoch (``local-steps`` caps them), as Opacus's ``DPDataLoader``.
 
+Randomness: the noise and the Poisson sample come from a generator drawn
+from the operating system (``fedlora.seeding``), never from the run seed,
+which the server and every client know: noise they could regenerate would
+protect nothing. ``dp-seeded-noise`` seeds them instead, so that a DP
+simulation repeats exactly; it is for simulations only.
+
 ``CentralPrivacy`` is the server's: DP-FedAvg with fixed clipping (McMahan et
 al. 2018, as Flower's ``DifferentialPrivacyServerSideFixedClipping``, whose
 clipping and noise functions it uses). Flower's wrapper itself cannot be used:
@@ -33,12 +39,12 @@ payloads, so the clipping happens after decoding (``fedlora.strategies.base``).
 from __future__ import annotations
 
 import math
+import secrets
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.supercore.differential_privacy import (
-    add_gaussian_noise_inplace,
     clip_inputs_inplace,
     compute_stdv,
     get_norm,
@@ -49,6 +55,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
 from fedlora.config import RunConfig
+from fedlora.seeding import central_noise_rng
 
 HISTORY_KEY = "dp-history"  # the client's accountant history in context.state
 
@@ -62,9 +69,12 @@ def steps_per_round(config: RunConfig, num_examples: int) -> int:
 class PrivateTraining:
     """One client's DP-SGD for one round, and its privacy ledger."""
 
-    def __init__(self, config: RunConfig, memory: RecordDict, num_examples: int) -> None:
+    def __init__(self, config: RunConfig, memory: RecordDict, num_examples: int,
+                 generator: torch.Generator | None = None) -> None:
         self.config = config
         self.memory = memory
+        # noise and Poisson sampling (fedlora.seeding.dp_generator); secret by default
+        self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
         self.delta = config["dp-delta"]
         self.sample_rate = 1.0 / math.ceil(num_examples / config["batch-size"])
         self.steps = steps_per_round(config, num_examples)
@@ -102,7 +112,7 @@ class PrivateTraining:
         """Per-sample clipping and noise on ``optimizer``; Poisson batches."""
         self._module, optimizer, loader = self.engine.make_private(
             module=module, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=self.noise_multiplier,
+            noise_multiplier=self.noise_multiplier, noise_generator=self.generator,
             max_grad_norm=self.config["dp-max-grad-norm"], poisson_sampling=True)
         return optimizer, loader
 
@@ -127,8 +137,11 @@ class CentralPrivacy:
     round at rate q = m / ``num-clients`` (Flower samples m clients without
     replacement; the Poisson-sampling analysis is the usual approximation).
 
-    The noise comes from NumPy's global generator, seeded by the OS, not by the
-    run seed: noise that anyone with the config can regenerate protects nothing.
+    The noise is drawn from the operating system, not from the run seed (noise
+    that anyone with the config can regenerate protects nothing), unless
+    ``dp-seeded-noise`` asks for a repeatable simulation (``fedlora.seeding``).
+    Flower's ``add_gaussian_noise_inplace`` is not used for that reason: it
+    draws from NumPy's global generator.
     """
 
     def __init__(self, config: RunConfig) -> None:
@@ -150,9 +163,11 @@ class CentralPrivacy:
 
     def noisy_average(self, clipped_sum: list[np.ndarray]) -> list[np.ndarray]:
         """Σ clipped / m plus the Gaussian noise; records the release."""
-        average = [array / self.sampled for array in clipped_sum]
-        add_gaussian_noise_inplace(average, compute_stdv(
-            self.noise_multiplier, self.clipping_norm, self.sampled))
+        rng = central_noise_rng(self.config["dp-seeded-noise"], self.config["seed"],
+                                len(self.accountant.history))
+        stdv = compute_stdv(self.noise_multiplier, self.clipping_norm, self.sampled)
+        average = [array / self.sampled + rng.normal(0.0, stdv, array.shape)
+                   for array in clipped_sum]
         self.accountant.step(noise_multiplier=self.noise_multiplier,
                              sample_rate=self.sample_rate)
         return average

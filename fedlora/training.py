@@ -74,14 +74,19 @@ def train_local(model: LoraModel, params: list[torch.nn.Parameter], data: Datase
                 optimizer: str, seed: int, private: PrivateTraining | None = None
                 ) -> TrainResult:
     """Train ``params`` (the adapter's trainable tensors) on ``data``; a fresh
-    optimiser every call, so no state leaks between clients. With ``private``
-    the optimiser clips and noises per-example gradients (Opacus) and batches
-    are Poisson-sampled."""
+    optimiser every call, so no state leaks between clients. ``seed`` fixes
+    every draw of the call (shuffling, and dropout through torch's global
+    generator), so the result does not depend on what this process ran
+    before. With ``private`` the optimiser clips and noises per-example
+    gradients (Opacus) and batches are Poisson-sampled, both from the
+    private generator."""
     if len(data) == 0:
         raise ValueError("client has no training examples")
+    torch.manual_seed(seed)
     opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer == "adamw"
            else torch.optim.SGD(params, lr=lr))
-    loader = _loader(data, batch_size, model, torch.Generator().manual_seed(seed))
+    sampling = private.generator if private is not None else torch.Generator().manual_seed(seed)
+    loader = _loader(data, batch_size, model, sampling)
     model.peft.train()  # also what Opacus needs to see activations
     if private is not None:
         opt, loader = private.attach(model.peft, opt, loader)

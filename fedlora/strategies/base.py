@@ -13,7 +13,10 @@ all of them when fewer are connected. The first round waits until
 ``clients-per-round`` nodes are connected (the federation forms, as with
 Flower's sampler); later rounds wait only until ``min-clients`` are, so a node
 that died does not stall the rest of the run (Flower's sampler would wait for
-it forever).
+it forever). Which ones is a function of (seed, round) over positions in the
+sorted node ids (``fedlora.seeding``), never of Flower's random node ids: the
+message to the node at position p names partition p, and a simulated client
+trains that partition, so the same seed asks the same data in every run.
 
 Every payload goes through ``fedlora.codec``. Replies that fail to decode or
 validate are rejected and logged per node ("reply from node N rejected: …")
@@ -24,7 +27,7 @@ stays as it was and the round says so in its metrics.
 from __future__ import annotations
 
 import logging
-import random
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
@@ -42,11 +45,14 @@ from fedlora import codec
 from fedlora.adapters import State
 from fedlora.config import RunConfig
 from fedlora.privacy import CentralPrivacy
+from fedlora.seeding import sample_positions
 from fedlora.strategies.sums import ClientUpdate, ClippedRoundSums, RoundSums
 
 PAYLOAD = "payload"  # ArrayRecord key of the encoded adapter payload, both ways
 CONFIG = "config"  # ConfigRecord key of the run config sent to clients
 METRICS = "metrics"  # MetricRecord key of a client's training metrics
+TASK = "task"  # ConfigRecord key of what one message asks of its node ("partition-id")
+MAX_EXAMPLES = 2**31  # a client's claimed num-examples must be below this
 LOGGER = logging.getLogger(__name__)
 WAIT_FOR_NODES_S = 1.0  # how often the connected nodes are counted while too few are
 
@@ -144,17 +150,17 @@ class LoraStrategy(FedAvg, ABC):
         (the inverse of ``client_factors``, for central DP)."""
         return {n: factors[n] for n in self.upload_shapes}
 
+    def new_sums(self) -> RoundSums:
+        """Empty round sums of the kind this run folds updates into."""
+        if self.central is not None:
+            return ClippedRoundSums(self.central, self.sent, self.upload_shapes, self.upload_of)
+        return RoundSums(products=self.needs_products or self.config["agg-residual"])
+
     def sums(self, updates: Iterable[ClientUpdate]) -> RoundSums:
         """Fold ``updates`` into fresh round sums (one at a time)."""
-        if self.central is not None:
-            sums: RoundSums = ClippedRoundSums(self.central, self.sent, self.upload_shapes,
-                                               self.upload_of)
-        else:
-            sums = RoundSums(products=self.needs_products or self.config["agg-residual"])
+        sums = self.new_sums()
         for update in updates:
-            started = time.perf_counter()
             sums.add(update, self.client_factors(update))
-            sums.fold_s += time.perf_counter() - started
         return sums
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -164,13 +170,14 @@ class LoraStrategy(FedAvg, ABC):
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what ``state_dict`` returned."""
 
-    def sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
-        """``clients-per-round`` of the connected nodes (all when fewer are
-        connected), once ``clients-per-round`` (first round) or ``min-clients``
-        (later rounds) are."""
+    def sample_nodes(self, server_round: int, grid: Grid) -> list[tuple[int, int]]:
+        """(position, node id) of ``clients-per-round`` of the connected nodes
+        (all when fewer are connected), once ``clients-per-round`` (first
+        round) or ``min-clients`` (later rounds) are; positions index the
+        sorted node ids and are drawn from (seed, round)."""
         key, needed = (("min-clients", self.min_replies) if self._formed
                        else ("clients-per-round", self.per_round))
-        while len(nodes := list(grid.get_node_ids())) < needed:
+        while len(nodes := sorted(grid.get_node_ids())) < needed:
             LOGGER.warning("round %d: %d nodes connected, waiting for %s=%d",
                            server_round, len(nodes), key, needed)
             time.sleep(WAIT_FOR_NODES_S)
@@ -178,7 +185,9 @@ class LoraStrategy(FedAvg, ABC):
         if len(nodes) < self.per_round:
             LOGGER.warning("round %d: %d nodes connected, fewer than clients-per-round=%d; "
                            "sampling all of them", server_round, len(nodes), self.per_round)
-        return random.sample(nodes, min(self.per_round, len(nodes)))
+        positions = sample_positions(self.config["seed"], server_round, len(nodes),
+                                     min(self.per_round, len(nodes)))
+        return [(position, nodes[position]) for position in positions]
 
     def node_of(self, reply: Message) -> int:
         """The node a reply is about. The SuperLink answers for a node that
@@ -195,11 +204,14 @@ class LoraStrategy(FedAvg, ABC):
         self.state = from_arrayrecord(arrays)
         self.sent, blob = self.download(self.state)
         config["server-round"] = server_round
-        record = RecordDict({PAYLOAD: codec.to_record(blob), CONFIG: config})
-        nodes = self.sample_nodes(server_round, grid)
-        self._downlink_bytes = len(blob) * len(nodes)
-        self._outbox = [Message(content=record, message_type=MessageType.TRAIN,
-                                dst_node_id=node) for node in nodes]
+        payload = codec.to_record(blob)
+        chosen = self.sample_nodes(server_round, grid)
+        self._downlink_bytes = len(blob) * len(chosen)
+        self._outbox = [
+            Message(content=RecordDict({PAYLOAD: payload, CONFIG: config,
+                                        TASK: ConfigRecord({"partition-id": position})}),
+                    message_type=MessageType.TRAIN, dst_node_id=node)
+            for position, node in chosen]
         return self._outbox
 
     def _note_privacy(self, server_round: int, message: Message) -> bool:
@@ -232,7 +244,8 @@ class LoraStrategy(FedAvg, ABC):
         """Validate one reply; raises ``PayloadError`` with the reason."""
         metrics = message.content.metric_records.get(METRICS)
         weight = metrics.get("num-examples") if metrics is not None else None
-        if not isinstance(weight, (int, float)) or not weight > 0:
+        if (not isinstance(weight, (int, float)) or not math.isfinite(weight)
+                or not 0 < weight < MAX_EXAMPLES):
             raise codec.PayloadError(f"bad or missing num-examples {weight!r}")
         tensors = codec.decode(blob, self.upload_shapes)
         return ClientUpdate(message.metadata.src_node_id, float(weight), tensors, metrics)
@@ -271,10 +284,26 @@ class LoraStrategy(FedAvg, ABC):
         with threadpool_limits(limits=1, user_api="blas"):
             return self._aggregate(server_round, replies)
 
+    def _fold(self, server_round: int, replies: Iterable[Message],
+              counts: dict[str, float]) -> RoundSums:
+        """The round's sums over the valid replies; an update too large to add
+        exactly (``fedlora.exactsum``) is rejected like an invalid one."""
+        sums = self.new_sums()
+        for update in self._accepted(server_round, replies, counts):
+            started = time.perf_counter()
+            try:
+                sums.add(update, self.client_factors(update))
+            except OverflowError as err:
+                LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
+                               update.node_id, err)
+                counts["rejected"] += 1
+            sums.fold_s += time.perf_counter() - started
+        return sums
+
     def _aggregate(self, server_round: int,
                    replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         counts = {"rejected": 0, "declined": 0, "uplink_bytes": 0, "decode_s": 0.0}
-        sums = self.sums(self._accepted(server_round, replies, counts))
+        sums = self._fold(server_round, replies, counts)
         started = time.perf_counter()
         decode_s = counts.pop("decode_s")
         metrics = MetricRecord({
@@ -290,9 +319,12 @@ class LoraStrategy(FedAvg, ABC):
             if self.central is not None:
                 metrics["epsilon"] = self.central.epsilon()
             return None, metrics
-        self.state = self.merge(sums)
+        merged = self._checked_merge(server_round, sums)
         if self.central is not None:
             metrics["epsilon"] = self.central.epsilon()
+        if merged is None:
+            return None, metrics
+        self.state = merged
         # decoding and folding happen while replies arrive; merging after the last
         metrics["aggregate_s"] = decode_s + sums.fold_s + time.perf_counter() - started
         if sums.products:
@@ -300,6 +332,23 @@ class LoraStrategy(FedAvg, ABC):
             # the same clients' factors averaged separately (FedIT): the baseline
             metrics["agg_residual_fedavg"] = sums.residual(sums.factor_mean())
         return to_arrayrecord(self.state), metrics
+
+    def _checked_merge(self, server_round: int, sums: RoundSums) -> State | None:
+        """``merge``, or None (logged, strategy state as before) when it fails
+        numerically or gives a global that is not finite: a bad round leaves
+        the global adapter unchanged instead of crashing or poisoning it."""
+        before = self.state_dict()
+        try:
+            merged = self.merge(sums)
+            problem = next((f"merged {name} is not finite" for name, value in merged.items()
+                            if not np.all(np.isfinite(value))), None)
+        except (ArithmeticError, np.linalg.LinAlgError) as err:
+            problem = f"merge failed ({type(err).__name__}: {err})"
+        if problem is None:
+            return merged
+        LOGGER.warning("round %d: %s: global adapter unchanged", server_round, problem)
+        self.load_state_dict(before)
+        return None
 
     def summary(self) -> None:
         LOGGER.info("fedlora strategy: %s", self.name)

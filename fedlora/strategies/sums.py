@@ -2,7 +2,9 @@
 
 ``aggregate_train`` (``fedlora.strategies.base``) adds each reply as soon as it
 is decoded and drops it; a strategy's ``merge`` then reads the sums. Memory
-for a round is therefore independent of the number of clients.
+for a round is therefore independent of the number of clients, and, because
+every sum is exact (``fedlora.exactsum``), so is the result of the order in
+which the replies arrived.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from flwr.app import MetricRecord
 
 from fedlora.adapters import State, lora_pairs
+from fedlora.exactsum import ExactSum, check_bounded
 from fedlora.privacy import CentralPrivacy
 
 
@@ -25,13 +28,15 @@ class ClientUpdate:
     metrics: MetricRecord
 
 
-def _add_weighted(sums: dict[str, np.ndarray], name: str, value: np.ndarray,
-                  weight: float) -> None:
-    """sums[name] += weight × value, in float64."""
-    if name in sums:
-        sums[name] += weight * value
-    else:
-        sums[name] = weight * value.astype(np.float64)
+def _add(sums: dict[str, ExactSum], name: str, term: np.ndarray) -> None:
+    """sums[name] += term (exactly; a new sum on first use)."""
+    if name not in sums:
+        sums[name] = ExactSum(np.shape(term))
+    sums[name].add(term)
+
+
+def _weighted(value: np.ndarray, weight: float) -> np.ndarray:
+    return np.multiply(value, weight, dtype=np.float64)
 
 
 class RoundSums:
@@ -40,57 +45,73 @@ class RoundSums:
     ``aggregate_train`` folds each reply in as soon as it is decoded and drops
     it, so the server's memory for a round is a few adapters (Σ p_k x_k of the
     uploads and of the clients' full factors) plus, when ``products`` is on,
-    one d×k float32 matrix per LoRA module (Σ p_k B_k A_k, the ideal update
-    LoRA-FAIR aligns to and the residual metrics compare with) — independent
-    of the number of clients.
+    one d×k matrix per LoRA module (Σ p_k B_k A_k, the ideal update LoRA-FAIR
+    aligns to and the residual metrics compare with) — independent of the
+    number of clients. Each sum is an ``ExactSum`` (three float64 arrays), so
+    the sums do not depend on the order the updates arrive in.
     """
 
     def __init__(self, products: bool = True) -> None:
-        self.weight = 0.0
         self.count = 0
-        self.loss = 0.0  # Σ weight × train loss
-        self.compute_s = 0.0  # the clients' reported training time
+        self.compute_s = 0.0  # the clients' reported training time (timing only)
         self.fold_s = 0.0  # the server's time decoding and adding updates
         self.products = products
-        self._uploads: dict[str, np.ndarray] = {}
-        self._factors: dict[str, np.ndarray] = {}
-        self._ideal: dict[tuple[str, str], np.ndarray] = {}
+        self._weight = ExactSum(())
+        self._loss = ExactSum(())  # Σ weight × train loss
+        self._uploads: dict[str, ExactSum] = {}
+        self._factors: dict[str, ExactSum] = {}
+        self._ideal: dict[tuple[str, str], ExactSum] = {}
 
     def add(self, update: ClientUpdate, factors: State) -> None:
         """Fold in one update: ``factors`` is the client's full adapter after
-        training as the server reconstructs it (``LoraStrategy.client_factors``)."""
-        self._count(update)
+        training as the server reconstructs it (``LoraStrategy.client_factors``).
+        Raises ``OverflowError`` before changing anything when a weighted
+        value is too large to add exactly (``fedlora.exactsum.LIMIT``)."""
         weight = update.weight
-        for name, value in update.tensors.items():
-            _add_weighted(self._uploads, name, value, weight)
-        for name, value in factors.items():
-            _add_weighted(self._factors, name, value, weight)
-        if self.products:
-            for a_name, b_name in lora_pairs(list(factors)):
-                product = factors[b_name] @ factors[a_name]
-                if (a_name, b_name) in self._ideal:
-                    self._ideal[a_name, b_name] += np.float32(weight) * product
-                else:
-                    self._ideal[a_name, b_name] = (np.float32(weight) * product
-                                                   ).astype(np.float32)
+        terms = {name: _weighted(value, weight) for name, value in update.tensors.items()}
+        factor_terms = {name: _weighted(value, weight) for name, value in factors.items()}
+        with np.errstate(over="ignore", invalid="ignore"):  # refused just below
+            products = {pair: _weighted(factors[pair[1]] @ factors[pair[0]], weight)
+                        for pair in (lora_pairs(list(factors)) if self.products else ())}
+        loss = _weighted(np.float64(update.metrics.get("train-loss", 0.0)), weight)
+        for term in (*terms.values(), *factor_terms.values(), *products.values(), loss):
+            check_bounded(term)
+        self._count(update, loss)
+        for name, term in terms.items():
+            _add(self._uploads, name, term)
+        for name, term in factor_terms.items():
+            _add(self._factors, name, term)
+        for pair, term in products.items():
+            _add(self._ideal, pair, term)
 
-    def _count(self, update: ClientUpdate) -> None:
-        self.weight += update.weight
+    def _count(self, update: ClientUpdate, loss: np.ndarray) -> None:
+        self._weight.add(np.float64(update.weight))
+        self._loss.add(loss)
         self.count += 1
-        self.loss += update.weight * float(update.metrics.get("train-loss", 0.0))
         self.compute_s += float(update.metrics.get("compute-seconds", 0.0))
+
+    @property
+    def weight(self) -> float:
+        return float(self._weight.total())
+
+    @property
+    def loss(self) -> float:
+        """Σ weight × train loss over the accepted updates."""
+        return float(self._loss.total())
 
     def mean(self) -> State:
         """Σ p_k x_k of the uploaded tensors (p_k ∝ examples)."""
-        return {n: (v / self.weight).astype(np.float32) for n, v in self._uploads.items()}
+        return {n: (v.total() / self.weight).astype(np.float32)
+                for n, v in self._uploads.items()}
 
     def factor_mean(self) -> State:
         """Σ p_k of the clients' full factors: FedIT's (Ā, B̄)."""
-        return {n: (v / self.weight).astype(np.float32) for n, v in self._factors.items()}
+        return {n: (v.total() / self.weight).astype(np.float32)
+                for n, v in self._factors.items()}
 
     def ideal(self, a_name: str, b_name: str) -> np.ndarray:
         """ΔW* = Σ p_k B_k A_k for one LoRA module (the LoRA scale s omitted)."""
-        return self._ideal[a_name, b_name] / np.float32(self.weight)
+        return (self._ideal[a_name, b_name].total() / self.weight).astype(np.float32)
 
     def residual(self, sent: State) -> float:
         """‖ΔW* − B̃Ã‖_F / ‖ΔW*‖_F over all LoRA modules (docs/algorithms.md §0),
@@ -117,20 +138,22 @@ class ClippedRoundSums(RoundSums):
         super().__init__(products=False)
         self.privacy, self.sent, self.names = privacy, sent, list(names)
         self.to_upload = to_upload
-        self._clipped = [np.zeros(sent[n].shape, np.float64) for n in self.names]
+        self._clipped = [ExactSum(sent[n].shape) for n in self.names]
         self._mean: State | None = None
 
     def add(self, update: ClientUpdate, factors: State) -> None:
-        self._count(update)
         change = [factors[n].astype(np.float64) - self.sent[n] for n in self.names]
         self.privacy.clip(change)
+        loss = _weighted(np.float64(update.metrics.get("train-loss", 0.0)), update.weight)
+        check_bounded(loss)
+        self._count(update, loss)
         for total, part in zip(self._clipped, change):
-            total += part
+            total.add(part)
 
     def mean(self) -> State:
         """The noisy average, drawn (and accounted) once per round."""
         if self._mean is None:
-            noisy = self.privacy.noisy_average(self._clipped)
+            noisy = self.privacy.noisy_average([total.total() for total in self._clipped])
             self._mean = self.to_upload({**self.sent, **{
                 n: (self.sent[n] + v).astype(np.float32) for n, v in zip(self.names, noisy)}})
         return self._mean

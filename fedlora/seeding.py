@@ -1,0 +1,56 @@
+"""Every random choice of a run, as a function of the run seed.
+
+Same resolved config, same bytes: which clients a round asks and how each
+client shuffles, drops out and initialises must not depend on Flower's node
+ids (random in every simulation), on which Ray worker serves a message, or on
+what that worker did before. So each choice draws from its own generator,
+keyed by NumPy's ``SeedSequence`` on (seed, round, client, purpose), never
+from a process-wide stream.
+
+The exception is differential privacy: noise (and the Poisson sample it
+relies on) that anyone holding the config can regenerate protects nothing.
+``dp_generator`` therefore draws from the operating system unless the run
+asks for seeded DP (``dp-seeded-noise``, for simulations only).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import torch
+
+# SeedSequence keys: one stream per purpose, so adding a use never shifts another
+_SAMPLE, _CLIENT, _DP_NOISE, _CENTRAL_NOISE = 1, 2, 3, 4
+
+
+def sample_positions(seed: int, server_round: int, population: int, count: int) -> list[int]:
+    """``count`` distinct positions in ``range(population)``, a function of
+    (seed, round) alone, in increasing order."""
+    rng = np.random.default_rng([_SAMPLE, seed, server_round])
+    return sorted(int(i) for i in rng.choice(population, size=count, replace=False))
+
+
+def client_seed(seed: int, server_round: int, client: int) -> int:
+    """The seed of one client's local training in one round (shuffling, dropout)."""
+    return int(np.random.SeedSequence([_CLIENT, seed, server_round, client])
+               .generate_state(1, np.uint32)[0])
+
+
+def dp_generator(seeded: bool, seed: int, server_round: int, client: int) -> torch.Generator:
+    """The generator of one client's DP noise and Poisson sampling in one round:
+    secret (from the OS) unless ``seeded``."""
+    if seeded:
+        state = np.random.SeedSequence([_DP_NOISE, seed, server_round, client])
+        value = int(state.generate_state(1, np.uint64)[0])
+    else:
+        value = secrets.randbits(63)
+    return torch.Generator().manual_seed(value)
+
+
+def central_noise_rng(seeded: bool, seed: int, server_round: int) -> np.random.Generator:
+    """The server's generator for central-DP noise in one round: secret unless
+    ``seeded``."""
+    if seeded:
+        return np.random.default_rng([_CENTRAL_NOISE, seed, server_round])
+    return np.random.default_rng(secrets.randbits(128))

@@ -55,6 +55,21 @@ def write_topic_dataset(directory: Path, train: int = 320, test: int = 80) -> Pa
     return directory
 
 
+@pytest.fixture
+def run_identity():
+    """Messages take their ids from Flower's task identity, which a ServerApp
+    sets: tests that build server messages outside one use this."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    fields = ("_task_id", "_run_id", "_node_id")
+    before = [getattr(TaskIdentity, name) for name in fields]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 3, 7, SUPERLINK_NODE_ID
+    yield
+    for name, value in zip(fields, before, strict=True):
+        setattr(TaskIdentity, name, value)
+
+
 @pytest.fixture(scope="session")
 def topic_dataset(tmp_path_factory) -> Path:
     return write_topic_dataset(tmp_path_factory.mktemp("topics"))

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 from processes import ours, stop, watch
 from test_simulation import FEDLORA, _env
 
@@ -28,6 +26,8 @@ from fedlora.seeding import sample_positions
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.base import CONFIG, METRICS, PAYLOAD, TASK, to_arrayrecord
 
+pytestmark = pytest.mark.usefixtures("run_identity")
+
 SHAPES = {
     "m.q.lora_A.weight": (3, 7), "m.q.lora_B.weight": (6, 3),
     "m.v.lora_A.weight": (3, 7), "m.v.lora_B.weight": (6, 3),
@@ -35,15 +35,6 @@ SHAPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def run_identity():
-    """Messages take their ids from Flower's task identity, set in a ServerApp."""
-    fields = ("_task_id", "_run_id", "_node_id")
-    before = [getattr(TaskIdentity, name) for name in fields]
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 3, 7, SUPERLINK_NODE_ID
-    yield
-    for name, value in zip(fields, before, strict=True):
-        setattr(TaskIdentity, name, value)
 
 
 class Nodes:

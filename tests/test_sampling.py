@@ -19,13 +19,14 @@ from flwr.app import ConfigRecord, Error, Message, Metadata
 from flwr.app.message.message import make_message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.config import resolve
 from fedlora.strategies import base
 from fedlora.strategies.base import to_arrayrecord
 from fedlora.strategies.fedavg import FedAvgLoRA
 from server.app import run_federation
+
+pytestmark = pytest.mark.usefixtures("run_identity")
 
 STATE = {"m.q.lora_A.weight": np.ones((2, 3), np.float32),
          "m.q.lora_B.weight": np.zeros((3, 2), np.float32)}
@@ -45,15 +46,6 @@ class NodeList:
         return list(range(100, 100 + count))
 
 
-@pytest.fixture(autouse=True)
-def run_identity():
-    """Messages take their ids from Flower's task identity, set in a ServerApp."""
-    fields = ("_task_id", "_run_id", "_node_id")
-    before = [getattr(TaskIdentity, name) for name in fields]
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 3, 7, SUPERLINK_NODE_ID
-    yield
-    for name, value in zip(fields, before, strict=True):
-        setattr(TaskIdentity, name, value)
 
 
 def _strategy(**keys) -> FedAvgLoRA:

@@ -4,12 +4,15 @@ merge that fails or is not finite leaves the global adapter as it was."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord
-from test_determinism import Nodes, _reply, _round_replies, _wide_state, run_identity  # noqa: F401
+from test_determinism import Nodes, _reply, _round_replies, _wide_state
 
 from fedlora.config import resolve
 from fedlora.strategies import STRATEGIES
 from fedlora.strategies.base import to_arrayrecord
+
+pytestmark = pytest.mark.usefixtures("run_identity")
 
 
 def test_a_reply_too_large_to_add_is_rejected_not_averaged(caplog):

@@ -31,7 +31,7 @@ simulation repeats exactly; it is for simulations only.
 
 ``CentralPrivacy`` is the server's: DP-FedAvg with fixed clipping (McMahan et
 al. 2018, as Flower's ``DifferentialPrivacyServerSideFixedClipping``, whose
-clipping and noise functions it uses). Flower's wrapper itself cannot be used:
+clipping function it uses). Flower's wrapper itself cannot be used:
 it clips the reply ArrayRecords, and ours carry encoded (possibly sparse)
 payloads, so the clipping happens after decoding (``fedlora.strategies.base``).
 """
@@ -39,7 +39,6 @@ payloads, so the clipping happens after decoding (``fedlora.strategies.base``).
 from __future__ import annotations
 
 import math
-import secrets
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
 from fedlora.config import RunConfig
-from fedlora.seeding import central_noise_rng
+from fedlora.seeding import central_noise_rng, secret_generator
 
 HISTORY_KEY = "dp-history"  # the client's accountant history in context.state
 
@@ -74,7 +73,7 @@ class PrivateTraining:
         self.config = config
         self.memory = memory
         # noise and Poisson sampling (fedlora.seeding.dp_generator); secret by default
-        self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        self.generator = generator or secret_generator()
         self.delta = config["dp-delta"]
         self.sample_rate = 1.0 / math.ceil(num_examples / config["batch-size"])
         self.steps = steps_per_round(config, num_examples)

@@ -40,17 +40,20 @@ def client_seed(seed: int, server_round: int, client: int) -> int:
 def dp_generator(seeded: bool, seed: int, server_round: int, client: int) -> torch.Generator:
     """The generator of one client's DP noise and Poisson sampling in one round:
     secret (from the OS) unless ``seeded``."""
-    if seeded:
-        state = np.random.SeedSequence([_DP_NOISE, seed, server_round, client])
-        value = int(state.generate_state(1, np.uint64)[0])
-    else:
-        value = secrets.randbits(63)
-    return torch.Generator().manual_seed(value)
+    if not seeded:
+        return secret_generator()
+    state = np.random.SeedSequence([_DP_NOISE, seed, server_round, client])
+    return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0]))
 
 
-def central_noise_rng(seeded: bool, seed: int, server_round: int) -> np.random.Generator:
-    """The server's generator for central-DP noise in one round: secret unless
-    ``seeded``."""
+def secret_generator() -> torch.Generator:
+    """A torch generator seeded from the operating system's entropy."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def central_noise_rng(seeded: bool, seed: int, release: int) -> np.random.Generator:
+    """The server's generator for the central-DP noise of its ``release``-th
+    noisy average (one per round): secret unless ``seeded``."""
     if seeded:
-        return np.random.default_rng([_CENTRAL_NOISE, seed, server_round])
+        return np.random.default_rng([_CENTRAL_NOISE, seed, release])
     return np.random.default_rng(secrets.randbits(128))

@@ -35,13 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deploy.local import CONNECTION, REPO, LocalDeployment  # noqa: E402
 from deploy.split_dataset import split  # noqa: E402
-from fedlora.config import resolve  # noqa: E402
+from fedlora.strategies import resolve  # noqa: E402
 
 ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
            HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
            RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-BUILD_MODEL = ("import client.app; from fedlora.config import resolve; "
+BUILD_MODEL = ("import client.app; from fedlora.strategies import resolve; "
                "from fedlora.features import model_with_labels; "
                "model_with_labels(resolve({}), ('a', 'b', 'c', 'd'))")
 

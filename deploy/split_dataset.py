@@ -19,8 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from fedlora.config import ConfigError, RunConfig, parse_set_option, resolve
+from fedlora.config import ConfigError, RunConfig, parse_set_option
 from fedlora.data import load_splits, make_partitioner
+from fedlora.strategies import resolve
 
 
 def split(config: RunConfig, out: Path) -> list[int]:

@@ -52,7 +52,8 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.config import ConfigError, RunConfig, cached_by, parse_set_option, resolve
+from fedlora.config import ConfigError, RunConfig, cached_by, parse_set_option
+from fedlora.strategies import resolve
 
 DEFAULT_CLIENTS = (10, 100, 500)
 RSS_SAMPLE_S = 0.5
@@ -83,24 +84,26 @@ def _raw_partitioner(config: RunConfig):
 @stock_app.train()
 def _stock_train(message: Message, context: Context) -> Message:
     """Model from disk and partition tokenised for this message alone."""
-    from client.app import assigned_partition, local_update, message_config
+    from fedlora.client_loop import local_update, open_session
     from fedlora.features import encoder_for, splits_for
+    from fedlora.messages import Request
     from fedlora.models import ModelSpec, build_lora_model
+    from fedlora.strategies import from_message
 
-    config, server_round = message_config(message)
-    partition_id = assigned_partition(message, context)
+    request = Request.from_message(message)
+    config = from_message(request.run_config())
     label_names = splits_for(config).label_names
-    model = build_lora_model(ModelSpec.from_config(config, label_names))
-    raw = _raw_partitioner(config).load_partition(partition_id)
+    model = build_lora_model(ModelSpec.from_config(config, label_names, request.task.rank))
+    raw = _raw_partitioner(config).load_partition(request.task.partition_id)
     data = raw.map(encoder_for(model, config["max-seq-len"], label_names), batched=True,
                    remove_columns=["text"])
-    return local_update(message, context, config, server_round, model, data, partition_id)
+    return local_update(message, context, open_session(message, context, model, data))
 
 
 # ---------------------------------------------------------------- child process
 def run_child(mode: str, overrides: dict, out_dir: str) -> dict:
     """One simulation in this process; returns its timings (printed as JSON)."""
-    from fedlora.cli import preflight
+    from fedlora.prepare import preflight
     from fedlora.simulation import simulate
 
     started = time.perf_counter()
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_child(args.child, json.loads(args.overrides), args.out)),
               flush=True)
         return 0
-    from fedlora.cli import absolute_paths
+    from fedlora.prepare import absolute_paths
 
     base = dict(BENCH_KEYS)
     for item in args.set or []:

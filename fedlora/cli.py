@@ -15,9 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from fedlora.config import KEYS, ConfigError, RunConfig, load_toml, parse_set_option, resolve
-
-PATH_KEYS = ("dataset", "model")
+from fedlora.config import KEYS, ConfigError, RunConfig, load_toml, parse_set_option
+from fedlora.prepare import absolute_paths, preflight
+from fedlora.strategies import resolve, strategy_keys
 
 
 def _quiet_environment() -> None:
@@ -40,31 +40,12 @@ def _quiet_environment() -> None:
         logger.setLevel(logging.INFO)
 
 
-def absolute_paths(overrides: dict) -> dict:
-    """Local paths made absolute: Ray workers and `evaluate` may run elsewhere."""
-    for key in PATH_KEYS:
-        value = overrides.get(key)
-        if isinstance(value, str) and value and Path(value).expanduser().exists():
-            overrides[key] = str(Path(value).expanduser().resolve())
-    return overrides
-
-
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = load_toml(args.config) if args.config else {}
     for item in args.set or []:
         key, value = parse_set_option(item)
         overrides[key] = value
     return resolve(absolute_paths(overrides))
-
-
-def preflight(config: RunConfig) -> None:
-    """Load data, model and partitions now, so bad input fails in one line before
-    Ray starts (and the driver's caches are warm for central evaluation)."""
-    from fedlora.features import encoded_splits, model_for, partitioner_for
-
-    encoded_splits(config)
-    model_for(config)
-    partitioner_for(config)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -93,23 +74,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedlora.features import encoded_splits, splits_for
+    from fedlora.basedelta import BASE_DELTA_FILE
+    from fedlora.features import central_test_set, encoded_splits, splits_for
     from fedlora.models import ModelSpec, load_trained
     from fedlora.training import evaluate
 
     run_dir = Path(args.run_dir)
     config_path, adapter_dir = run_dir / "config.json", run_dir / "adapter"
-    if not config_path.is_file() or not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"{run_dir}: not a finished run (needs config.json and adapter/)")
+    if not all(p.is_file() for p in (config_path, adapter_dir / "adapter_config.json",
+                                     run_dir / "summary.json")):
+        raise ConfigError(f"{run_dir}: not a finished run (needs config.json, adapter/ "
+                          "and summary.json)")
     saved = json.loads(config_path.read_text())
     if args.dataset:
         saved["dataset"] = absolute_paths({"dataset": args.dataset})["dataset"]
     config = resolve(saved)
     spec = ModelSpec.from_config(config, splits_for(config).label_names)
-    model = load_trained(spec, adapter_dir)
-    accuracy, loss = evaluate(model, encoded_splits(config).test)
+    base_delta = run_dir / BASE_DELTA_FILE
+    model = load_trained(spec, adapter_dir, base_delta if base_delta.is_file() else None)
+    # the run's own evaluation set (its seeded eval-examples sample), so the
+    # number matches the run's final accuracy; --all for the whole test split
+    test = encoded_splits(config).test if args.all else central_test_set(config)
+    accuracy, loss = evaluate(model, test)
     print(json.dumps({"run_dir": str(run_dir), "dataset": config["dataset"],
-                      "accuracy": accuracy, "loss": loss}))
+                      "examples": len(test), "accuracy": accuracy, "loss": loss}))
     return 0
 
 
@@ -124,8 +112,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    """The core keys, then each strategy's own (a key several strategies
+    share is listed under each)."""
+    def show(key, spec, indent=""):
+        print(f"{indent}{key:22} {spec.type.__name__:5} default {spec.default!r:40} "
+              f"{spec.help}")
+
     for key, spec in KEYS.items():
-        print(f"{key:22} {spec.type.__name__:5} default {spec.default!r:40} {spec.help}")
+        show(key, spec)
+    for name, keys in strategy_keys().items():
+        print(f"\nstrategy {name}:" + ("" if keys else " (no keys of its own)"))
+        for key, spec in keys.items():
+            show(key, spec, "  ")
     return 0
 
 
@@ -142,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="reload a run's adapter and evaluate it")
     ev.add_argument("run_dir")
     ev.add_argument("--dataset", help="evaluate on this dataset's test split instead")
+    ev.add_argument("--all", action="store_true",
+                    help="the whole test split, not the run's eval-examples sample")
     ev.set_defaults(run=cmd_evaluate)
     cmp = sub.add_parser(
         "compare", help="run a set of simulations over several seeds and compare them",

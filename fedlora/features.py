@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import Partitioner
 
@@ -31,7 +32,6 @@ PROMPT_PREFIX = "Text: "
 PROMPT_SUFFIX = "\nLabel:"
 # Entry of the config record sent with every training message, beside the run
 # config: the server's classes, onto which a node's own data (data-path) is mapped.
-LABEL_NAMES = "label-names"
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,17 @@ def splits_for(config: RunConfig) -> LabeledSplits:
                        config["seed"])
 
 
-def model_for(config: RunConfig) -> LoraModel:
-    """The process-wide LoRA model for this run's model, task and labels."""
-    return model_with_labels(config, splits_for(config).label_names)
+def model_for(config: RunConfig, rank: int | None = None) -> LoraModel:
+    """The process-wide LoRA model for this run's model, task and labels, at
+    ``rank`` (default ``lora-rank``)."""
+    return model_with_labels(config, splits_for(config).label_names, rank)
 
 
-def model_with_labels(config: RunConfig, label_names: tuple[str, ...]) -> LoraModel:
+def model_with_labels(config: RunConfig, label_names: tuple[str, ...],
+                      rank: int | None = None) -> LoraModel:
     """The process-wide LoRA model for classes the caller knows: a deployed node
     has no copy of the run's dataset and gets the server's classes by message."""
-    return lora_model(ModelSpec.from_config(config, label_names))
+    return lora_model(ModelSpec.from_config(config, label_names, rank))
 
 
 def _seq_cls_encoder(model: LoraModel, max_len: int):
@@ -185,3 +187,15 @@ def node_dataset(config: RunConfig, model: LoraModel, data_path: str) -> Dataset
         _NODE_DATA[key] = examples.map(encode, batched=True, remove_columns=["text"],
                                        desc="tokenising node data")
     return _NODE_DATA[key]
+
+
+def held_out_split(config: RunConfig, data: Dataset) -> tuple[Dataset, Dataset]:
+    """(training part, held-out part) of a client's data for federated
+    evaluation: ``client-eval-fraction`` held out by a split seeded by the run
+    seed, at least one example each side (a client with one example keeps it
+    for training and evaluates on it too)."""
+    if len(data) < 2:
+        return data, data
+    held = min(len(data) - 1, max(1, round(len(data) * config["client-eval-fraction"])))
+    order = np.random.default_rng(config["seed"]).permutation(len(data))
+    return data.select(sorted(order[held:])), data.select(sorted(order[:held]))

@@ -103,12 +103,13 @@ class ModelSpec:
     a_init: str = "kaiming"  # LoRA A init: PEFT's kaiming-uniform or gaussian
 
     @classmethod
-    def from_config(cls, config: RunConfig, label_names: tuple[str, ...]) -> "ModelSpec":
+    def from_config(cls, config: RunConfig, label_names: tuple[str, ...],
+                    rank: int | None = None) -> "ModelSpec":
         path = resolve_model_path(config["model"])
         task = config["task"] if config["task"] != "auto" else detect_task(path)
         targets = config.target_modules
         a_init = config["ffa-a-init"] if config["strategy"] == "ffa" else "kaiming"
-        return cls(path, task, tuple(label_names), config["lora-rank"],
+        return cls(path, task, tuple(label_names), rank or config["lora-rank"],
                    config["lora-alpha"], config["lora-dropout"],
                    tuple(targets) if targets else None, config["seed"], a_init)
 
@@ -212,14 +213,20 @@ def build_lora_model(spec: ModelSpec) -> LoraModel:
     return _bundle(spec, peft_model, tokenizer)
 
 
-def load_trained(spec: ModelSpec, adapter_dir: str | Path) -> LoraModel:
+def load_trained(spec: ModelSpec, adapter_dir: str | Path,
+                 base_delta: str | Path | None = None) -> LoraModel:
     """The base model with a saved adapter, loaded the standard PEFT way
-    (``PeftModel.from_pretrained``), as any downstream user would."""
+    (``PeftModel.from_pretrained``), as any downstream user would; a run that
+    changed the base weights saved the change (``base_delta``), added first."""
+    from fedlora.basedelta import add_base_delta
+
     base, tokenizer, _ = _load_base(spec)
+    if base_delta is not None:
+        add_base_delta(base, base_delta)
     return _bundle(spec, PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)  # a few client ranks, or a run switching strategy
 def lora_model(spec: ModelSpec) -> LoraModel:
     """The process-wide PEFT model for ``spec`` (built on first use)."""
     return build_lora_model(spec)

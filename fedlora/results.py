@@ -17,6 +17,8 @@ from typing import Any
 
 from fedlora.config import ConfigError, RunConfig
 
+# federated evaluation's mean accuracy (personal models, or the global one)
+CLIENT_ACCURACY = ("personal_accuracy", "fed_accuracy")
 ROUND_FIELDS = ("round", "accuracy", "loss", "train_loss", "clients", "rejected",
                 "uplink_bytes", "downlink_bytes", "epsilon", "seconds")
 
@@ -81,6 +83,7 @@ class RunWriter:
         """Write summary.json (last, marking the run finished) and return it."""
         evaluated = [r for r in self.rounds if r["accuracy"] is not None]
         final = evaluated[-1] if evaluated else {}
+        client = next((final[k] for k in CLIENT_ACCURACY if final.get(k) is not None), None)
         summary = {
             "rounds": len(self.rounds),
             "final_round": final.get("round"),
@@ -93,6 +96,7 @@ class RunWriter:
             "rejected_updates": sum(r["rejected"] or 0 for r in self.rounds),
             "seconds": sum(r["seconds"] or 0 for r in self.rounds),
             "epsilon": self.rounds[-1]["epsilon"] if self.rounds else None,
+            "final_client_accuracy": client,
             **{k: _jsonable(v) for k, v in extra.items()},
         }
         _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 # SeedSequence keys: one stream per purpose, so adding a use never shifts another
-_SAMPLE, _CLIENT, _DP_NOISE, _CENTRAL_NOISE = 1, 2, 3, 4
+_SAMPLE, _CLIENT, _DP_NOISE, _CENTRAL_NOISE, _FRESH_ADAPTER = 1, 2, 3, 4, 5
 
 
 def sample_positions(seed: int, server_round: int, population: int, count: int) -> list[int]:
@@ -57,3 +57,9 @@ def central_noise_rng(seeded: bool, seed: int, release: int) -> np.random.Genera
     if seeded:
         return np.random.default_rng([_CENTRAL_NOISE, seed, release])
     return np.random.default_rng(secrets.randbits(128))
+
+
+def fresh_adapter_rng(seed: int, server_round: int) -> np.random.Generator:
+    """The draws of a fresh LoRA A after ``server_round`` (FLoRA re-initialises
+    every round): a function of (seed, round), like everything else."""
+    return np.random.default_rng([_FRESH_ADAPTER, seed, server_round])

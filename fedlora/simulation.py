@@ -1,14 +1,16 @@
 """Run a federation as a Flower simulation on Ray, in this process.
 
-The ServerApp (server/app.py) runs in a thread of this process and the
-ClientApp (client/app.py) in a pool of long-lived Ray actors, one per
-``client-cpus``/``client-gpus`` share of the machine (or of the Ray cluster at
-``ray-address``). A local Ray binds to 127.0.0.1 only.
+The ServerApp (the round loop of ``fedlora.federation``) runs in a thread of
+this process and the ClientApp (``fedlora.client_loop``) in a pool of
+long-lived Ray actors, one per ``client-cpus``/``client-gpus`` share of the
+machine (or of the Ray cluster at ``ray-address``). A local Ray binds to
+127.0.0.1 only. These are the loops server/app.py and client/app.py wrap for
+``flwr run``; the library builds its own apps from them instead of importing
+the project's.
 
 Flower's ``run_simulation`` hands the ServerApp an empty run config, so the
 ServerApp used here is a thin one bound to the resolved config; the
-ClientApp is the module-level one that ``flwr run`` uses, and it reads the
-config from each message.
+ClientApp reads the config from each message.
 
 Loopback: Ray resolves ``_node_ip_address="127.0.0.1"`` (and a ``ray-address``
 of 127.0.0.1) to the machine's routable address unless
@@ -119,10 +121,10 @@ def simulate(config: RunConfig, verbose: bool = False,
     """Run the federation described by ``config`` to completion (blocking);
     returns the number of client workers it ran. ``client_app`` replaces the
     project's ClientApp (the scale benchmark's stock mode)."""
-    from server.app import run_federation
+    from fedlora.client_loop import client_app as project_client_app
+    from fedlora.federation import run_federation
 
-    if client_app is None:
-        from client.app import app as client_app
+    client_app = client_app or project_client_app()
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
     workers = start_ray(config)

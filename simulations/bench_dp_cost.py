@@ -1,7 +1,7 @@
 """What client-level DP-SGD costs a client per round, measured side by side.
 
 For FedAvg and FFA-LoRA, each with and without ``dp=local``, one client's
-round runs through the project's ClientApp (``client.app.train`` on a real
+round runs through the project's client loop (``fedlora.client_loop.handle_train`` on a real
 training message: decode, attach Opacus, the local steps, detach, encode),
 ``--repeats`` times. The four settings take turns in every repeat, so they
 share the machine's load; the client's Flower state persists across its
@@ -22,11 +22,12 @@ import json
 import statistics
 import time
 
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from fedlora.cli import absolute_paths, preflight
-from fedlora.config import parse_set_option, resolve
+from fedlora.config import parse_set_option
+from fedlora.prepare import absolute_paths, preflight
+from fedlora.strategies import resolve
 
 # The DP benchmark's client work (simulations/dp.toml): 15 steps of batch 16.
 BENCH_KEYS = {"num-clients": 5, "clients-per-round": 5, "rounds": 8, "partition": "dirichlet",
@@ -41,21 +42,19 @@ CLIENT = 0
 
 def training_message(config, server_round: int) -> Message:
     """The message a server sends this client in ``server_round``."""
-    from fedlora import codec
-    from fedlora.features import LABEL_NAMES, model_for
-    from fedlora.strategies import STRATEGIES
-    from fedlora.strategies.base import CONFIG, PAYLOAD
+    from fedlora.features import model_for
+    from fedlora.messages import LABEL_NAMES, Request, Task
+    from fedlora.strategies import strategy_class
 
     model = model_for(config)
-    strategy = STRATEGIES[config["strategy"]](config, model.initial_state)
+    strategy = strategy_class(config["strategy"])(config, model.initial_state)
     _, blob = strategy.download(model.initial_state)
-    sent = {**config.to_dict(), LABEL_NAMES: list(model.spec.label_names),
-            "server-round": server_round}
+    sent = {**config.to_dict(), LABEL_NAMES: list(model.spec.label_names)}
+    request = Request(sent, Task(server_round, CLIENT, config["lora-rank"]), blob)
     metadata = Metadata(run_id=1, message_id=f"round-{server_round}", src_node_id=1,
                         dst_node_id=2, reply_to_message_id="", group_id=str(server_round),
                         created_at=time.time(), ttl=3600.0, message_type="train")
-    return make_message(metadata=metadata, content=RecordDict(
-        {PAYLOAD: codec.to_record(blob), CONFIG: ConfigRecord(sent)}))
+    return make_message(metadata=metadata, content=request.to_content())
 
 
 def client_context() -> Context:
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5,
                         help="client rounds per setting (at most the planned rounds)")
     args = parser.parse_args(argv)
-    from client.app import train
+    from fedlora.client_loop import handle_train as train
 
     base = dict(BENCH_KEYS)
     for item in args.set or []:

@@ -59,15 +59,10 @@ def write_topic_dataset(directory: Path, train: int = 320, test: int = 80) -> Pa
 def run_identity():
     """Messages take their ids from Flower's task identity, which a ServerApp
     sets: tests that build server messages outside one use this."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
+    from fakes import server_identity
 
-    fields = ("_task_id", "_run_id", "_node_id")
-    before = [getattr(TaskIdentity, name) for name in fields]
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 3, 7, SUPERLINK_NODE_ID
-    yield
-    for name, value in zip(fields, before, strict=True):
-        setattr(TaskIdentity, name, value)
+    with server_identity():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ from fedlora.adapters import (
     set_trainable,
     tensor_kind,
 )
-from fedlora.config import resolve
 from fedlora.features import encoded_splits, model_for
 from fedlora.models import ModelSpec, load_trained
+from fedlora.strategies import resolve
 from fedlora.training import evaluate
 
 

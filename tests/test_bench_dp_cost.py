@@ -35,8 +35,8 @@ def test_one_line_per_setting_relative_to_no_dp(bench, tiny_bert, topic_dataset,
 
 
 def test_dp_settings_spend_epsilon(bench, tiny_bert, topic_dataset):
-    from client.app import train
-    from fedlora.config import resolve
+    from fedlora.client_loop import handle_train as train
+    from fedlora.strategies import resolve
 
     config = resolve({**bench.BENCH_KEYS, **bench.SETTINGS["ffa-dp"], "model": str(tiny_bert),
                       "dataset": str(topic_dataset), "local-steps": 2})

@@ -5,24 +5,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import MetricRecord
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedlora.config import ConfigError, resolve
+from fedlora.config import ConfigError
+from fedlora.strategies import resolve
 from fedlora.strategies.base import ClientUpdate
 from fedlora.strategies.cellm import Cellm
 from fedlora.strategies.fedavg import FedAvgLoRA
 from fedlora.strategies.ffa import FfaLoRA
 
-SHAPES = {"m.q.lora_A.weight": (4, 50), "m.q.lora_B.weight": (50, 4),
+RANK = 4
+SHAPES = {"m.q.lora_A.weight": (RANK, 50), "m.q.lora_B.weight": (50, RANK),
           "m.classifier.weight": (3, 50)}
 
 
 def _strategy(cls, noise: float, clients: int = 2, **keys):
     config = resolve({"strategy": cls.name, "num-clients": 10, "clients-per-round": clients,
                       "dp": "central", "dp-noise-multiplier": noise,
-                      "dp-max-grad-norm": 1.0, "agg-residual": True, **keys})
+                      "dp-max-grad-norm": 1.0, "agg-residual": True, "lora-rank": RANK,
+                      **keys})
     rng = np.random.default_rng(0)
     state = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
     strategy = cls(config, state)
@@ -40,7 +42,7 @@ def _change(scale: float, seed: int) -> dict[str, np.ndarray]:
 
 def _update(strategy, change: dict, examples: float, node: int) -> ClientUpdate:
     factors = {n: strategy.sent[n] + change[n] for n in SHAPES}
-    return ClientUpdate(node, examples, strategy.upload_of(factors), MetricRecord())
+    return ClientUpdate(node, node, RANK, examples, strategy.upload_of(factors))
 
 
 def test_updates_are_clipped_and_weighted_equally():

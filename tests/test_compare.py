@@ -23,7 +23,8 @@ from processes import describe, ours, stop
 
 from fedlora import cli
 from fedlora import compare as cmp
-from fedlora.config import ConfigError, parse_set_option, resolve
+from fedlora.config import ConfigError, parse_set_option
+from fedlora.strategies import resolve
 
 LEAD_COLUMNS = ["group", "run", "seeds", "final_accuracy_mean", "final_accuracy_ci95",
                 "best_accuracy_mean", "uplink_mb", "downlink_mb", "seconds_per_round_mean"]

@@ -12,8 +12,8 @@ import pytest
 import tomllib
 
 from fedlora import cli
-from fedlora.config import KEYS, ConfigError, load_toml, parse_set_option, resolve
-from fedlora.strategies import STRATEGIES
+from fedlora.config import KEYS, ConfigError, Key, load_toml, parse_set_option
+from fedlora.strategies import registry, resolve, strategies, strategy_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,20 +21,37 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------- defaults
 
 
+def _table(built_in_only: bool) -> dict[str, Key]:
+    """The core keys plus the strategies' own: the built-in strategies' (what
+    pyproject.toml lists) or every registered one's (what ``resolve`` knows)."""
+    modules = {reference.partition(":")[0] for reference in registry.BUILT_IN}
+    table = dict(KEYS)
+    for name, keys in strategy_keys().items():
+        if not built_in_only or strategies()[name].__module__ in modules:
+            table.update(keys)
+    return table
+
+
+def _defaults(table: dict[str, Key]) -> dict:
+    return {k: v.default for k, v in table.items()}
+
+
 def test_pyproject_defaults_equal_keys_table():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     flower_defaults = pyproject["tool"]["flwr"]["app"]["config"]
-    assert flower_defaults == {k: v.default for k, v in KEYS.items()}
+    built_in = _table(built_in_only=True)
+    assert set(KEYS) < set(built_in)  # the strategies do declare keys of their own
+    assert flower_defaults == _defaults(built_in)
     # and the types agree too (Flower hands these values over as they are)
     for key, value in flower_defaults.items():
-        assert type(value) is type(KEYS[key].default), key
+        assert type(value) is type(built_in[key].default), key
     # resolving Flower's defaults gives exactly the defaults
-    assert resolve(flower_defaults).to_dict() == {k: v.default for k, v in KEYS.items()}
+    assert resolve(flower_defaults).to_dict() == _defaults(_table(built_in_only=False))
 
 
 def test_every_default_is_valid():
     config = resolve({})
-    for key, spec in KEYS.items():
+    for key, spec in _table(built_in_only=False).items():
         assert config[key] == spec.default
         assert isinstance(config[key], spec.type), key
 
@@ -103,14 +120,14 @@ def test_more_clients_per_round_than_clients_rejected():
 
 
 def test_unknown_strategy_lists_available():
-    assert STRATEGIES, "the registry must not be empty"
+    assert strategies(), "the registry must not be empty"
     with pytest.raises(ConfigError) as info:
         resolve({"strategy": "fedmagic"})
     message = str(info.value)
     assert "'strategy'" in message and "fedmagic" in message
-    for name in STRATEGIES:
+    for name in strategies():
         assert name in message
-    for name in STRATEGIES:
+    for name in strategies():
         assert resolve({"strategy": name})["strategy"] == name
 
 
@@ -183,7 +200,7 @@ def test_load_toml_pyproject_table(tmp_path):
 
 
 def test_load_toml_repo_pyproject():
-    assert load_toml(REPO / "pyproject.toml") == {k: v.default for k, v in KEYS.items()}
+    assert load_toml(REPO / "pyproject.toml") == _defaults(_table(built_in_only=True))
 
 
 def test_load_toml_missing_file(tmp_path):
@@ -340,7 +357,7 @@ def test_console_script_bad_value(tmp_path):
 def test_client_accepts_the_full_config_the_server_sent():
     """A client gets every key, resolved by the server: keys of other strategies
     may hold any valid value there (e.g. other defaults) and are not re-judged."""
-    from fedlora.config import from_message
+    from fedlora.strategies import from_message
 
     sent = {**resolve({}).to_dict(), "fair-steps": 7}
     assert from_message(sent)["fair-steps"] == 7

@@ -14,8 +14,9 @@ from conftest import SHARED_DATA
 from datasets import ClassLabel, Dataset
 
 from fedlora import features
-from fedlora.config import ConfigError, resolve
+from fedlora.config import ConfigError
 from fedlora.data import HELD_OUT_FRACTION, load_splits
+from fedlora.strategies import resolve
 
 TOPIC_TRAIN_SIZE = 320  # conftest.write_topic_dataset's default
 

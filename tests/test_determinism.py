@@ -10,41 +10,29 @@ adapters and identical metrics (timing aside), and another seed differs.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from fakes import Grid, request, start_round, train_reply
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from processes import ours, stop, watch
 from test_simulation import FEDLORA, _env
 
 from fedlora import codec
-from fedlora.config import resolve
 from fedlora.exactsum import ExactSum
+from fedlora.messages import METRICS, PAYLOAD, TASK, Task
 from fedlora.seeding import sample_positions
-from fedlora.strategies import STRATEGIES
-from fedlora.strategies.base import CONFIG, METRICS, PAYLOAD, TASK, to_arrayrecord
+from fedlora.strategies import resolve, strategies
+from fedlora.strategies.base import to_arrayrecord
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 
+RANK = 3
 SHAPES = {
-    "m.q.lora_A.weight": (3, 7), "m.q.lora_B.weight": (6, 3),
-    "m.v.lora_A.weight": (3, 7), "m.v.lora_B.weight": (6, 3),
+    "m.q.lora_A.weight": (RANK, 7), "m.q.lora_B.weight": (6, RANK),
+    "m.v.lora_A.weight": (RANK, 7), "m.v.lora_B.weight": (6, RANK),
     "m.classifier.weight": (4, 6),
 }
-
-
-
-
-class Nodes:
-    """A grid that lists ``ids`` as the connected nodes."""
-
-    def __init__(self, ids) -> None:
-        self.ids = list(ids)
-
-    def get_node_ids(self):
-        return list(self.ids)
 
 
 def _wide_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -57,14 +45,14 @@ def _wide_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
 # -- selection --------------------------------------------------------------------
 def _asked(strategy, node_ids, server_round=1) -> list[tuple[int, int]]:
     messages = strategy.configure_train(server_round, to_arrayrecord(strategy.state),
-                                        ConfigRecord({}), Nodes(node_ids))
+                                        ConfigRecord({}), Grid(node_ids))
     return [(int(m.content.config_records[TASK]["partition-id"]), m.metadata.dst_node_id)
             for m in messages]
 
 
 def _fedavg(**keys):
-    config = resolve({"num-clients": 10, "clients-per-round": 4, **keys})
-    return STRATEGIES["fedavg"](config, _wide_state(np.random.default_rng(0)))
+    config = resolve({"num-clients": 10, "clients-per-round": 4, "lora-rank": RANK, **keys})
+    return strategies()["fedavg"](config, _wide_state(np.random.default_rng(0)))
 
 
 def test_selection_depends_on_seed_and_round_not_on_node_ids():
@@ -89,15 +77,6 @@ def test_positions_are_distinct_and_in_range():
 
 
 # -- aggregation ------------------------------------------------------------------
-def _reply(node: int, upload, examples: int, loss: float) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id="q", group_id="1", created_at=time.time(),
-                        ttl=60.0, message_type="train")
-    return make_message(metadata=metadata, content=RecordDict({
-        PAYLOAD: codec.to_record(codec.encode(upload)),
-        METRICS: MetricRecord({"num-examples": examples, "train-loss": loss})}))
-
-
 VARIANTS = {
     "fedavg": {"strategy": "fedavg"},
     "ffa": {"strategy": "ffa"},
@@ -110,27 +89,26 @@ VARIANTS = {
 }
 
 
-def _round_replies(strategy, rng: np.random.Generator, count: int = 7) -> list[Message]:
-    """Each client's upload as its client half would make it, from a random
-    adapter trained away from what it was sent."""
+def _round_replies(strategy, rng: np.random.Generator) -> list[Message]:
+    """Each asked client's upload as its client half would make it, from a
+    random adapter trained away from what it was sent (by node id)."""
     replies = []
     role = strategy.roles
-    for node in range(count):
+    for node, plan in sorted(strategy.plans.items()):
         trained = {**strategy.sent, **_wide_state(rng)}
         if strategy.name == "cellm":
             upload = role.upload(strategy.sent, trained, RecordDict())
         else:
             upload = {n: trained[n] for n in strategy.upload_shapes}
-        replies.append(_reply(100 + node, upload, int(rng.integers(1, 5000)),
-                              float(rng.random() * 3)))
+        replies.append(train_reply(node, upload, int(rng.integers(1, 5000)),
+                                   float(rng.random() * 3), plan.partition_id))
     return replies
 
 
 def _aggregate(keys: dict, replies_order) -> tuple[dict, dict]:
-    config = resolve({"num-clients": 10, "clients-per-round": 7, **keys})
-    strategy = STRATEGIES[config["strategy"]](config, _wide_state(np.random.default_rng(1)))
-    strategy.configure_train(1, to_arrayrecord(strategy.state), ConfigRecord({}),
-                             Nodes(range(10)))
+    config = resolve({"num-clients": 10, "clients-per-round": 7, "lora-rank": RANK, **keys})
+    strategy = strategies()[config["strategy"]](config, _wide_state(np.random.default_rng(1)))
+    start_round(strategy, range(100, 107))
     replies = _round_replies(strategy, np.random.default_rng(2))
     arrays, metrics = strategy.aggregate_train(1, [replies[i] for i in replies_order])
     assert arrays is not None and metrics["clients"] == len(replies)
@@ -189,23 +167,19 @@ def test_exact_sum_matches_fsum_and_refuses_what_it_cannot_add():
 
 # -- the client -------------------------------------------------------------------
 def _client_message(config, partition: int, server_round: int) -> Message:
-    from fedlora.features import LABEL_NAMES, model_for
+    from fedlora.features import model_for
+    from fedlora.messages import LABEL_NAMES
 
     model = model_for(config)
-    strategy = STRATEGIES[config["strategy"]](config, model.initial_state)
+    strategy = strategies()[config["strategy"]](config, model.initial_state)
     _, blob = strategy.download(model.initial_state)
-    sent = {**config.to_dict(), LABEL_NAMES: list(model.spec.label_names),
-            "server-round": server_round}
-    metadata = Metadata(run_id=1, message_id=f"r{server_round}-{partition}", src_node_id=1,
-                        dst_node_id=2, reply_to_message_id="", group_id=str(server_round),
-                        created_at=time.time(), ttl=3600.0, message_type="train")
-    return make_message(metadata=metadata, content=RecordDict({
-        PAYLOAD: codec.to_record(blob),
-        CONFIG: ConfigRecord(sent), TASK: ConfigRecord({"partition-id": partition})}))
+    sent = {**config.to_dict(), LABEL_NAMES: list(model.spec.label_names)}
+    return request(2, sent, Task(server_round, partition, config["lora-rank"]), blob,
+                   message_id=f"r{server_round}-{partition}")
 
 
 def _train_bytes(config, partition: int, server_round: int) -> bytes:
-    from client.app import train
+    from fedlora.client_loop import handle_train as train
 
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 0},
                       state=RecordDict(), run_config={})

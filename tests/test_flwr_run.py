@@ -45,6 +45,10 @@ ROUND_FIELDS = {"round", "accuracy", "loss", "train_loss", "clients", "uplink_by
                 "downlink_bytes", "epsilon", "seconds"}
 NUM_CLIENTS = 8
 RAY_NAMES = ("gcs_server", "raylet", "ray::")
+# each also runs through `flwr run`; three with heterogeneous ranks
+NEW_STRATEGIES = {"fedsa": (), "hetlora": ("client-ranks='2,4,8'",),
+                  "flexlora": ("client-ranks='2,4,8'",), "flora": ("client-ranks='2,4,8'",),
+                  "fedex": ()}
 
 
 def _free_ports(count: int) -> list[int]:
@@ -84,25 +88,27 @@ def test_flwr_run_end_to_end(tmp_path, tiny_bert, topic_dataset):
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # Ray node address and binds: 127.0.0.1
     )
-    run_config = " ".join([
-        f"model={_toml_literal(tiny_bert)}",
-        f"dataset={_toml_literal(topic_dataset)}",
-        f"num-clients={NUM_CLIENTS}", "clients-per-round=4", "rounds=2",
-        "batch-size=8", "lr=0.005", "partition='dirichlet'", "dirichlet-alpha=1.0",
-        f"out-dir={_toml_literal(out)}",
-    ])
+    def run_config(out: Path, *extra: str) -> str:
+        return " ".join([
+            f"model={_toml_literal(tiny_bert)}",
+            f"dataset={_toml_literal(topic_dataset)}",
+            f"num-clients={NUM_CLIENTS}", "clients-per-round=4", "rounds=2",
+            "batch-size=8", "lr=0.005", "partition='dirichlet'", "dirichlet-alpha=1.0",
+            f"out-dir={_toml_literal(out)}", *extra,
+        ])
     # Two actors whatever the machine: the 4 clients of a round share them.
     federation_config = (f"num-supernodes={NUM_CLIENTS} client-resources-num-cpus=1 "
                          "client-resources-num-gpus=0 init-args-num-cpus=2 "
                          "init-args-num-gpus=0")
-    command = [str(BIN / "flwr"), "run", ".", "local", "--run-config", run_config,
-               "--federation-config", federation_config, "--stream"]
+    def command(config: str) -> list[str]:
+        return [str(BIN / "flwr"), "run", ".", "local", "--run-config", config,
+                "--federation-config", federation_config, "--stream"]
 
     started = time.monotonic()
     try:
         # Waits for the CLI (it streams the logs until the run ends), recording
         # every listening socket of our processes meanwhile.
-        returncode, listening, names = watch(command, env, str(home), log,
+        returncode, listening, names = watch(command(run_config(out)), env, str(home), log,
                                              timeout=RUN_TIMEOUT_S, cwd=REPO)
         output = log.read_text(errors="replace")
         elapsed = time.monotonic() - started
@@ -170,6 +176,26 @@ def test_flwr_run_end_to_end(tmp_path, tiny_bert, topic_dataset):
         assert adapter["peft_type"] == "LORA" and adapter["r"] == config["lora-rank"]
         assert adapter["base_model_name_or_path"] == str(tiny_bert)
         assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+        # The contract-v2 strategies, submitted to the same SuperLink.
+        for strategy, extra in NEW_STRATEGIES.items():
+            strategy_out = tmp_path / f"run-{strategy}"
+            done = subprocess.run(command(run_config(strategy_out, f"strategy='{strategy}'",
+                                                     *extra)),
+                                  cwd=REPO, env=env, capture_output=True, text=True,
+                                  timeout=RUN_TIMEOUT_S)
+            assert done.returncode == 0, f"{strategy}: {(done.stdout + done.stderr)[-3000:]}"
+            summary = json.loads((strategy_out / "summary.json").read_text())
+            assert (summary["strategy"], summary["client_updates"],
+                    summary["rejected_updates"]) == (strategy, 8, 0), summary
+            rows = [json.loads(line)
+                    for line in (strategy_out / "metrics.jsonl").read_text().splitlines()]
+            if strategy in ("flora", "fedex"):
+                assert all(row["agg_residual"] < 1e-5 for row in rows), rows
+                assert (strategy_out / "base_delta.safetensors").is_file()
+            if strategy == "fedsa":
+                assert all(0 <= row["personal_accuracy"] <= 1 for row in rows), rows
+        print(f"new strategies done at {time.monotonic() - started:.1f}s")
     finally:
         # Stop everything this test started, by pid: the SuperLink first (it
         # stops its SuperExec), then whatever of ours is still alive.

@@ -10,9 +10,10 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedlora.adapters import adapter_state, load_adapter_state, set_trainable
-from fedlora.config import ConfigError, resolve
+from fedlora.config import ConfigError
 from fedlora.features import client_dataset, model_for
 from fedlora.privacy import PrivateTraining, steps_per_round
+from fedlora.strategies import resolve
 from fedlora.training import train_local
 
 

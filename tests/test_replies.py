@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import time
 
+import fakes
 import pytest
-from flwr.app import Message, Metadata, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import Message
 
 from fedlora.replies import replies_as_they_arrive
 
 
 def _message(node: int) -> Message:
-    metadata = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=node,
-                        reply_to_message_id="", group_id="1", created_at=time.time(),
-                        ttl=60.0, message_type="train")
-    return make_message(metadata=metadata, content=RecordDict())
+    return fakes.message(0, node)
 
 
 class AnsweringGrid:
@@ -48,10 +45,8 @@ class AnsweringGrid:
             if node is None or node in self.silent:
                 continue
             del self.outstanding[message_id]
-            metadata = Metadata(run_id=1, message_id=f"r{message_id}", src_node_id=node,
-                                dst_node_id=0, reply_to_message_id=message_id, group_id="1",
-                                created_at=time.time(), ttl=60.0, message_type="train")
-            replies.append(make_message(metadata=metadata, content=RecordDict()))
+            replies.append(fakes.message(node, 0, message_id=f"r{message_id}",
+                                   reply_to=message_id))
         return replies
 
 

@@ -11,20 +11,19 @@ test_deployment."""
 from __future__ import annotations
 
 import json
-import time
 
+import fakes
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, Metadata
-from flwr.app.message.message import make_message
+from flwr.app import ConfigRecord, Error, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from fedlora.config import resolve
-from fedlora.strategies import base
+from fedlora.federation import run_federation
+from fedlora.messages import TASK
+from fedlora.strategies import base, resolve
 from fedlora.strategies.base import to_arrayrecord
 from fedlora.strategies.fedavg import FedAvgLoRA
-from server.app import run_federation
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 
@@ -46,10 +45,8 @@ class NodeList:
         return list(range(100, 100 + count))
 
 
-
-
 def _strategy(**keys) -> FedAvgLoRA:
-    return FedAvgLoRA(resolve({"num-clients": 10, **keys}), STATE)
+    return FedAvgLoRA(resolve({"num-clients": 10, "lora-rank": 2, **keys}), STATE)
 
 
 def _round(strategy: FedAvgLoRA, grid: NodeList, server_round: int = 1):
@@ -61,7 +58,7 @@ def test_a_round_asks_clients_per_round_distinct_connected_nodes():
     messages = _round(_strategy(**{"clients-per-round": 4}), NodeList(10))
     nodes = [m.metadata.dst_node_id for m in messages]
     assert len(nodes) == 4 == len(set(nodes)) and set(nodes) <= set(range(100, 110))
-    assert all(m.content.config_records["config"]["server-round"] == 1 for m in messages)
+    assert all(m.content.config_records[TASK]["server-round"] == 1 for m in messages)
 
 
 def _formed(**keys) -> FedAvgLoRA:
@@ -142,12 +139,10 @@ class SilentOrFailing:
             asked = self.outstanding[message_id]
             if asked.metadata.dst_node_id == 100:
                 continue
-            metadata = Metadata(run_id=7, message_id=f"r-{message_id}",
-                                src_node_id=asked.metadata.dst_node_id, dst_node_id=0,
-                                reply_to_message_id=message_id, group_id="1",
-                                created_at=time.time(), ttl=60.0, message_type="train")
-            replies.append(make_message(metadata=metadata,
-                                        error=Error(code=0, reason="ValueError: broken")))
+            replies.append(fakes.message(asked.metadata.dst_node_id, 0,
+                                   error=Error(code=0, reason="ValueError: broken"),
+                                   message_id=f"r-{message_id}", reply_to=message_id,
+                                   run_id=7))
         return replies
 
 

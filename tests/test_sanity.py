@@ -5,26 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
-from test_determinism import Nodes, _reply, _round_replies, _wide_state
+from fakes import start_round, train_reply
+from test_determinism import RANK, _round_replies, _wide_state
 
-from fedlora.config import resolve
-from fedlora.strategies import STRATEGIES
-from fedlora.strategies.base import to_arrayrecord
+from fedlora.strategies import resolve, strategies
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 
 
 def test_a_reply_too_large_to_add_is_rejected_not_averaged(caplog):
-    config = resolve({"num-clients": 10, "clients-per-round": 3})
-    strategy = STRATEGIES["fedavg"](config, _wide_state(np.random.default_rng(1)))
-    strategy.configure_train(1, to_arrayrecord(strategy.state), ConfigRecord({}),
-                             Nodes(range(10)))
+    config = resolve({"num-clients": 10, "clients-per-round": 2, "lora-rank": RANK})
+    strategy = strategies()["fedavg"](config, _wide_state(np.random.default_rng(1)))
+    start_round(strategy, [101, 102])
     good = {n: np.ones(s, np.float32) for n, s in strategy.upload_shapes.items()}
     huge = {n: np.full(s, 1e30, np.float32) for n, s in strategy.upload_shapes.items()}
     with caplog.at_level("WARNING"):
         arrays, metrics = strategy.aggregate_train(
-            1, [_reply(101, good, 10, 1.0), _reply(102, huge, 10, 1.0)])
+            1, [train_reply(101, good, 10, 1.0), train_reply(102, huge, 10, 1.0)])
     assert metrics["clients"] == 1 and metrics["rejected"] == 1
     assert all(np.array_equal(a.numpy(), np.ones_like(a.numpy())) for a in arrays.values())
     assert "reply from node 102 rejected" in caplog.text
@@ -32,12 +29,11 @@ def test_a_reply_too_large_to_add_is_rejected_not_averaged(caplog):
 
 def test_a_merge_that_is_not_finite_leaves_the_global_unchanged(monkeypatch, caplog):
     config = resolve({"num-clients": 10, "clients-per-round": 3, "strategy": "cellm",
-                      "cellm-server-optimizer": "adam"})
-    strategy = STRATEGIES["cellm"](config, _wide_state(np.random.default_rng(1)))
+                      "cellm-server-optimizer": "adam", "lora-rank": RANK})
+    strategy = strategies()["cellm"](config, _wide_state(np.random.default_rng(1)))
     before = {n: v.copy() for n, v in strategy.state.items()}
-    strategy.configure_train(1, to_arrayrecord(strategy.state), ConfigRecord({}),
-                             Nodes(range(10)))
-    replies = _round_replies(strategy, np.random.default_rng(2), count=3)
+    start_round(strategy, [100, 101, 102])
+    replies = _round_replies(strategy, np.random.default_rng(2))
     monkeypatch.setattr(np, "sqrt", lambda x: x * np.nan)  # Adam's step turns NaN
     with caplog.at_level("WARNING"):
         arrays, metrics = strategy.aggregate_train(1, replies)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedlora import codec
-from fedlora.config import ConfigError, resolve
+from fedlora.config import ConfigError
 from fedlora.sparsity import top_k
-from fedlora.strategies import STRATEGIES
+from fedlora.strategies import resolve, strategies
 from fedlora.strategies.base import ClientUpdate
 from fedlora.strategies.cellm import RESIDUAL_KEY, Cellm, CellmClient
 from fedlora.strategies.fedavg import FedAvgLoRA
@@ -31,13 +31,17 @@ def _state(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray
 
 def _updates(rng, count=4, names=SHAPES) -> list[ClientUpdate]:
     """Heterogeneous clients: independent random factors, unequal weights."""
-    return [ClientUpdate(i, float(10 + 20 * i), {n: s for n, s in _state(rng).items()
-                                                 if n in names}, MetricRecord())
+    return [ClientUpdate(i, i, R, float(10 + 20 * i), {n: s for n, s in _state(rng).items()
+                                                       if n in names})
             for i in range(count)]
 
 
+def _download_shapes(strategy) -> dict[str, tuple[int, ...]]:
+    return {n: strategy.shapes[n] for n in strategy.roles.download_names(strategy.shapes)}
+
+
 def _strategy(cls, rng, **keys):
-    config = resolve({"num-clients": 10, "clients-per-round": 4,
+    config = resolve({"num-clients": 10, "clients-per-round": 4, "lora-rank": R,
                       "strategy": cls.name, **keys})
     strategy = cls(config, _state(rng))
     strategy.sent, _ = strategy.download(strategy.state)
@@ -48,8 +52,11 @@ def _merged(strategy, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
     return strategy.merge(strategy.sums(updates))
 
 
-def test_registry_has_the_four_strategies():
-    assert set(STRATEGIES) == {"fedavg", "ffa", "lora-fair", "cellm"}
+def test_registry_has_the_built_in_strategies():
+    built_in = {name for name, cls in strategies().items()
+                if cls.__module__.startswith("fedlora.strategies.")}
+    assert built_in == {"fedavg", "ffa", "lora-fair", "cellm", "fedsa", "hetlora",
+                        "flexlora", "flora", "fedex"}
 
 
 # -- FFA-LoRA -------------------------------------------------------------------
@@ -58,7 +65,7 @@ def test_ffa_trains_and_sends_everything_but_a():
     strategy = _strategy(FfaLoRA, rng)
     roles = strategy.roles
     assert not any(".lora_A." in n for n in strategy.upload_shapes)
-    assert set(strategy.download_shapes) == set(strategy.upload_shapes)
+    assert set(_download_shapes(strategy)) == set(strategy.upload_shapes)
     assert not roles.trains("lora_A") and roles.trains("lora_B") and roles.trains("head")
 
 
@@ -201,7 +208,7 @@ def test_cellm_dense_sgd_equals_averaging_client_models():
     strategy = _strategy(Cellm, rng, **{"cellm-up-density": 1.0})
     clients = [_state(rng) for _ in range(3)]
     weights = [1.0, 2.0, 5.0]
-    updates = [ClientUpdate(i, w, {n: strategy.sent[n] - c[n] for n in c}, MetricRecord())
+    updates = [ClientUpdate(i, i, R, w, {n: strategy.sent[n] - c[n] for n in c})
                for i, (w, c) in enumerate(zip(weights, clients))]
     merged = _merged(strategy, updates)
     for name in SHAPES:
@@ -216,7 +223,7 @@ def test_cellm_sparse_download_masks_the_global():
     nonzero = sum(int(np.count_nonzero(v)) for v in sent.values())
     assert nonzero == round(0.2 * sum(v.size for v in strategy.state.values()))
     assert len(blob) < len(codec.encode(strategy.state))
-    decoded = codec.decode(blob, strategy.download_shapes)
+    decoded = codec.decode(blob, _download_shapes(strategy))
     for name in sent:
         np.testing.assert_array_equal(decoded[name], sent[name])
 

@@ -1,11 +1,14 @@
-"""Aggregation strategies by name (the values of the ``strategy`` config key)."""
+"""Aggregation strategies: the contract (``base``), the built-in ones (one
+module each) and the registry that also finds other packages' strategies."""
 
-from fedlora.strategies.base import LoraStrategy
-from fedlora.strategies.cellm import Cellm
-from fedlora.strategies.fedavg import FedAvgLoRA
-from fedlora.strategies.ffa import FfaLoRA
-from fedlora.strategies.lora_fair import LoraFair
+from fedlora.strategies.registry import (
+    from_flower,
+    from_message,
+    resolve,
+    strategies,
+    strategy_class,
+    strategy_keys,
+)
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {
-    cls.name: cls for cls in (FedAvgLoRA, FfaLoRA, LoraFair, Cellm)
-}
+__all__ = ["from_flower", "from_message", "resolve", "strategies", "strategy_class",
+           "strategy_keys"]

@@ -1,12 +1,16 @@
 """The contract every LoRA strategy implements, in two halves.
 
 Server half (``LoraStrategy``): a Flower Message-API strategy (it subclasses
-Flower's ``FedAvg`` for node sampling) that decides what each client
-downloads and how uploads become the next global adapter. Client half
-(``ClientHalf``): what a client starts from, which tensor kinds it trains and
-what it uploads. Both halves of one strategy live in one module under
-``fedlora/strategies/``; the client loop (client/app.py) and the round loop
-(server/app.py) never change when a strategy is added.
+Flower's ``FedAvg`` for its interface) that plans each sampled node's task
+(partition, rank), decides what each node downloads, validates each reply
+against what that node was asked, and turns the replies into the next global
+adapter (and, for some strategies, a change to the frozen base weights).
+Client half (``ClientHalf``): what a client starts from (seeing its
+persistent memory), which tensor kinds it trains and what it uploads (and
+keeps). Both halves of one strategy live in one module under
+``fedlora/strategies/``; the client loop (``fedlora.client_loop``) and the
+round loop (``fedlora.federation``) never change when a strategy is added.
+Messages are typed in ``fedlora.messages``.
 
 Sampling: each round takes ``clients-per-round`` of the connected nodes, or
 all of them when fewer are connected. The first round waits until
@@ -31,6 +35,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -42,17 +47,15 @@ from flwr.serverapp.strategy import FedAvg
 from threadpoolctl import threadpool_limits
 
 from fedlora import codec
-from fedlora.adapters import State
-from fedlora.config import RunConfig
+from fedlora.adapters import State, lora_pairs
+from fedlora.basedelta import BaseLedger, Increment, base_weight_name
+from fedlora.config import Key, RunConfig
+from fedlora.messages import EvaluateReply, Request, Task, TrainReply
 from fedlora.privacy import CentralPrivacy
 from fedlora.seeding import sample_positions
+from fedlora.strategies.ranks import check_client_ranks, pad, rank_of, shapes_at, truncate
 from fedlora.strategies.sums import ClientUpdate, ClippedRoundSums, RoundSums
 
-PAYLOAD = "payload"  # ArrayRecord key of the encoded adapter payload, both ways
-CONFIG = "config"  # ConfigRecord key of the run config sent to clients
-METRICS = "metrics"  # MetricRecord key of a client's training metrics
-TASK = "task"  # ConfigRecord key of what one message asks of its node ("partition-id")
-MAX_EXAMPLES = 2**31  # a client's claimed num-examples must be below this
 LOGGER = logging.getLogger(__name__)
 WAIT_FOR_NODES_S = 1.0  # how often the connected nodes are counted while too few are
 
@@ -84,25 +87,75 @@ class ClientHalf(ABC):
     def trains(self, kind: str) -> bool:
         """Whether tensors of ``kind`` (lora_A, lora_B, head) are trained."""
 
-    def start_state(self, received: State, template: State) -> State:
-        """The full adapter to train from; ``template`` is the adapter as built
-        under the run seed (it fills in whatever is not sent)."""
+    def start_state(self, received: State, template: State, memory: RecordDict) -> State:
+        """The full adapter to train (or evaluate) from. ``template`` is the
+        adapter as built under the run seed at this client's rank (it fills
+        in whatever is not sent); ``memory`` is the client's persistent state
+        (Flower's ``context.state``), e.g. its personal tensors."""
         return {**template, **received}
 
     def upload(self, start: State, trained: State,
                memory: RecordDict) -> Mapping[str, np.ndarray | codec.SparseTensor]:
         """The tensors to send after local training. ``memory`` is the client's
-        persistent state (Flower's ``context.state``): the same client gets it
-        back in its next round, e.g. for error-feedback residuals."""
+        persistent state: the same client gets it back in its next round,
+        e.g. for error-feedback residuals or the tensors it keeps."""
         return {name: trained[name] for name in self.upload_names(trained)}
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the server asked of one node this round."""
+
+    node_id: int
+    partition_id: int
+    rank: int
+
+
 class LoraStrategy(FedAvg, ABC):
-    """Server half: Flower's FedAvg interface; sampling, payloads and
-    aggregation here."""
+    """Server half: Flower's FedAvg interface; sampling, per-node requests,
+    reply validation and aggregation here.
+
+    What a strategy declares (class attributes) and may override:
+
+    * ``keys``: its own config keys (``fedlora keys`` lists them under it);
+      ``check_config`` refuses combinations it cannot run, in one line.
+    * ``rank_for(partition)``: each client's adapter rank (``heterogeneous_ranks``
+      strategies take ``client-ranks``); ``download_at(rank)`` what a client
+      of that rank starts from; ``client_factors`` a reply in global units.
+    * ``new_sums``/``add_update``: what replies fold into; ``merge``: the next
+      global adapter; ``base_change``: factors to fold into the frozen base
+      weights (``fedlora.basedelta``), which every node is then told about.
+    * ``personal``: clients keep parts of the adapter, so each round that is
+      evaluated ends with federated evaluation (``personal_accuracy``).
+    """
 
     name: ClassVar[str]
     client_half: ClassVar[type[ClientHalf]]
+    keys: ClassVar[Mapping[str, Key]] = {}
+    needs_products: ClassVar[bool] = False  # merge reads RoundSums.ideal
+    heterogeneous_ranks: ClassVar[bool] = False  # takes client-ranks
+    personal: ClassVar[bool] = False  # clients keep personal tensors
+    changes_base: ClassVar[bool] = False  # base_change may return an increment
+    # central DP clips each client's change to what it was sent and noises the
+    # average; a strategy whose merge reads more of the clients than that sets False
+    central_dp: ClassVar[bool] = True
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> str | None:
+        """One line saying why this strategy cannot run ``config``, or None."""
+        if config["dp"] == "central" and not cls.central_dp:
+            return (f"config key 'dp': central DP cannot cover strategy {cls.name} (its "
+                    "server reads more of each client than the clipped change); use dp=local")
+        if cls.heterogeneous_ranks:
+            return check_client_ranks(config)
+        return None
+
+    @classmethod
+    def evaluation_prefix(cls, config: RunConfig) -> str | None:
+        """The metric prefix of federated evaluation, None when there is none."""
+        if cls.personal:
+            return "personal"
+        return "fed" if config["federated-eval"] else None
 
     def __init__(self, config: RunConfig, initial_state: State) -> None:
         per_round = config["clients-per-round"]
@@ -114,18 +167,24 @@ class LoraStrategy(FedAvg, ABC):
         self.config = config
         self.per_round = per_round
         self.min_replies = config["min-clients"]
+        self.global_rank = config["lora-rank"]
+        self.scale = config["lora-alpha"] / config["lora-rank"]  # s of the global adapter
         self._outbox: list[Message] = []  # this round's messages (ids given at push)
         self._formed = False  # clients-per-round nodes have been connected once
+        self.plans: dict[int, Plan] = {}  # this round's, by node id
         self.roles = self.client_half(config)
         self.state: State = {k: v.copy() for k, v in initial_state.items()}
-        self.sent: State = {}  # the full adapter clients started from this round
-        self.download_shapes = {n: initial_state[n].shape
-                                for n in self.roles.download_names(initial_state)}
-        self.upload_shapes = {n: initial_state[n].shape
-                              for n in self.roles.upload_names(initial_state)}
+        self.initial_state = {k: v.copy() for k, v in initial_state.items()}
+        self.shapes = {n: tuple(v.shape) for n, v in initial_state.items()}
+        self.sent: State = {}  # the full adapter global-rank clients started from this round
+        self._sent_at: dict[int, tuple[State, bytes]] = {}  # by rank, this round
+        self.upload_shapes = {n: self.shapes[n] for n in self.roles.upload_names(self.shapes)}
         self._downlink_bytes = 0
         self.epsilons: dict[int, float] = {}  # ε spent so far, by partition id (local DP)
         self.central = CentralPrivacy(config) if config["dp"] == "central" else None
+        self.base = BaseLedger({
+            base_weight_name(a): (self.shapes[b][0], self.shapes[a][1])
+            for a, b in lora_pairs(list(self.shapes))}) if self.changes_base else None
 
     # -- what subclasses define ------------------------------------------------
     @abstractmethod
@@ -134,16 +193,33 @@ class LoraStrategy(FedAvg, ABC):
         (``self.state`` is the current one, ``self.sent`` what clients started
         from)."""
 
-    needs_products: ClassVar[bool] = False  # merge reads RoundSums.ideal
+    def base_change(self, sums: RoundSums, merged: State) -> Increment | None:
+        """Factors to add to the base weights after this round (module →
+        (left, right), left @ right in nn.Linear's layout, scale included);
+        None for strategies that leave the base alone."""
+        return None
+
+    def rank_for(self, partition_id: int) -> int:
+        """The adapter rank partition ``partition_id`` trains at."""
+        return rank_of(self.config, partition_id) if self.heterogeneous_ranks else self.global_rank
 
     def download(self, state: State) -> tuple[State, bytes]:
-        """(what clients start from, its encoding) for this round."""
-        return state, codec.encode({n: state[n] for n in self.download_shapes})
+        """(what global-rank clients start from, its encoding) for this round."""
+        return state, codec.encode({n: state[n] for n in self.roles.download_names(state)})
+
+    def download_at(self, rank: int) -> tuple[State, bytes]:
+        """(the full adapter a client of ``rank`` starts from, in its units;
+        the encoding of what is sent): the first ``rank`` ranks of ``self.sent``."""
+        start = truncate(self.sent, rank, self.global_rank)
+        return start, codec.encode({n: start[n] for n in self.roles.download_names(start)})
 
     def client_factors(self, update: ClientUpdate) -> State:
         """The client's full adapter after training, as far as the server can
-        tell: what it started from overwritten by what it sent."""
-        return {**self.sent, **update.tensors}
+        tell, in global units: what it started from overwritten by what it sent."""
+        if update.rank == self.global_rank:
+            return {**self.sent, **update.tensors}
+        start, _ = self._sent_at[update.rank]
+        return pad({**start, **update.tensors}, update.rank, self.global_rank)
 
     def upload_of(self, factors: State) -> State:
         """What a client whose adapter ended at ``factors`` would have uploaded
@@ -156,11 +232,23 @@ class LoraStrategy(FedAvg, ABC):
             return ClippedRoundSums(self.central, self.sent, self.upload_shapes, self.upload_of)
         return RoundSums(products=self.needs_products or self.config["agg-residual"])
 
+    def in_global_units(self, update: ClientUpdate) -> tuple[ClientUpdate, State]:
+        """(the update with its tensors at the global rank, the client's full
+        factors): a reply of another rank, padded (``ranks.pad``)."""
+        factors = self.client_factors(update)
+        if update.rank != self.global_rank:
+            update = replace(update, tensors={n: factors[n] for n in update.tensors})
+        return update, factors
+
+    def add_update(self, sums: RoundSums, update: ClientUpdate) -> None:
+        """Fold one accepted update into ``sums`` (weighted by its examples)."""
+        sums.add(*self.in_global_units(update))
+
     def sums(self, updates: Iterable[ClientUpdate]) -> RoundSums:
         """Fold ``updates`` into fresh round sums (one at a time)."""
         sums = self.new_sums()
         for update in updates:
-            sums.add(update, self.client_factors(update))
+            self.add_update(sums, update)
         return sums
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -170,6 +258,7 @@ class LoraStrategy(FedAvg, ABC):
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    # -- sampling and requests --------------------------------------------------
     def sample_nodes(self, server_round: int, grid: Grid) -> list[tuple[int, int]]:
         """(position, node id) of ``clients-per-round`` of the connected nodes
         (all when fewer are connected), once ``clients-per-round`` (first
@@ -198,57 +287,97 @@ class LoraStrategy(FedAvg, ABC):
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
         return asked.get(reply.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
 
+    def _requests(self, server_round: int, config: ConfigRecord,
+                  message_type: str) -> list[Message]:
+        """One message per planned node: its rank's download and the base
+        changes it has not seen. Downloads are encoded once per rank."""
+        self._sent_at = {self.global_rank: self.download(self.state)}
+        self.sent = self._sent_at[self.global_rank][0]
+        messages, self._downlink_bytes = [], 0
+        for plan in self.plans.values():
+            if plan.rank not in self._sent_at:
+                self._sent_at[plan.rank] = self.download_at(plan.rank)
+            since, base = (self.base.update_for(plan.node_id) if self.base is not None
+                           else (0, None))
+            task = Task(server_round, plan.partition_id, plan.rank,
+                        self.base.version if self.base is not None else 0, since)
+            request = Request({}, task, self._sent_at[plan.rank][1], base)
+            self._downlink_bytes += len(request.payload) + len(base or b"")
+            messages.append(request.to_message(plan.node_id, message_type, config))
+        return messages
+
     # -- Flower's Strategy interface --------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord,
                         config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.state = from_arrayrecord(arrays)
-        self.sent, blob = self.download(self.state)
-        config["server-round"] = server_round
-        payload = codec.to_record(blob)
-        chosen = self.sample_nodes(server_round, grid)
-        self._downlink_bytes = len(blob) * len(chosen)
-        self._outbox = [
-            Message(content=RecordDict({PAYLOAD: payload, CONFIG: config,
-                                        TASK: ConfigRecord({"partition-id": position})}),
-                    message_type=MessageType.TRAIN, dst_node_id=node)
-            for position, node in chosen]
+        self.plans = {node: Plan(node, position, self.rank_for(position))
+                      for position, node in self.sample_nodes(server_round, grid)}
+        self._outbox = self._requests(server_round, config, MessageType.TRAIN)
         return self._outbox
 
-    def _note_privacy(self, server_round: int, message: Message) -> bool:
-        """Record the ε a DP client reports; True when it declined to train."""
-        if message.has_error():
-            return False
-        metrics = message.content.metric_records.get(METRICS)
-        if metrics is None or "epsilon" not in metrics or "partition-id" not in metrics:
-            return False
-        self.epsilons[int(metrics["partition-id"])] = float(metrics["epsilon"])
-        if not metrics.get("declined"):
-            return False
-        LOGGER.info("round %d: node %d declined: one more round would spend ε=%.3f, over "
-                    "the budget", server_round, message.metadata.src_node_id,
-                    float(metrics.get("epsilon-after-round", float("nan"))))
-        return True
+    def evaluation_requests(self, server_round: int, config: ConfigRecord) -> list[Message]:
+        """Federated evaluation: the round's nodes, each asked to evaluate the
+        new global adapter (with its personal tensors) on its held-out slice."""
+        self._outbox = self._requests(server_round, config, MessageType.EVALUATE)
+        return self._outbox
 
-    @staticmethod
-    def _payload(message: Message) -> bytes:
-        """The reply's payload bytes; raises ``PayloadError`` when there are none."""
-        if message.has_error():
-            reason = message.error.reason.strip().splitlines()
-            raise codec.PayloadError(f"client failed: {reason[-1] if reason else '?'}")
-        records = message.content.array_records
-        if PAYLOAD not in records:
-            raise codec.PayloadError("reply has no payload record")
-        return codec.from_record(records[PAYLOAD])
+    def aggregate_evaluation(self, server_round: int, replies: Iterable[Message],
+                             prefix: str) -> MetricRecord:
+        """Example-weighted mean accuracy and loss over the valid evaluation
+        replies, the spread of accuracy across clients (weighted standard
+        deviation) and how many answered; invalid ones are logged, not counted."""
+        results = []
+        for message in replies:
+            try:
+                results.append(EvaluateReply.from_message(message))
+            except codec.PayloadError as err:
+                LOGGER.warning("round %d: evaluation reply from node %d rejected: %s",
+                               server_round, self.node_of(message), err)
+        metrics = MetricRecord({f"{prefix}_clients": len(results)})
+        if results:
+            total = sum(r.num_examples for r in results)
+            mean = sum(r.num_examples * r.accuracy for r in results) / total
+            spread = sum(r.num_examples * (r.accuracy - mean) ** 2 for r in results) / total
+            metrics[f"{prefix}_accuracy"] = mean
+            metrics[f"{prefix}_accuracy_sd"] = math.sqrt(spread)
+            metrics[f"{prefix}_loss"] = sum(r.num_examples * r.loss for r in results) / total
+        return metrics
 
-    def _decode(self, message: Message, blob: bytes) -> ClientUpdate:
-        """Validate one reply; raises ``PayloadError`` with the reason."""
-        metrics = message.content.metric_records.get(METRICS)
-        weight = metrics.get("num-examples") if metrics is not None else None
-        if (not isinstance(weight, (int, float)) or not math.isfinite(weight)
-                or not 0 < weight < MAX_EXAMPLES):
-            raise codec.PayloadError(f"bad or missing num-examples {weight!r}")
-        tensors = codec.decode(blob, self.upload_shapes)
-        return ClientUpdate(message.metadata.src_node_id, float(weight), tensors, metrics)
+    # -- replies ----------------------------------------------------------------
+    def _note_privacy(self, server_round: int, node: int, reply: TrainReply) -> None:
+        """Record the ε a DP client reports (and its decline)."""
+        if reply.epsilon is not None:
+            self.epsilons[reply.partition_id] = reply.epsilon
+        if reply.declined:
+            LOGGER.info("round %d: node %d declined: one more round would spend ε=%.3f, "
+                        "over the budget", server_round, node,
+                        reply.epsilon_after_round or float("nan"))
+
+    def _reply(self, node: int, message: Message) -> TrainReply:
+        """The typed reply; for a strategy that changes the base, one that
+        trained on another base version than the one sent is refused, and a
+        failed node is sent every change again next time (it may have lost
+        what it held)."""
+        try:
+            reply = TrainReply.from_message(message)
+            if self.base is not None and reply.base_version != self.base.version:
+                raise codec.PayloadError(f"trained on base version {reply.base_version}, "
+                                         f"not {self.base.version}")
+        except codec.PayloadError:
+            if self.base is not None:
+                self.base.forget(node)
+            raise
+        if self.base is not None:
+            self.base.acknowledge(node, reply.base_version)
+        return reply
+
+    def _decode(self, plan: Plan, reply: TrainReply) -> ClientUpdate:
+        """Validate one reply against what its node was asked; raises
+        ``PayloadError`` with the reason."""
+        tensors = codec.decode(reply.payload, shapes_at(self.upload_shapes, plan.rank))
+        return ClientUpdate(plan.node_id, plan.partition_id, plan.rank,
+                            float(reply.num_examples), tensors, reply.train_loss,
+                            reply.compute_seconds)
 
     def _accepted(self, server_round: int, replies: Iterable[Message],
                   counts: dict[str, float]) -> Iterator[ClientUpdate]:
@@ -256,16 +385,21 @@ class LoraStrategy(FedAvg, ABC):
         failed and invalid replies are counted (and the latter two logged)."""
         for message in replies:
             started = time.perf_counter()
-            if self._note_privacy(server_round, message):
-                counts["declined"] += 1
-                continue
+            node = self.node_of(message)
             try:
-                blob = self._payload(message)
-                counts["uplink_bytes"] += len(blob)
-                update = self._decode(message, blob)
+                plan = self.plans.get(node)
+                if plan is None:
+                    raise codec.PayloadError("no training request was sent to this node")
+                reply = self._reply(node, message)
+                self._note_privacy(server_round, node, reply)
+                if reply.declined:
+                    counts["declined"] += 1
+                    continue
+                counts["uplink_bytes"] += len(reply.payload)
+                update = self._decode(plan, reply)
             except codec.PayloadError as err:
                 LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
-                    self.node_of(message), err)
+                               node, err)
                 counts["rejected"] += 1
                 continue
             finally:
@@ -275,7 +409,7 @@ class LoraStrategy(FedAvg, ABC):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         """Fold the replies in as they come (``replies`` may be a generator
-        that yields each as it arrives: see server/app.py), then merge.
+        that yields each as it arrives: see fedlora.replies), then merge.
 
         NumPy's BLAS runs single-threaded here: the matrices are small (rank-r
         factors, one module at a time), and OpenBLAS's spinning worker threads
@@ -292,7 +426,7 @@ class LoraStrategy(FedAvg, ABC):
         for update in self._accepted(server_round, replies, counts):
             started = time.perf_counter()
             try:
-                sums.add(update, self.client_factors(update))
+                self.add_update(sums, update)
             except OverflowError as err:
                 LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
                                update.node_id, err)
@@ -308,7 +442,7 @@ class LoraStrategy(FedAvg, ABC):
         decode_s = counts.pop("decode_s")
         metrics = MetricRecord({
             "clients": sums.count, **counts, "downlink_bytes": self._downlink_bytes,
-            "train_loss": sums.loss / sums.weight if sums.count else float("nan"),
+            "train_loss": sums.loss / sums.examples if sums.count else float("nan"),
             "compute_s": sums.compute_s,
         })
         if self.epsilons:
@@ -324,28 +458,52 @@ class LoraStrategy(FedAvg, ABC):
             metrics["epsilon"] = self.central.epsilon()
         if merged is None:
             return None, metrics
+        merged, increment = merged
         self.state = merged
+        if increment:
+            self.base.apply(increment)
         # decoding and folding happen while replies arrive; merging after the last
         metrics["aggregate_s"] = decode_s + sums.fold_s + time.perf_counter() - started
         if sums.products:
-            metrics["agg_residual"] = sums.residual(self.state)
+            metrics["agg_residual"] = sums.residual(self.state, self._base_step(increment))
             # the same clients' factors averaged separately (FedIT): the baseline
             metrics["agg_residual_fedavg"] = sums.residual(sums.factor_mean())
+        if self.base is not None:
+            metrics["base_version"] = self.base.version
         return to_arrayrecord(self.state), metrics
 
-    def _checked_merge(self, server_round: int, sums: RoundSums) -> State | None:
-        """``merge``, or None (logged, strategy state as before) when it fails
-        numerically or gives a global that is not finite: a bad round leaves
-        the global adapter unchanged instead of crashing or poisoning it."""
+    def _base_step(self, increment: Increment | None):
+        """For the residual: what ``increment`` added to a module's weight,
+        in adapter units (÷ s), by lora_A name."""
+        if not increment:
+            return None
+
+        def step(a_name: str) -> np.ndarray | None:
+            factors = increment.get(base_weight_name(a_name))
+            if factors is None:
+                return None
+            return factors[0].astype(np.float64) @ factors[1] / self.scale
+
+        return step
+
+    def _checked_merge(self, server_round: int, sums: RoundSums
+                       ) -> tuple[State, Increment | None] | None:
+        """(``merge``, ``base_change``), or None (logged, strategy state as
+        before) when they fail numerically or give something not finite: a
+        bad round leaves the global adapter and base unchanged instead of
+        crashing or poisoning them."""
         before = self.state_dict()
         try:
             merged = self.merge(sums)
-            problem = next((f"merged {name} is not finite" for name, value in merged.items()
+            increment = self.base_change(sums, merged) if self.base is not None else None
+            values = [*merged.items(), *((f"base change of {m}", f) for m, pair in
+                                          (increment or {}).items() for f in pair)]
+            problem = next((f"merged {name} is not finite" for name, value in values
                             if not np.all(np.isfinite(value))), None)
         except (ArithmeticError, np.linalg.LinAlgError) as err:
             problem = f"merge failed ({type(err).__name__}: {err})"
         if problem is None:
-            return merged
+            return merged, increment
         LOGGER.warning("round %d: %s: global adapter unchanged", server_round, problem)
         self.load_state_dict(before)
         return None

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedlora import codec
 from fedlora.adapters import State
+from fedlora.config import Key, density, one_of, positive
 from fedlora.sparsity import top_k
 from fedlora.strategies.base import ClientUpdate, LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
@@ -50,6 +51,18 @@ class Cellm(LoraStrategy):
 
     name = "cellm"
     client_half = CellmClient
+    keys = {
+        "cellm-up-density": Key(float, 0.05, "CELLM share of update entries uploaded",
+                                density),
+        "cellm-down-density": Key(float, 1.0, "CELLM share of global entries downloaded",
+                                  density),
+        "cellm-error-feedback": Key(bool, False, "CELLM: keep the dropped residual per "
+                                    "client and add it next round"),
+        "cellm-server-optimizer": Key(str, "sgd", "CELLM server update: sgd | adam",
+                                      one_of("sgd", "adam")),
+        "cellm-server-lr": Key(float, 1.0, "CELLM server learning rate (FLASC: 1 for sgd, "
+                               "1e-3 for adam)", positive),
+    }
 
     def __init__(self, config, initial_state: State) -> None:
         super().__init__(config, initial_state)

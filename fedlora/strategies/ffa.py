@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedlora.adapters import State, tensor_kind
+from fedlora.config import Key, one_of
 from fedlora.strategies.base import ClientHalf, LoraStrategy, RoundSums
 
 
@@ -33,6 +34,10 @@ class FfaLoRA(LoraStrategy):
 
     name = "ffa"
     client_half = FfaClient
+    keys = {
+        "ffa-a-init": Key(str, "kaiming", "FFA-LoRA's frozen A: kaiming (PEFT default) or "
+                          "gaussian, drawn from the run seed", one_of("kaiming", "gaussian")),
+    }
 
     def merge(self, sums: RoundSums) -> State:
         return {**self.state, **sums.mean()}

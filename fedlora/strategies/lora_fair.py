@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from fedlora.adapters import State, lora_pairs
+from fedlora.config import Key, non_negative, positive
 from fedlora.strategies.base import LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
 
@@ -110,8 +111,17 @@ class LoraFair(LoraStrategy):
 
     name = "lora-fair"
     client_half = FedAvgClient
+    keys = {
+        "fair-lambda": Key(float, 0.01, "LoRA-FAIR regulariser weight λ on ‖ΔB‖²",
+                           non_negative),
+        "fair-steps": Key(int, 50, "LoRA-FAIR Adam steps per module after the "
+                          "warm start (a ridge solve in the objective's units)", non_negative),
+        "fair-lr": Key(float, 0.01, "LoRA-FAIR Adam step, relative to B's RMS entry",
+                       positive),
+    }
 
     needs_products = True
+    central_dp = False  # the correction reads each client's raw factors (Σ p_k B_k A_k)
 
     def merge(self, sums: RoundSums) -> State:
         merged = {**self.state, **sums.mean()}

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import MetricRecord
 
 from fedlora.adapters import State, lora_pairs
 from fedlora.exactsum import ExactSum, check_bounded
@@ -22,10 +21,15 @@ from fedlora.privacy import CentralPrivacy
 
 @dataclass(frozen=True)
 class ClientUpdate:
+    """One accepted reply: who sent it, for which task, and what it holds."""
+
     node_id: int
-    weight: float
-    tensors: State
-    metrics: MetricRecord
+    partition_id: int  # the partition the server asked of the node (not its claim)
+    rank: int  # the rank the node was asked to train at
+    weight: float  # examples trained on (p_k ∝ weight)
+    tensors: State  # the decoded upload
+    loss: float = 0.0  # the client's mean training loss
+    compute_s: float = 0.0  # the client's reported training time (timing only)
 
 
 def _add(sums: dict[str, ExactSum], name: str, term: np.ndarray) -> None:
@@ -57,26 +61,30 @@ class RoundSums:
         self.fold_s = 0.0  # the server's time decoding and adding updates
         self.products = products
         self._weight = ExactSum(())
-        self._loss = ExactSum(())  # Σ weight × train loss
+        self._examples = ExactSum(())
+        self._loss = ExactSum(())  # Σ examples × train loss
         self._uploads: dict[str, ExactSum] = {}
         self._factors: dict[str, ExactSum] = {}
         self._ideal: dict[tuple[str, str], ExactSum] = {}
 
-    def add(self, update: ClientUpdate, factors: State) -> None:
+    def add(self, update: ClientUpdate, factors: State, weight: float | None = None) -> None:
         """Fold in one update: ``factors`` is the client's full adapter after
-        training as the server reconstructs it (``LoraStrategy.client_factors``).
-        Raises ``OverflowError`` before changing anything when a weighted
-        value is too large to add exactly (``fedlora.exactsum.LIMIT``)."""
-        weight = update.weight
+        training as the server reconstructs it, in global units
+        (``LoraStrategy.client_factors``). ``weight`` is its aggregation
+        weight (default: its examples; the training loss is always weighted
+        by examples). Raises ``OverflowError`` before changing anything when a
+        weighted value is too large to add exactly (``fedlora.exactsum.LIMIT``)."""
+        weight = update.weight if weight is None else weight
         terms = {name: _weighted(value, weight) for name, value in update.tensors.items()}
         factor_terms = {name: _weighted(value, weight) for name, value in factors.items()}
         with np.errstate(over="ignore", invalid="ignore"):  # refused just below
             products = {pair: _weighted(factors[pair[1]] @ factors[pair[0]], weight)
                         for pair in (lora_pairs(list(factors)) if self.products else ())}
-        loss = _weighted(np.float64(update.metrics.get("train-loss", 0.0)), weight)
-        for term in (*terms.values(), *factor_terms.values(), *products.values(), loss):
+        loss = _weighted(np.float64(update.loss), update.weight)
+        for term in (*terms.values(), *factor_terms.values(), *products.values(), loss,
+                     np.float64(weight)):
             check_bounded(term)
-        self._count(update, loss)
+        self._count(update, loss, weight)
         for name, term in terms.items():
             _add(self._uploads, name, term)
         for name, term in factor_terms.items():
@@ -84,15 +92,21 @@ class RoundSums:
         for pair, term in products.items():
             _add(self._ideal, pair, term)
 
-    def _count(self, update: ClientUpdate, loss: np.ndarray) -> None:
-        self._weight.add(np.float64(update.weight))
+    def _count(self, update: ClientUpdate, loss: np.ndarray, weight: float) -> None:
+        self._weight.add(np.float64(weight))
+        self._examples.add(np.float64(update.weight))
         self._loss.add(loss)
         self.count += 1
-        self.compute_s += float(update.metrics.get("compute-seconds", 0.0))
+        self.compute_s += update.compute_s
 
     @property
     def weight(self) -> float:
+        """Σ aggregation weights (examples, unless a strategy weighs otherwise)."""
         return float(self._weight.total())
+
+    @property
+    def examples(self) -> float:
+        return float(self._examples.total())
 
     @property
     def loss(self) -> float:
@@ -113,14 +127,20 @@ class RoundSums:
         """ΔW* = Σ p_k B_k A_k for one LoRA module (the LoRA scale s omitted)."""
         return (self._ideal[a_name, b_name].total() / self.weight).astype(np.float32)
 
-    def residual(self, sent: State) -> float:
-        """‖ΔW* − B̃Ã‖_F / ‖ΔW*‖_F over all LoRA modules (docs/algorithms.md §0),
-        (Ã, B̃) being ``sent``; the LoRA scale cancels. NaN when ΔW* is zero."""
+    def residual(self, sent: State, base_step: Callable[[str], np.ndarray | None] = None
+                 ) -> float:
+        """‖ΔW* − (B̃Ã + base step)‖_F / ‖ΔW*‖_F over all LoRA modules
+        (docs/algorithms.md §0), (Ã, B̃) being ``sent`` and ``base_step(a_name)``
+        what the round folded into that module's base weight, in adapter units
+        (÷ s); the LoRA scale cancels. NaN when ΔW* is zero."""
         error = norm = 0.0
         for (a_name, b_name) in self._ideal:
             ideal = self.ideal(a_name, b_name).astype(np.float64)
-            error += float(np.sum((ideal - sent[b_name].astype(np.float64) @ sent[a_name])
-                                  ** 2))
+            applied = sent[b_name].astype(np.float64) @ sent[a_name]
+            step = base_step(a_name) if base_step is not None else None
+            if step is not None:
+                applied = applied + step
+            error += float(np.sum((ideal - applied) ** 2))
             norm += float(np.sum(ideal ** 2))
         return float(np.sqrt(error / norm)) if norm > 0 else float("nan")
 
@@ -141,12 +161,12 @@ class ClippedRoundSums(RoundSums):
         self._clipped = [ExactSum(sent[n].shape) for n in self.names]
         self._mean: State | None = None
 
-    def add(self, update: ClientUpdate, factors: State) -> None:
+    def add(self, update: ClientUpdate, factors: State, weight: float | None = None) -> None:
         change = [factors[n].astype(np.float64) - self.sent[n] for n in self.names]
         self.privacy.clip(change)
-        loss = _weighted(np.float64(update.metrics.get("train-loss", 0.0)), update.weight)
+        loss = _weighted(np.float64(update.loss), update.weight)
         check_bounded(loss)
-        self._count(update, loss)
+        self._count(update, loss, 1.0)
         for total, part in zip(self._clipped, change):
             total.add(part)
 
@@ -157,3 +177,29 @@ class ClippedRoundSums(RoundSums):
             self._mean = self.to_upload({**self.sent, **{
                 n: (self.sent[n] + v).astype(np.float32) for n, v in zip(self.names, noisy)}})
         return self._mean
+
+
+class StackedRoundSums(RoundSums):
+    """Round sums that also keep every client's LoRA factors (global units)
+    and example count, for strategies whose exact update stacks them (FLoRA,
+    FedEx-LoRA): the memory grows with the round's clients, as the stacked
+    factors on the wire do. ``stack`` orders them by partition id, so the
+    stacked bytes do not depend on arrival order."""
+
+    def __init__(self, products: bool = True) -> None:
+        super().__init__(products)
+        self._clients: list[tuple[int, float, State]] = []
+
+    def add(self, update: ClientUpdate, factors: State, weight: float | None = None) -> None:
+        super().add(update, factors, weight)
+        lora = {n: factors[n] for pair in lora_pairs(list(factors)) for n in pair}
+        self._clients.append((update.partition_id, update.weight, lora))
+
+    def stack(self, a_name: str, b_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(B_stack d×Σr, A_stack Σr×k) with B_stack·A_stack = Σ p_k B_k A_k."""
+        clients = sorted(self._clients, key=lambda c: (c[0], c[1]))
+        total = self.examples
+        b = np.concatenate([f[b_name] for _, _, f in clients], axis=1)
+        a = np.concatenate([(w / total) * f[a_name].astype(np.float64)
+                            for _, w, f in clients], axis=0)
+        return b.astype(np.float32), a.astype(np.float32)

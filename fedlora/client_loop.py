@@ -1,0 +1,156 @@
+"""The client side of a round: request → strategy client half → local
+training (or evaluation) → reply. ``client/app.py`` is this, registered with
+Flower; ``fedlora simulate`` builds the same ClientApp (``client_app``).
+
+The loop is the same for every strategy: read the request
+(``fedlora.messages``), build this client's model at the rank it was asked
+for, bring its base weights to the version the server names
+(``fedlora.basedelta``, for strategies that change them), let the strategy's
+client half say where training starts (it sees the client's persistent
+memory) and what trains, train on this client's data (with DP-SGD when
+``dp=local``; a client whose next round would exceed its ε budget declines
+instead), let the strategy say what goes back, encode. The base model and the
+tokenised partitions are cached in the worker process (``fedlora.features``);
+the adapter and the optimiser are rebuilt here for every message.
+
+A client's data: in a deployment, the node's own directory (node config
+``data-path``), labelled by the classes the server sends; its node id is its
+identity (seeds, DP accounting). Otherwise (simulation, demos) the partition
+of the run's shared ``dataset`` that the message names (the server draws them
+from the run seed: ``fedlora.seeding``), or the node's own ``partition-id``
+when it names none. With federated evaluation a seeded share of it is held
+out (``fedlora.features.held_out_split``) and never trained on.
+
+Randomness: every draw of a local round (shuffling, dropout) comes from
+``fedlora.seeding.client_seed`` (seed, round, client), so a reply does not
+depend on which Ray worker computed it or what that worker did before; DP
+noise and Poisson sampling come from their own, secret, generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedlora import codec
+from fedlora.adapters import State, adapter_state, load_adapter_state, set_trainable
+from fedlora.basedelta import NodeBase, shapes_of, write_base
+from fedlora.config import RunConfig
+from fedlora.features import (
+    client_dataset,
+    held_out_split,
+    model_for,
+    model_with_labels,
+    node_dataset,
+)
+from fedlora.messages import EvaluateReply, Request, TrainReply
+from fedlora.models import LoraModel
+from fedlora.privacy import PrivateTraining
+from fedlora.seeding import client_seed, dp_generator
+from fedlora.strategies import from_message, strategy_class
+from fedlora.strategies.base import ClientHalf
+from fedlora.training import evaluate, train_local
+
+
+@dataclass
+class Session:
+    """One message's client: its config, model, data and starting adapter."""
+
+    request: Request
+    config: RunConfig
+    role: ClientHalf
+    model: LoraModel
+    train: Dataset
+    held_out: Dataset
+    identity: int  # partition id (simulation) or node id (deployment)
+    start: State
+    base_version: int
+
+
+def open_session(message: Message, context: Context, model: LoraModel | None = None,
+                 data: Dataset | None = None) -> Session:
+    """Read the request and prepare this client's model for it. ``model`` and
+    ``data`` replace the cached ones (``fedlora.bench_scale`` builds them per
+    message to measure the stock pattern)."""
+    request = Request.from_message(message)
+    config = from_message(request.run_config())
+    strategy = strategy_class(config["strategy"])
+    rank = request.task.rank
+    data_path = context.node_config.get("data-path")
+    if data_path:
+        model = model or model_with_labels(config, request.label_names, rank)
+        data = data if data is not None else node_dataset(config, model, str(data_path))
+        identity = context.node_id
+    else:
+        identity = request.task.partition_id
+        model = model or model_for(config, rank)
+        data = data if data is not None else client_dataset(config, identity)
+    train, held_out = ((held_out_split(config, data) if strategy.evaluation_prefix(config)
+                        else (data, data)))
+    node_base = NodeBase(context.state)
+    node_base.update(request.base, request.task.base_from, request.task.base_version,
+                     shapes_of(model.peft))
+    write_base(model.peft, node_base.delta)
+    role = strategy.client_half(config)
+    template = model.initial_state
+    expected = {n: template[n].shape for n in role.download_names(template)}
+    received = codec.decode(request.payload, expected)
+    start = role.start_state(received, template, context.state)
+    load_adapter_state(model.peft, start)
+    return Session(request, config, role, model, train, held_out, identity, start,
+                   node_base.version)
+
+
+def handle_train(message: Message, context: Context) -> Message:
+    """Train this client's adapter as the request asks; reply with the upload."""
+    return local_update(message, context, open_session(message, context))
+
+
+def local_update(message: Message, context: Context, session: Session) -> Message:
+    """The training reply for a prepared session."""
+    config, task = session.config, session.request.task
+    torch.set_num_threads(max(1, int(config["client-cpus"])))
+    params = set_trainable(session.model.peft, session.role.trains)
+    private = None
+    if config["dp"] == "local":
+        private = PrivateTraining(config, context.state, len(session.train), dp_generator(
+            config["dp-seeded-noise"], config["seed"], task.server_round, session.identity))
+        if private.exceeds_budget():
+            return TrainReply(session.identity, base_version=session.base_version,
+                              epsilon=private.epsilon(),
+                              epsilon_after_round=private.epsilon_after_round()
+                              ).to_message(message)
+    result = train_local(
+        session.model, params, session.train,
+        epochs=config["local-epochs"], max_steps=config["local-steps"],
+        batch_size=config["batch-size"], lr=config["lr"], optimizer=config["optimizer"],
+        seed=client_seed(config["seed"], task.server_round, session.identity),
+        private=private,
+    )
+    upload = session.role.upload(session.start, adapter_state(session.model.peft),
+                                 context.state)
+    return TrainReply(session.identity, result.num_examples, result.mean_loss, result.steps,
+                      result.compute_seconds, codec.encode(upload), session.base_version,
+                      private.epsilon() if private is not None else None
+                      ).to_message(message)
+
+
+def handle_evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the adapter this client would train from (the global one,
+    with its personal tensors) on its held-out slice."""
+    session = open_session(message, context)
+    accuracy, loss = evaluate(session.model, session.held_out)
+    return EvaluateReply(session.identity, len(session.held_out), accuracy,
+                         loss).to_message(message)
+
+
+def client_app() -> ClientApp:
+    """A Flower ClientApp running this loop."""
+    app = ClientApp()
+    app.train()(handle_train)
+    app.evaluate()(handle_evaluate)
+    return app

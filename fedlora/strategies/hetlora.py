@@ -1,0 +1,50 @@
+"""HetLoRA (Cho et al., EMNLP 2024): heterogeneous ranks, aggregation weighted
+by each client's update norm (docs/algorithms.md §6).
+
+Client k trains at rank r_k (``client-ranks``) from the first r_k ranks of
+the global adapter (``ranks.truncate``: B rescaled so its ΔW is the global's
+truncated ΔW). The server zero-pads each reply to the global rank in global
+units (``ranks.pad``) and sums A, B and the head with weights
+S_k = ‖s_k B_k A_k‖_F / Σ_j ‖s_j B_j A_j‖_F (the norm over all LoRA modules
+together), not by examples. The paper's optional rank self-pruning (from
+third-party code) is not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedlora.adapters import State, lora_pairs
+from fedlora.strategies.base import ClientUpdate, LoraStrategy, RoundSums
+from fedlora.strategies.fedavg import FedAvgClient
+from fedlora.strategies.ranks import CLIENT_RANKS
+
+
+def update_norm(factors: State, scale: float) -> float:
+    """‖s·B·A‖_F over all LoRA modules, from the factors (‖BA‖² = ⟨BᵀB, AAᵀ⟩)."""
+    total = 0.0
+    for a_name, b_name in lora_pairs(list(factors)):
+        a, b = (factors[n].astype(np.float64) for n in (a_name, b_name))
+        total += float(np.sum((b.T @ b) * (a @ a.T)))
+    return scale * math.sqrt(max(total, 0.0))
+
+
+class HetLoRA(LoraStrategy):
+    """Zero-padded factors summed with norm-based weights."""
+
+    name = "hetlora"
+    client_half = FedAvgClient
+    keys = {"client-ranks": CLIENT_RANKS}
+    heterogeneous_ranks = True
+    central_dp = False  # the weights read each client's raw update norm
+
+    def add_update(self, sums: RoundSums, update: ClientUpdate) -> None:
+        update, factors = self.in_global_units(update)
+        sums.add(update, factors, weight=update_norm(factors, self.scale))
+
+    def merge(self, sums: RoundSums) -> State:
+        if sums.weight <= 0:
+            raise ArithmeticError("every client's update has norm 0")
+        return {**self.state, **sums.mean()}

@@ -1,0 +1,96 @@
+"""Stand-ins the unit tests share: a grid that lists nodes, and the messages
+a ServerApp and its nodes exchange, built without a SuperLink.
+
+Replies are made by the same typed schema the client loop uses
+(``fedlora.messages``), so a test's reply is what a real node would send; a
+malformed one is built from raw records with ``message``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
+from flwr.app.message.message import make_message
+
+from fedlora import codec
+from fedlora.messages import Request, Task, TrainReply
+from fedlora.strategies.base import to_arrayrecord
+
+SERVER = 0  # the node id the ServerApp's messages come from in these tests
+
+
+@contextmanager
+def server_identity() -> Iterator[None]:
+    """Messages take their ids from Flower's task identity, which a ServerApp
+    sets: code that builds server messages outside one runs under this."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    fields = ("_task_id", "_run_id", "_node_id")
+    before = [getattr(TaskIdentity, name) for name in fields]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 3, 7, SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        for name, value in zip(fields, before, strict=True):
+            setattr(TaskIdentity, name, value)
+
+
+class Grid:
+    """A grid that lists ``ids`` as the connected nodes (enough for sampling)."""
+
+    def __init__(self, ids: Iterable[int]) -> None:
+        self.ids = list(ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+
+def message(src: int, dst: int, content: RecordDict | None = None,
+            error: Error | None = None, *, message_id: str = "", reply_to: str = "",
+            group: str = "1", message_type: str = "train", run_id: int = 1) -> Message:
+    """A message with the metadata a SuperLink would have given it."""
+    metadata = Metadata(run_id=run_id, message_id=message_id, src_node_id=src,
+                        dst_node_id=dst, reply_to_message_id=reply_to, group_id=group,
+                        created_at=time.time(), ttl=3600.0, message_type=message_type)
+    if error is not None:
+        return make_message(metadata=metadata, error=error)
+    return make_message(metadata=metadata, content=content or RecordDict())
+
+
+def request(node: int, config: Mapping, task: Task, payload: bytes,
+            message_id: str = "q") -> Message:
+    """The training request the server sends ``node`` (``fedlora.messages.Request``)."""
+    with server_identity():
+        content = Request(dict(config), task, payload).to_message(node).content
+    return message(SERVER, node, content, message_id=message_id,
+                   group=str(task.server_round))
+
+
+def train_reply(node: int, upload: Mapping, examples: float, loss: float = 0.0,
+                partition: int = 0) -> Message:
+    """A node's training reply with ``upload`` (``codec.encode``d) trained on
+    ``examples`` examples, answering a request for ``partition``."""
+    asked = request(node, {}, Task(1, partition, 0), b"", message_id=f"q{node}")
+    return TrainReply(partition, examples, loss, payload=codec.encode(dict(upload))
+                      ).to_message(asked)
+
+
+def start_round(strategy, nodes: Iterable[int], server_round: int = 1) -> list[Message]:
+    """``configure_train`` over a grid of exactly ``nodes``, all of which must
+    be asked (clients-per-round = their number): the server then expects a
+    reply from each."""
+    nodes = list(nodes)
+    with server_identity():
+        messages = list(strategy.configure_train(
+            server_round, to_arrayrecord(strategy.state), ConfigRecord({}), Grid(nodes)))
+    assert sorted(m.metadata.dst_node_id for m in messages) == sorted(nodes)
+    return messages
+
+
+def partition_of(strategy, node: int) -> int:
+    """The partition the server asked ``node`` to train this round."""
+    return strategy.plans[node].partition_id

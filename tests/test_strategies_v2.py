@@ -688,3 +688,27 @@ def test_aggregate_evaluation_without_valid_replies():
     metrics = strategy.aggregate_evaluation(
         1, [EvaluateReply(0, 10, 2.0, 0.1).to_message(asked)], "fed")
     assert dict(metrics) == {"fed_clients": 0}
+
+
+def test_a_strategy_can_send_each_node_its_own_download():
+    """``download_for(plan)`` is per node: each node gets (and is judged
+    against) its own start, here the global scaled by its partition."""
+    class PerNode(FedAvgLoRA):
+        def download_for(self, plan):
+            start = {n: v * np.float32(plan.partition_id + 1) for n, v in self.sent.items()}
+            return start, codec.encode(start)
+
+    rng = np.random.default_rng(11)
+    state = _state(rng)
+    strategy = PerNode(_config("fedavg"), state)
+    messages = strategy.configure_train(1, to_arrayrecord(state), ConfigRecord({}),
+                                        FakeGrid())
+    sent = {m.metadata.dst_node_id: codec.decode(Request.from_message(m).payload,
+                                                 strategy.shapes) for m in messages}
+    for node, plan in strategy.plans.items():
+        name = A_NAMES[0]
+        np.testing.assert_array_equal(sent[node][name], state[name] * (plan.partition_id + 1))
+        # a reply that sends only part back is completed from that node's own start
+        update = ClientUpdate(node, plan.partition_id, plan.rank, 1.0, {})
+        factors = strategy.client_factors(update)
+        np.testing.assert_array_equal(factors[name], sent[node][name])

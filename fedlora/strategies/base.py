@@ -120,8 +120,9 @@ class LoraStrategy(FedAvg, ABC):
     * ``keys``: its own config keys (``fedlora keys`` lists them under it);
       ``check_config`` refuses combinations it cannot run, in one line.
     * ``rank_for(partition)``: each client's adapter rank (``heterogeneous_ranks``
-      strategies take ``client-ranks``); ``download_at(rank)`` what a client
-      of that rank starts from; ``client_factors`` a reply in global units.
+      strategies take ``client-ranks``); ``download_for(plan)`` what a node
+      starts from (by default ``download_at(rank)``, once per rank);
+      ``client_factors`` a reply in global units.
     * ``new_sums``/``add_update``: what replies fold into; ``merge``: the next
       global adapter; ``base_change``: factors to fold into the frozen base
       weights (``fedlora.basedelta``), which every node is then told about.
@@ -213,12 +214,20 @@ class LoraStrategy(FedAvg, ABC):
         start = truncate(self.sent, rank, self.global_rank)
         return start, codec.encode({n: start[n] for n in self.roles.download_names(start)})
 
+    def download_for(self, plan: Plan) -> tuple[State, bytes]:
+        """(the full adapter ``plan``'s node starts from, in its units; the
+        encoding of what is sent to it). By default one per rank, encoded
+        once per round; a strategy that sends nodes their own content
+        overrides this."""
+        if plan.rank not in self._sent_at:
+            self._sent_at[plan.rank] = self.download_at(plan.rank)
+        return self._sent_at[plan.rank]
+
     def client_factors(self, update: ClientUpdate) -> State:
         """The client's full adapter after training, as far as the server can
         tell, in global units: what it started from overwritten by what it sent."""
-        if update.rank == self.global_rank:
-            return {**self.sent, **update.tensors}
-        start, _ = self._sent_at[update.rank]
+        plan = self.plans.get(update.node_id)
+        start = self.download_for(plan)[0] if plan is not None else self.sent
         return pad({**start, **update.tensors}, update.rank, self.global_rank)
 
     def upload_of(self, factors: State) -> State:
@@ -295,13 +304,12 @@ class LoraStrategy(FedAvg, ABC):
         self.sent = self._sent_at[self.global_rank][0]
         messages, self._downlink_bytes = [], 0
         for plan in self.plans.values():
-            if plan.rank not in self._sent_at:
-                self._sent_at[plan.rank] = self.download_at(plan.rank)
+            _, payload = self.download_for(plan)
             since, base = (self.base.update_for(plan.node_id) if self.base is not None
                            else (0, None))
             task = Task(server_round, plan.partition_id, plan.rank,
                         self.base.version if self.base is not None else 0, since)
-            request = Request({}, task, self._sent_at[plan.rank][1], base)
+            request = Request({}, task, payload, base)
             self._downlink_bytes += len(request.payload) + len(base or b"")
             messages.append(request.to_message(plan.node_id, message_type, config))
         return messages

@@ -18,6 +18,7 @@ import psutil
 import pytest
 import tomllib
 from processes import describe, ours, stop, watch
+from test_fedavg import SHAPES, _random_state
 
 from fedlora.config import ConfigError
 from fedlora.strategies import resolve, strategies, strategy_keys
@@ -38,17 +39,6 @@ except ImportError:  # the assertion below says what to do
 def _installed():
     assert FedAvgMomentum is not None, (
         f"the example strategy is not installed: pip install -e {EXAMPLE.relative_to(REPO)}")
-
-
-SHAPES = {
-    "m.q.lora_A.weight": (4, 6), "m.q.lora_B.weight": (5, 4),
-    "m.v.lora_A.weight": (4, 6), "m.v.lora_B.weight": (5, 4),
-    "m.classifier.weight": (3, 5), "m.classifier.bias": (3,),
-}
-
-
-def _random_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
 
 
 def _strategy(cls=None, initial=None, **keys):

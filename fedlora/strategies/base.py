@@ -175,7 +175,6 @@ class LoraStrategy(FedAvg, ABC):
         self.plans: dict[int, Plan] = {}  # this round's, by node id
         self.roles = self.client_half(config)
         self.state: State = {k: v.copy() for k, v in initial_state.items()}
-        self.initial_state = {k: v.copy() for k, v in initial_state.items()}
         self.shapes = {n: tuple(v.shape) for n, v in initial_state.items()}
         self.sent: State = {}  # the full adapter global-rank clients started from this round
         self._sent_at: dict[int, tuple[State, bytes]] = {}  # by rank, this round

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from fedlora.config import KEYS, ConfigError, RunConfig, load_toml, parse_set_option
@@ -48,11 +49,28 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     return resolve(absolute_paths(overrides))
 
 
+def _check_out_creatable(out: Path) -> None:
+    """The run directory is made only when the rounds start, after the model
+    and data are loaded: find a file in its way, or a parent it cannot be made
+    in, now. A real try, not ``os.access``, which says yes to root everywhere."""
+    try:
+        parent = out
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"--out {out}: {parent} is a file, not a directory")
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write in {parent} "
+                          f"({err.strerror or err})") from None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedlora.results import check_out_dir
 
     overrides_out = str(Path(args.out).expanduser().resolve())
     check_out_dir(overrides_out)
+    _check_out_creatable(Path(overrides_out))
     config = _config_from_args(args)
     config = RunConfig({**config.to_dict(), "out-dir": overrides_out})
     preflight(config)
@@ -75,26 +93,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.basedelta import BASE_DELTA_FILE
-    from fedlora.features import central_test_set, encoded_splits, splits_for
+    from fedlora.features import evaluation_set, splits_for
     from fedlora.models import ModelSpec, load_trained
     from fedlora.training import evaluate
 
     run_dir = Path(args.run_dir)
     config_path, adapter_dir = run_dir / "config.json", run_dir / "adapter"
+    summary_path = run_dir / "summary.json"
     if not all(p.is_file() for p in (config_path, adapter_dir / "adapter_config.json",
-                                     run_dir / "summary.json")):
+                                     summary_path)):
         raise ConfigError(f"{run_dir}: not a finished run (needs config.json, adapter/ "
                           "and summary.json)")
     saved = json.loads(config_path.read_text())
+    # the classes the adapter was trained on: recorded in summary.json, or for
+    # runs from before that, those of the run's own dataset
+    classes = tuple(json.loads(summary_path.read_text()).get("label_names")
+                    or splits_for(resolve(saved)).label_names)
     if args.dataset:
         saved["dataset"] = absolute_paths({"dataset": args.dataset})["dataset"]
     config = resolve(saved)
-    spec = ModelSpec.from_config(config, splits_for(config).label_names)
+    spec = ModelSpec.from_config(config, classes)
     base_delta = run_dir / BASE_DELTA_FILE
     model = load_trained(spec, adapter_dir, base_delta if base_delta.is_file() else None)
     # the run's own evaluation set (its seeded eval-examples sample), so the
-    # number matches the run's final accuracy; --all for the whole test split
-    test = encoded_splits(config).test if args.all else central_test_set(config)
+    # number matches the run's final accuracy; --all for the whole test split;
+    # --dataset's test split is mapped onto the run's classes by name
+    test = evaluation_set(config, model, whole=args.all)
     accuracy, loss = evaluate(model, test)
     print(json.dumps({"run_dir": str(run_dir), "dataset": config["dataset"],
                       "examples": len(test), "accuracy": accuracy, "loss": loss}))

@@ -25,6 +25,12 @@ Randomness: every draw of a local round (shuffling, dropout) comes from
 ``fedlora.seeding.client_seed`` (seed, round, client), so a reply does not
 depend on which Ray worker computed it or what that worker did before; DP
 noise and Poisson sampling come from their own, secret, generator.
+
+Attack harness (robustness research, ``fedlora.attacks``): in a simulation
+the run seed's malicious partitions poison their data (label-flip), rewrite
+their trained change before the strategy computes the upload (scale,
+sign-flip, noise) or inflate their example count (inflate-weight); a deployed
+node sent a run with an attack refuses it.
 """
 
 from __future__ import annotations
@@ -36,8 +42,14 @@ from datasets import Dataset
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora import codec
-from fedlora.adapters import State, adapter_state, load_adapter_state, set_trainable
+from fedlora import attacks, codec
+from fedlora.adapters import (
+    State,
+    adapter_state,
+    load_adapter_state,
+    set_trainable,
+    tensor_kind,
+)
 from fedlora.basedelta import NodeBase, shapes_of, write_base
 from fedlora.config import RunConfig
 from fedlora.features import (
@@ -50,7 +62,7 @@ from fedlora.features import (
 from fedlora.messages import EvaluateReply, Request, TrainReply
 from fedlora.models import LoraModel
 from fedlora.privacy import PrivateTraining
-from fedlora.seeding import client_seed, dp_generator
+from fedlora.seeding import attack_rng, client_seed, dp_generator
 from fedlora.strategies import from_message, strategy_class
 from fedlora.strategies.base import ClientHalf
 from fedlora.training import evaluate, train_local
@@ -82,6 +94,7 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
     rank = request.task.rank
     data_path = context.node_config.get("data-path")
     if data_path:
+        attacks.refuse_deployed(config)  # attacks are for simulated clients only
         model = model or model_with_labels(config, request.label_names, rank)
         data = data if data is not None else node_dataset(config, model, str(data_path))
         identity = context.node_id
@@ -113,11 +126,16 @@ def handle_train(message: Message, context: Context) -> Message:
 def local_update(message: Message, context: Context, session: Session) -> Message:
     """The training reply for a prepared session."""
     config, task = session.config, session.request.task
+    attack = attacks.attack_for(config, session.identity)  # "none" unless malicious
+    train = session.train
+    if attack == "label-flip":
+        train = attacks.flip_labels(train, len(session.model.spec.label_names),
+                                    attacks.answer_tokens(session.model))
     torch.set_num_threads(max(1, int(config["client-cpus"])))
     params = set_trainable(session.model.peft, session.role.trains)
     private = None
     if config["dp"] == "local":
-        private = PrivateTraining(config, context.state, len(session.train), dp_generator(
+        private = PrivateTraining(config, context.state, len(train), dp_generator(
             config["dp-seeded-noise"], config["seed"], task.server_round, session.identity))
         if private.exceeds_budget():
             return TrainReply(session.identity, base_version=session.base_version,
@@ -125,15 +143,23 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
                               epsilon_after_round=private.epsilon_after_round()
                               ).to_message(message)
     result = train_local(
-        session.model, params, session.train,
+        session.model, params, train,
         epochs=config["local-epochs"], max_steps=config["local-steps"],
         batch_size=config["batch-size"], lr=config["lr"], optimizer=config["optimizer"],
         seed=client_seed(config["seed"], task.server_round, session.identity),
         private=private,
     )
-    upload = session.role.upload(session.start, adapter_state(session.model.peft),
-                                 context.state)
-    return TrainReply(session.identity, result.num_examples, result.mean_loss, result.steps,
+    trained = adapter_state(session.model.peft)
+    if attack in attacks.CHANGE_ATTACKS:  # before the upload, so every strategy's carries it
+        sent = [n for n in session.role.upload_names(trained)
+                if session.role.trains(tensor_kind(n))]
+        trained = attacks.attack_change(config, session.start, trained, sent, attack_rng(
+            config["seed"], task.server_round, session.identity))
+    upload = session.role.upload(session.start, trained, context.state)
+    examples = result.num_examples
+    if attack == "inflate-weight":
+        examples = max(1, round(examples * config["attack-scale"]))
+    return TrainReply(session.identity, examples, result.mean_loss, result.steps,
                       result.compute_seconds, codec.encode(upload), session.base_version,
                       private.epsilon() if private is not None else None
                       ).to_message(message)

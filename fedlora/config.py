@@ -62,6 +62,10 @@ def open_unit(value: float) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1)"
 
 
+def below_half(value: float) -> str | None:
+    return None if 0 <= value < 0.5 else "must be in [0, 0.5)"
+
+
 def density(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
@@ -117,6 +121,23 @@ KEYS: dict[str, Key] = {
                                 "rest)", open_unit),
     "agg-residual": Key(bool, True, "report agg_residual metrics each round (the server "
                         "holds one d×k matrix per LoRA module; off for large models)"),
+    # --- robust aggregation (fedlora.strategies.robust) ---------------------------
+    "robust": Key(str, "none", "robust aggregation: none | norm-bound | trimmed-mean | "
+                  "median | krum; a robust mode screens a whole round at once, so the "
+                  "server's memory grows with the round's clients (README 'Robust "
+                  "aggregation')", one_of("none", "norm-bound", "trimmed-mean", "median",
+                                          "krum")),
+    "robust-norm-factor": Key(float, 3.0, "norm-bound: each client's change is clipped to "
+                              "this multiple of the round's median change norm", positive,
+                              only_for=("robust", "norm-bound")),
+    "robust-weight-factor": Key(float, 3.0, "every robust mode: a client's claimed weight "
+                                "(examples) is capped at this multiple of the round's "
+                                "median claim", positive,
+                                only_for=("robust", "norm-bound|trimmed-mean|median|krum")),
+    "robust-fraction": Key(float, 0.2, "share β of a round's clients assumed hostile: "
+                           "trimmed-mean drops ceil(β·n) values at each end of every "
+                           "coordinate, krum keeps the n − ceil(β·n) most central clients",
+                           below_half, only_for=("robust", "trimmed-mean|krum")),
     # --- differential privacy (client-level DP-SGD with Opacus) -----------------
     "dp": Key(str, "off", "off | local (DP-SGD on each client's trainable tensors) | "
               "central (server clips each client's update and noises the average)",
@@ -152,6 +173,25 @@ KEYS: dict[str, Key] = {
                        non_negative),
     "ray-address": Key(str, "", "attach to this Ray cluster (e.g. 'auto'); empty = "
                        "start a local Ray on 127.0.0.1"),
+    # --- attack simulation (research; simulated clients only) ---------------------
+    "attack": Key(str, "none", "what a seeded attack-fraction of the simulated clients "
+                  "send instead of an honest update (fedlora.attacks): none | scale | "
+                  "sign-flip | noise | inflate-weight | label-flip; simulations only (a "
+                  "deployed node refuses the run)",
+                  one_of("none", "scale", "sign-flip", "noise", "inflate-weight",
+                         "label-flip")),
+    "attack-fraction": Key(float, 0.2, "share of the num-clients partitions that attack "
+                           "(round(fraction × num-clients) of them, drawn from the seed)",
+                           probability,
+                           only_for=("attack", "scale|sign-flip|noise|inflate-weight|"
+                                     "label-flip")),
+    "attack-scale": Key(float, 10.0, "attack strength: scale sends the change × it; "
+                        "sign-flip sends −it × the change; noise replaces the change by "
+                        "Gaussian noise of per-entry SD it × the change's RMS; "
+                        "inflate-weight claims it × its examples; label-flip ignores it",
+                        positive,
+                        only_for=("attack", "scale|sign-flip|noise|inflate-weight|"
+                                  "label-flip")),
     # --- outputs -------------------------------------------------------------
     "out-dir": Key(str, "", "where the ServerApp writes results; empty = runs/<time>"),
 }
@@ -267,6 +307,7 @@ def resolve(overrides: Mapping[str, Any], strategies: Mapping[str, Mapping[str, 
             raise ConfigError(f"config key '{key}' applies to {scope[0]} {scope[1]}, "
                               f"not {values[scope[0]]}")
     _check_privacy(values)
+    _check_robust(values)
     return RunConfig(values)
 
 
@@ -277,6 +318,18 @@ def _check_privacy(values: Mapping[str, Any]) -> None:
     if values["dp-noise-multiplier"] == 0 and values["dp-target-epsilon"] == 0:
         raise ConfigError(f"config key 'dp': {values['dp']} DP needs dp-noise-multiplier or "
                           "dp-target-epsilon (> 0)")
+
+
+def _check_robust(values: Mapping[str, Any]) -> None:
+    """Central DP's noise is calibrated to each client's clipped share of a
+    plain mean; a robust rule lets one client change how much of the others
+    gets through (their median norm, which clients Krum keeps), which that
+    noise does not cover."""
+    if values["robust"] != "none" and values["dp"] == "central":
+        raise ConfigError("config key 'robust': a robust mode cannot be combined with "
+                          "dp=central (one client could change how much of the others "
+                          "gets through, which the central noise does not cover); use "
+                          "dp=local or robust=none")
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:

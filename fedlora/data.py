@@ -11,6 +11,10 @@ Local formats: CSV, TSV, JSON, JSONL, Parquet; a directory holds
 test file, as for GLUE SST-2 whose test labels are hidden). A CSV/TSV whose
 first row contains an integer field has no header (AG News): its columns are
 then named ``text``/``label`` by content.
+
+A bad file is one ``ConfigError`` line naming it: a byte that is not UTF-8 (with
+its line), an empty label cell (with its row, counted as a spreadsheet counts
+them: a header is row 1), fewer than two classes in the train split.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class LabeledSplits:
     train: Dataset
     test: Dataset
     label_names: tuple[str, ...]
+    test_source: str = ""  # the file (or Hub split) the test split came from, for messages
 
     @property
     def num_labels(self) -> int:
@@ -62,8 +67,23 @@ def _find_split_file(directory: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _read_local(files: dict[str, Path]) -> DatasetDict:
-    """Load local split files with HF datasets, detecting header-less CSV/TSV."""
+def _not_utf8(path: Path) -> ConfigError | None:
+    """A one-line error naming ``path`` and the line of its first byte that is
+    not UTF-8, or None when it is all UTF-8 (read whole: only after a failure)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return ConfigError(f"dataset: {path} is not UTF-8 text (byte 0x{data[err.start]:02x} "
+                           f"on line {line}); save it as UTF-8")
+    return None
+
+
+def _read_local(files: dict[str, Path]) -> tuple[DatasetDict, int]:
+    """Load local split files with HF datasets, detecting header-less CSV/TSV;
+    returns them and the row number of a file's first example (2 after a
+    header), so that a bad example can be named by its row."""
     suffixes = {path.suffix.lower() for path in files.values()}
     if len(suffixes) != 1 or next(iter(suffixes)) not in _FORMATS:
         raise ConfigError(
@@ -73,23 +93,33 @@ def _read_local(files: dict[str, Path]) -> DatasetDict:
         )
     suffix = next(iter(suffixes))
     kwargs: dict = {}
+    first_row = 1
     if _FORMATS[suffix] == "csv":
         delimiter = "\t" if suffix == ".tsv" else ","
         kwargs["delimiter"] = delimiter
         first = files["train"]
-        with open(first, newline="", encoding="utf-8") as handle:
-            row = next(csv.reader(handle, delimiter=delimiter), None)
+        try:
+            with open(first, newline="", encoding="utf-8") as handle:
+                row = next(csv.reader(handle, delimiter=delimiter), None)
+        except UnicodeDecodeError:
+            raise _not_utf8(first) from None
         if row is None:
             raise ConfigError(f"dataset: file is empty: {first}")
         if any(_is_int(field) for field in row):
             kwargs["column_names"] = _headerless_names(row)
+        else:
+            first_row = 2
         if delimiter == "\t":
             kwargs["quoting"] = csv.QUOTE_NONE  # SST-2 text contains bare quotes
     try:
         return datasets.load_dataset(
             _FORMATS[suffix], data_files={k: str(v) for k, v in files.items()}, **kwargs
-        )
+        ), first_row
     except Exception as err:  # noqa: BLE001 - any parser failure is a bad file
+        if _FORMATS[suffix] != "parquet":  # the usual cause, worth naming file and line
+            encoding = next(filter(None, map(_not_utf8, files.values())), None)
+            if encoding is not None:
+                raise encoding from None
         raise ConfigError(f"dataset: cannot read {files['train'].parent}: "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
                           ) from None
@@ -115,8 +145,18 @@ def _headerless_names(row: list[str]) -> list[str]:
     return names
 
 
-def _load_raw(source: str, seed: int) -> tuple[DatasetDict, Path | None]:
-    """Raw train/test DatasetDict for a Hub id, a file or a directory."""
+@dataclass(frozen=True)
+class _Raw:
+    """Splits as read: ``train``, and ``test`` when the source has one."""
+
+    splits: DatasetDict
+    home: Path | None  # where a classes.txt may name integer labels
+    sources: dict[str, str]  # split -> its file (or Hub split), for messages
+    first_row: int = 1  # a file's row holding the first example
+
+
+def _load_raw(source: str) -> _Raw:
+    """Raw train (and test) splits for a Hub id, a file or a directory."""
     path = Path(source).expanduser()
     if path.is_dir():
         train = _find_split_file(path, ("train",))
@@ -126,30 +166,48 @@ def _load_raw(source: str, seed: int) -> tuple[DatasetDict, Path | None]:
         test = _find_split_file(path, _TEST_NAMES)
         if test is not None:
             files["test"] = test
-        raw = _read_local(files)
-        home = path
-    elif path.is_file():
-        raw = _read_local({"train": path})
-        home = path.parent
-    elif source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _FORMATS:
+        raw, first_row = _read_local(files)
+        return _Raw(raw, path, {split: str(file) for split, file in files.items()}, first_row)
+    if path.is_file():
+        raw, first_row = _read_local({"train": path})
+        return _Raw(raw, path.parent, {"train": str(path)}, first_row)
+    if source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _FORMATS:
         raise ConfigError(f"dataset: no such file or directory: {source}")
-    else:
-        try:
-            raw = datasets.load_dataset(source)
-        except Exception as err:  # noqa: BLE001 - offline, unknown id, ...
-            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(
-                f"dataset: {source!r} is not a local path and could not be loaded "
-                f"from the Hugging Face Hub ({first_line})"
-            ) from None
-        home = None
+    try:
+        raw = datasets.load_dataset(source)
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, ...
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"dataset: {source!r} is not a local path and could not be loaded "
+            f"from the Hugging Face Hub ({first_line})"
+        ) from None
     if not isinstance(raw, DatasetDict) or "train" not in raw:
         raise ConfigError(f"dataset: {source!r} has no train split")
-    if not any(name in raw for name in _TEST_NAMES):
-        held_out = raw["train"].train_test_split(test_size=HELD_OUT_FRACTION, seed=seed)
-        raw = DatasetDict(train=held_out["train"], test=held_out["test"])
-    test_name = next(name for name in _TEST_NAMES if name in raw)
-    return DatasetDict(train=raw["train"], test=raw[test_name]), home
+    splits, sources = DatasetDict(train=raw["train"]), {"train": f"{source} (train split)"}
+    test_name = next((name for name in _TEST_NAMES if name in raw), None)
+    if test_name:  # the first split named like a test split, as ``test``
+        splits["test"], sources["test"] = raw[test_name], f"{source} ({test_name} split)"
+    return _Raw(splits, None, sources)
+
+
+def _check_labels_present(ds: Dataset, column: str, where: str, first_row: int) -> None:
+    """An empty label cell reads as None (a CSV number column turns float
+    around it): name the first such row instead of failing on it later."""
+    if None in ds.unique(column):
+        row = ds[column].index(None) + first_row
+        raise ConfigError(f"{where}, row {row}: empty label (column {column!r})")
+
+
+def _check_classes(train: Dataset, column: str, source: str) -> None:
+    """A classifier needs two classes to tell apart (one class would even make
+    a one-output head, which transformers trains as a regression)."""
+    found = train.unique(column)
+    if len(found) < 2:
+        feature = train.features[column]
+        shown = [feature.int2str(v) if isinstance(feature, ClassLabel) else v for v in found]
+        raise ConfigError(f"dataset {source}: the train split has {len(found)} class"
+                          f"{'' if len(found) == 1 else 'es'} ({', '.join(map(str, shown))}); "
+                          "classification needs at least 2")
 
 
 def _pick_column(ds: Dataset, wanted: str, candidates: tuple[str, ...], role: str,
@@ -195,18 +253,24 @@ def _label_names(train: Dataset, test: Dataset, column: str,
 def load_splits(source: str, text_column: str = "", label_column: str = "",
                 seed: int = 42) -> LabeledSplits:
     """The dataset as ``text``/``label`` train and test splits (cached per process)."""
-    raw, home = _load_raw(source, seed)
+    loaded = _load_raw(source)
+    raw = loaded.splits
     text = _pick_column(raw["train"], text_column, _TEXT_CANDIDATES, "text",
                         "text-column", source)
     label = _pick_column(raw["train"], label_column, _LABEL_CANDIDATES, "label",
                          "label-column", source)
     if text == label:
         raise ConfigError(f"dataset {source}: text and label column are both {text!r}")
-    for split in ("train", "test"):
-        if label not in raw[split].column_names or text not in raw[split].column_names:
+    for split, ds in raw.items():
+        if label not in ds.column_names or text not in ds.column_names:
             raise ConfigError(f"dataset {source}: {split} split lacks column "
                               f"{text!r} or {label!r}")
-    names, mapping = _label_names(raw["train"], raw["test"], label, home)
+        _check_labels_present(ds, label, f"dataset: {loaded.sources[split]}",
+                              loaded.first_row)
+    if "test" not in raw:  # rows are checked above: they are the file's in order there
+        held_out = raw["train"].train_test_split(test_size=HELD_OUT_FRACTION, seed=seed)
+        raw = DatasetDict(train=held_out["train"], test=held_out["test"])
+    names, mapping = _label_names(raw["train"], raw["test"], label, loaded.home)
 
     def normalise(batch: dict) -> dict:
         labels = batch[label]
@@ -217,8 +281,6 @@ def load_splits(source: str, text_column: str = "", label_column: str = "",
     splits = {}
     for split in ("train", "test"):
         ds = raw[split]
-        if None in ds.unique(label):
-            raise ConfigError(f"dataset {source}: {split} split has rows without a label")
         drop = [c for c in ds.column_names]
         ds = ds.map(normalise, batched=True, remove_columns=drop,
                     desc=f"normalising {split}")
@@ -226,7 +288,36 @@ def load_splits(source: str, text_column: str = "", label_column: str = "",
         splits[split] = ds
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise ConfigError(f"dataset {source}: train or test split is empty")
-    return LabeledSplits(splits["train"], splits["test"], tuple(names))
+    _check_classes(splits["train"], "label", source)
+    return LabeledSplits(splits["train"], splits["test"], tuple(names),
+                         loaded.sources.get("test", loaded.sources["train"]))
+
+
+def onto_classes(ds: Dataset, classes: tuple[str, ...], where: str) -> Dataset:
+    """``ds`` (a ``LabeledSplits`` split) with its labels re-indexed onto
+    ``classes``, a trained model's, by name: the same classes in another order
+    score the same. An integer class (a file's bare 0..C-1) is taken as the
+    index, if in range. A class the model does not know is refused, naming it
+    and ``where`` the data came from: the model cannot predict it."""
+    names = ds.features["label"].names
+    index = {name: i for i, name in enumerate(classes)}
+    mapping, unknown = {}, []
+    for value in sorted(ds.unique("label")):
+        name = names[value]
+        if name in index:
+            mapping[value] = index[name]
+        elif name.isdigit() and int(name) < len(classes):
+            mapping[value] = int(name)
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ConfigError(f"dataset {where}: class{'es' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))} not among the run's "
+                          f"({', '.join(classes)}; or integers 0..{len(classes) - 1})")
+    features = ds.features.copy()
+    features["label"] = ClassLabel(names=list(classes))
+    return ds.map(lambda batch: {"label": [mapping[v] for v in batch["label"]]},
+                  batched=True, features=features, desc="mapping classes")
 
 
 def load_node_examples(source: str, label_names: tuple[str, ...], text_column: str = "",
@@ -263,12 +354,14 @@ def _node_examples(path: Path, label_names: tuple[str, ...], text_column: str,
         file = path
     else:
         raise ConfigError("no such file or directory")
-    raw = _read_local({"train": file})["train"]
+    raw, first_row = _read_local({"train": file})
+    raw = raw["train"]
     if len(raw) == 0:
         raise ConfigError(f"{file.name} has no examples")
     text = _pick_column(raw, text_column, _TEXT_CANDIDATES, "text", "text-column", file.name)
     label = _pick_column(raw, label_column, _LABEL_CANDIDATES, "label", "label-column",
                          file.name)
+    _check_labels_present(raw, label, file.name, first_row)
     feature = raw.features[label]
     index = {name: i for i, name in enumerate(label_names)}
     mapping = {}

@@ -24,7 +24,13 @@ from datasets import Dataset
 from flwr_datasets.partitioner import Partitioner
 
 from fedlora.config import ConfigError, RunConfig, cached_by
-from fedlora.data import LabeledSplits, load_node_examples, load_splits, make_partitioner
+from fedlora.data import (
+    LabeledSplits,
+    load_node_examples,
+    load_splits,
+    make_partitioner,
+    onto_classes,
+)
 from fedlora.models import LoraModel, ModelSpec, lora_model
 
 PARTITION_ATTEMPTS = 20
@@ -128,11 +134,30 @@ def encoded_splits(config: RunConfig) -> EncodedSplits:
 def central_test_set(config: RunConfig) -> Dataset:
     """The server's evaluation set: the test split, or a seeded sample of
     ``eval-examples`` of it (fast evaluation when the test split is large)."""
-    test = encoded_splits(config).test
+    return _eval_sample(config, encoded_splits(config).test)
+
+
+def _eval_sample(config: RunConfig, test: Dataset) -> Dataset:
+    """The seeded ``eval-examples`` sample of ``test`` (all of it for 0): the
+    same rows of any split as long, tokenised or not."""
     wanted = config["eval-examples"]
     if not wanted or wanted >= len(test):
         return test
     return test.shuffle(seed=config["seed"]).select(range(wanted)).flatten_indices()
+
+
+def evaluation_set(config: RunConfig, model: LoraModel, whole: bool = False) -> Dataset:
+    """``config``'s test split as a trained ``model`` (``fedlora evaluate``) is
+    scored on: labels mapped onto the model's classes by name, the run's
+    ``eval-examples`` sample unless ``whole``, tokenised for the model. On the
+    run's own dataset these are the rows of ``central_test_set``, in its order,
+    so the run's final accuracy is reproduced."""
+    splits = splits_for(config)
+    test = onto_classes(splits.test, model.spec.label_names, splits.test_source)
+    if not whole:
+        test = _eval_sample(config, test)
+    encode = encoder_for(model, config["max-seq-len"], model.spec.label_names)
+    return test.map(encode, batched=True, remove_columns=["text"], desc="tokenising test")
 
 
 @cached_by(*_PARTITION_KEYS)

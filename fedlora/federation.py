@@ -97,6 +97,7 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0) -> dict:
     writer.save_adapter(model.peft)
     write_base(model.peft, {})  # the process-wide model serves other runs too
     return writer.finish({"strategy": config["strategy"],
+                          "label_names": list(model.spec.label_names),  # for `evaluate`
                           "epsilon_per_client": {str(k): v for k, v in
                                                  sorted(strategy.epsilons.items())} or None,
                           "wall_seconds": time.perf_counter() - started,

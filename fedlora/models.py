@@ -68,12 +68,24 @@ def detect_task(model_path: str) -> str:
     return "causal-lm"
 
 
+@functools.lru_cache(maxsize=8)
 def _load_config(model_path: str):
     try:
         return AutoConfig.from_pretrained(model_path)
     except Exception as err:  # noqa: BLE001 - offline, unknown id, bad directory
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"config key 'model': cannot load {model_path!r} ({first})") from None
+
+
+def check_max_seq_len(model_path: str, max_len: int) -> None:
+    """Refuse a ``max-seq-len`` beyond the model's position embeddings when its
+    config is read: otherwise only a text that long fails, with an index error
+    deep in some Ray worker, rounds into the run."""
+    limit = getattr(_load_config(model_path), "max_position_embeddings", None)
+    if limit is not None and max_len > limit:
+        raise ConfigError(f"config key 'max-seq-len': {max_len} is more than the "
+                          f"{limit} positions of model {model_path} "
+                          "(max_position_embeddings)")
 
 
 def device() -> torch.device:
@@ -106,6 +118,7 @@ class ModelSpec:
     def from_config(cls, config: RunConfig, label_names: tuple[str, ...],
                     rank: int | None = None) -> "ModelSpec":
         path = resolve_model_path(config["model"])
+        check_max_seq_len(path, config["max-seq-len"])
         task = config["task"] if config["task"] != "auto" else detect_task(path)
         targets = config.target_modules
         a_init = config["ffa-a-init"] if config["strategy"] == "ffa" else "kaiming"

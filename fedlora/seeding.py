@@ -22,6 +22,7 @@ import torch
 
 # SeedSequence keys: one stream per purpose, so adding a use never shifts another
 _SAMPLE, _CLIENT, _DP_NOISE, _CENTRAL_NOISE, _FRESH_ADAPTER = 1, 2, 3, 4, 5
+_ATTACK, _ATTACK_NOISE = 6, 7  # research attack harness (fedlora.attacks)
 
 
 def sample_positions(seed: int, server_round: int, population: int, count: int) -> list[int]:
@@ -63,3 +64,21 @@ def fresh_adapter_rng(seed: int, server_round: int) -> np.random.Generator:
     """The draws of a fresh LoRA A after ``server_round`` (FLoRA re-initialises
     every round): a function of (seed, round), like everything else."""
     return np.random.default_rng([_FRESH_ADAPTER, seed, server_round])
+
+
+def attacker_partitions(seed: int, num_clients: int, fraction: float) -> frozenset[int]:
+    """The partitions that attack in a simulation (``fedlora.attacks``): exactly
+    ``round(fraction * num_clients)`` distinct ones in ``range(num_clients)``,
+    a function of the seed alone, so the same clients attack in every round
+    and a run with the same seed attacks with the same ones."""
+    count = round(fraction * num_clients)
+    if not 0 <= count <= num_clients:
+        raise ValueError(f"{count} attackers among {num_clients} clients")
+    rng = np.random.default_rng([_ATTACK, seed])
+    return frozenset(int(i) for i in rng.choice(num_clients, size=count, replace=False))
+
+
+def attack_rng(seed: int, server_round: int, client: int) -> np.random.Generator:
+    """The draws of one attacking client's noise in one round (attack=noise):
+    a function of (seed, round, client), like every other choice of a run."""
+    return np.random.default_rng([_ATTACK_NOISE, seed, server_round, client])

@@ -21,6 +21,12 @@ a loopback ``ray-address`` and leaves it alone for a remote cluster.
 Ray is started here, before Flower's backend (which reuses an initialised
 Ray), so that an unreachable ``ray-address`` or resources no node has fail in
 one line instead of hanging.
+
+Without ``ray-address`` a run always starts its own private Ray
+(``address="local"``): ``ray.init()`` with no address would attach to
+``RAY_ADDRESS`` or to the cluster last recorded in Ray's temp directory
+(``ray_current_cluster``, left behind by a ``ray start`` that was never
+stopped, even a dead one), and then refuse our ``num_cpus``.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ def backend_config(config: RunConfig) -> dict:
     if config["ray-address"]:
         init_args["address"] = config["ray-address"]
     else:
+        init_args["address"] = "local"  # never RAY_ADDRESS or a recorded cluster
         init_args["_node_ip_address"] = "127.0.0.1"
         init_args["num_cpus"] = os.cpu_count() or 1
         if config["client-cpus"] > init_args["num_cpus"]:

@@ -48,12 +48,14 @@ from threadpoolctl import threadpool_limits
 
 from fedlora import codec
 from fedlora.adapters import State, lora_pairs
+from fedlora.attacks import attackers
 from fedlora.basedelta import BaseLedger, Increment, base_weight_name
 from fedlora.config import Key, RunConfig
 from fedlora.messages import EvaluateReply, Request, Task, TrainReply
 from fedlora.privacy import CentralPrivacy
 from fedlora.seeding import sample_positions
 from fedlora.strategies.ranks import check_client_ranks, pad, rank_of, shapes_at, truncate
+from fedlora.strategies.robust import Candidate, RobustAggregation
 from fedlora.strategies.sums import ClientUpdate, ClippedRoundSums, RoundSums
 
 LOGGER = logging.getLogger(__name__)
@@ -123,7 +125,8 @@ class LoraStrategy(FedAvg, ABC):
       strategies take ``client-ranks``); ``download_for(plan)`` what a node
       starts from (by default ``download_at(rank)``, once per rank);
       ``client_factors`` a reply in global units.
-    * ``new_sums``/``add_update``: what replies fold into; ``merge``: the next
+    * ``new_sums``/``fold``: what replies fold into (``fold`` may choose a
+      reply's aggregation weight); ``merge``: the next
       global adapter; ``base_change``: factors to fold into the frozen base
       weights (``fedlora.basedelta``), which every node is then told about.
     * ``personal``: clients keep parts of the adapter, so each round that is
@@ -182,6 +185,8 @@ class LoraStrategy(FedAvg, ABC):
         self._downlink_bytes = 0
         self.epsilons: dict[int, float] = {}  # ε spent so far, by partition id (local DP)
         self.central = CentralPrivacy(config) if config["dp"] == "central" else None
+        self.robust = RobustAggregation(config) if config["robust"] != "none" else None
+        self.attackers = attackers(config)  # simulated malicious partitions (research)
         self.base = BaseLedger({
             base_weight_name(a): (self.shapes[b][0], self.shapes[a][1])
             for a, b in lora_pairs(list(self.shapes))}) if self.changes_base else None
@@ -249,8 +254,18 @@ class LoraStrategy(FedAvg, ABC):
         return update, factors
 
     def add_update(self, sums: RoundSums, update: ClientUpdate) -> None:
-        """Fold one accepted update into ``sums`` (weighted by its examples)."""
-        sums.add(*self.in_global_units(update))
+        """Fold one accepted update into ``sums``."""
+        self.fold(sums, *self.in_global_units(update))
+
+    def fold(self, sums: RoundSums, update: ClientUpdate, factors: State) -> None:
+        """Fold one update already in global units (with the client's full
+        factors) into ``sums``, weighted by its examples."""
+        sums.add(update, factors)
+
+    def rebuild(self, update: ClientUpdate, factors: State) -> Candidate:
+        """An update in global units whose client ended at ``factors`` (a
+        robust mode's changed factors): its upload made consistent with them."""
+        return Candidate(replace(update, tensors=self.upload_of(factors)), factors)
 
     def sums(self, updates: Iterable[ClientUpdate]) -> RoundSums:
         """Fold ``updates`` into fresh round sums (one at a time)."""
@@ -428,17 +443,44 @@ class LoraStrategy(FedAvg, ABC):
     def _fold(self, server_round: int, replies: Iterable[Message],
               counts: dict[str, float]) -> RoundSums:
         """The round's sums over the valid replies; an update too large to add
-        exactly (``fedlora.exactsum``) is rejected like an invalid one."""
+        exactly (``fedlora.exactsum``) is rejected like an invalid one. Under a
+        robust mode the round is screened first (``fedlora.strategies.robust``)."""
         sums = self.new_sums()
+        if self.robust is not None:
+            return self._fold_screened(server_round, replies, counts, sums)
         for update in self._accepted(server_round, replies, counts):
             started = time.perf_counter()
-            try:
-                self.add_update(sums, update)
-            except OverflowError as err:
-                LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
-                               update.node_id, err)
-                counts["rejected"] += 1
+            self._fold_checked(server_round, sums, *self.in_global_units(update),
+                               counts=counts)
             sums.fold_s += time.perf_counter() - started
+        return sums
+
+    def _fold_checked(self, server_round: int, sums: RoundSums, update: ClientUpdate,
+                      factors: State, counts: dict[str, float]) -> None:
+        try:
+            self.fold(sums, update, factors)
+        except OverflowError as err:
+            LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
+                           update.node_id, err)
+            counts["rejected"] += 1
+
+    def _fold_screened(self, server_round: int, replies: Iterable[Message],
+                       counts: dict[str, float], sums: RoundSums) -> RoundSums:
+        """The whole round held, screened by the robust mode, then folded."""
+        candidates = [Candidate(*self.in_global_units(update))
+                      for update in self._accepted(server_round, replies, counts)]
+        started = time.perf_counter()
+        screened = self.robust.screen(candidates, self.sent, list(self.upload_shapes),
+                                      self.rebuild)
+        for candidate, reason in screened.excluded:
+            LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
+                           candidate.update.node_id, reason)
+        counts["rejected"] += len(screened.excluded)
+        counts["clipped"] = screened.clipped
+        for candidate in screened.kept:
+            self._fold_checked(server_round, sums, candidate.update, candidate.factors,
+                               counts=counts)
+        sums.fold_s += time.perf_counter() - started
         return sums
 
     def _aggregate(self, server_round: int,
@@ -454,6 +496,9 @@ class LoraStrategy(FedAvg, ABC):
         })
         if self.epsilons:
             metrics["epsilon"] = max(self.epsilons.values())
+        if self.config["attack"] != "none":
+            metrics["attackers"] = sum(p.partition_id in self.attackers
+                                       for p in self.plans.values())
         if sums.count < self.min_replies:
             LOGGER.warning("round %d: %d valid replies (< %d): global adapter unchanged",
                 server_round, sums.count, self.min_replies)

@@ -40,8 +40,7 @@ class HetLoRA(LoraStrategy):
     heterogeneous_ranks = True
     central_dp = False  # the weights read each client's raw update norm
 
-    def add_update(self, sums: RoundSums, update: ClientUpdate) -> None:
-        update, factors = self.in_global_units(update)
+    def fold(self, sums: RoundSums, update: ClientUpdate, factors: State) -> None:
         sums.add(update, factors, weight=update_norm(factors, self.scale))
 
     def merge(self, sums: RoundSums) -> State:

@@ -50,7 +50,6 @@ if TYPE_CHECKING:  # the server imports ``attackers``: no datasets, torch or PEF
     from datasets import Dataset
 
     from fedlora.adapters import State
-    from fedlora.models import LoraModel
 
 # attacks that rewrite the trained change (``attack_change``)
 CHANGE_ATTACKS = ("scale", "sign-flip", "noise")
@@ -113,17 +112,6 @@ def attack_change(config: RunConfig, start: State, trained: State, names: Iterab
     return out
 
 
-def answer_tokens(model: LoraModel) -> tuple[tuple[int, ...], ...] | None:
-    """The answer tokens of each class for a causal-LM model (" <label word>",
-    as ``fedlora.features`` encodes them), or None for sequence classification,
-    whose examples carry the label alone."""
-    if model.spec.task != "causal-lm":
-        return None
-    tokenizer = model.tokenizer
-    return tuple(tuple(tokenizer(" " + name, add_special_tokens=False)["input_ids"])
-                 for name in model.spec.label_names)
-
-
 def flip_labels(dataset: Dataset, num_labels: int,
                 answers: Sequence[Sequence[int]] | None = None) -> Dataset:
     """The data a label-flip attacker trains on: every label y becomes
@@ -133,7 +121,7 @@ def flip_labels(dataset: Dataset, num_labels: int,
 
     Sequence classification trains on the ``label`` column alone. A causal LM
     trains on the answer tokens inside ``input_ids`` (after ``prompt_len``),
-    so for such data ``answers`` (``answer_tokens(model)``) must be given and
+    so for such data ``answers`` (``fedlora.features.answer_tokens``) must be given and
     the answer is rewritten too; an example whose answer is not its label's
     (an encoding that drifted from ``fedlora.features``) is an error, not a
     silent no-op."""

@@ -53,6 +53,7 @@ from fedlora.adapters import (
 from fedlora.basedelta import NodeBase, shapes_of, write_base
 from fedlora.config import RunConfig
 from fedlora.features import (
+    answer_tokens,
     client_dataset,
     held_out_split,
     model_for,
@@ -130,7 +131,7 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
     train = session.train
     if attack == "label-flip":
         train = attacks.flip_labels(train, len(session.model.spec.label_names),
-                                    attacks.answer_tokens(session.model))
+                                    answer_tokens(session.model))
     torch.set_num_threads(max(1, int(config["client-cpus"])))
     params = set_trainable(session.model.peft, session.role.trains)
     private = None

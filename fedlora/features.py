@@ -75,6 +75,15 @@ def _seq_cls_encoder(model: LoraModel, max_len: int):
     return encode
 
 
+def answer_tokens(model: LoraModel) -> tuple[tuple[int, ...], ...] | None:
+    """Each class's answer tokens (" <label word>") in a causal-LM encoding,
+    or None for sequence classification, whose examples carry the label alone."""
+    if model.spec.task != "causal-lm":
+        return None
+    return tuple(tuple(model.tokenizer(" " + name, add_special_tokens=False)["input_ids"])
+                 for name in model.spec.label_names)
+
+
 def _causal_encoder(model: LoraModel, max_len: int, label_names: tuple[str, ...]):
     tokenizer = model.tokenizer
 

@@ -128,8 +128,7 @@ def test_flip_labels_maps_y_to_c_minus_one_minus_y():
 
 
 def test_flip_labels_rewrites_a_causal_lm_answer(tiny_llama, topic_dataset):
-    from fedlora.attacks import answer_tokens
-    from fedlora.features import encoded_splits, model_for
+    from fedlora.features import answer_tokens, encoded_splits, model_for
 
     config = resolve({"model": str(tiny_llama), "dataset": str(topic_dataset),
                       "max-seq-len": 48})

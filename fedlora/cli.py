@@ -12,8 +12,11 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from fedlora.config import KEYS, ConfigError, RunConfig, load_toml, parse_set_option
@@ -65,18 +68,69 @@ def _check_out_creatable(out: Path) -> None:
                           f"({err.strerror or err})") from None
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def _new_run_config(args: argparse.Namespace) -> RunConfig:
+    """``simulate --out DIR``: a new run; DIR checked before anything heavy."""
     from fedlora.results import check_out_dir
 
-    overrides_out = str(Path(args.out).expanduser().resolve())
-    check_out_dir(overrides_out)
-    _check_out_creatable(Path(overrides_out))
+    if args.out is None:
+        raise ConfigError("simulate needs --out DIR (a new run) or --resume DIR")
+    out = str(Path(args.out).expanduser().resolve())
+    check_out_dir(out)
+    _check_out_creatable(Path(out))
     config = _config_from_args(args)
-    config = RunConfig({**config.to_dict(), "out-dir": overrides_out})
-    preflight(config)
-    from fedlora.simulation import simulate
+    if config["resume-from"]:
+        raise ConfigError("config key 'resume-from': use `fedlora simulate --resume DIR`")
+    return RunConfig({**config.to_dict(), "out-dir": out})
 
-    simulate(config, verbose=args.verbose)
+
+def _resumed_config(args: argparse.Namespace) -> RunConfig:
+    """``simulate --resume DIR``: the run's own config (a ``--set`` that would
+    change it is refused), its checkpoint checked before anything heavy."""
+    from fedlora import checkpoint
+    from fedlora.resume import RESUME_FREE_KEYS, check_unchanged, saved_config
+
+    if args.out is not None or args.config is not None:
+        raise ConfigError("--resume DIR continues DIR with its own config: no --out or "
+                          "--config")
+    run_dir = Path(args.resume).expanduser().resolve()
+    saved = saved_config(run_dir)
+    overrides = dict(parse_set_option(item) for item in args.set or [])
+    check_unchanged(saved, overrides)
+    checkpoint.load(run_dir)  # a corrupt one is refused now, in one line
+    free = {k: v for k, v in overrides.items() if k in RESUME_FREE_KEYS}
+    return resolve({**saved.to_dict(), **free})
+
+
+def _farewell(config: RunConfig) -> Callable[[int], str]:
+    """The line an interrupted simulation ends with."""
+    def line(signum: int) -> str:
+        from fedlora import checkpoint
+
+        out = Path(config["out-dir"])
+        try:
+            saved = checkpoint.load(out)
+        except ConfigError:
+            saved = None
+        done = saved.round if saved is not None else 0
+        return (f"fedlora: stopped by {signal.Signals(signum).name}: {done} of "
+                f"{config['rounds']} rounds complete in {out} (no summary.json: not a "
+                f"finished run); continue with: fedlora simulate --resume {out}")
+
+    return line
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedlora.stopping import stop_on_signals
+
+    config = _resumed_config(args) if args.resume else _new_run_config(args)
+    overrides_out = config["out-dir"]
+    server_done = threading.Event()
+    server_done.set()  # the round loop is not running yet
+    with stop_on_signals(_farewell(config), server_done):
+        preflight(config)
+        from fedlora.simulation import simulate
+
+        simulate(config, verbose=args.verbose, server_done=server_done)
     summary_path = Path(overrides_out) / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError("the simulation ended without writing summary.json")
@@ -158,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", help="TOML file with run-config keys")
     sim.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                      help="override run-config keys")
-    sim.add_argument("--out", required=True, help="run directory to create")
+    sim.add_argument("--out", help="run directory to create")
+    sim.add_argument("--resume", metavar="DIR",
+                     help="continue the interrupted run in DIR after its last complete "
+                          "round, with its own config")
     sim.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     sim.set_defaults(run=cmd_simulate)
     ev = sub.add_parser("evaluate", help="reload a run's adapter and evaluate it")

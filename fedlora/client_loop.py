@@ -41,6 +41,7 @@ import torch
 from datasets import Dataset
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.common import MessageType
 
 from fedlora import attacks, codec
 from fedlora.adapters import (
@@ -51,6 +52,7 @@ from fedlora.adapters import (
     tensor_kind,
 )
 from fedlora.basedelta import NodeBase, shapes_of, write_base
+from fedlora.client_state import ClientStore, Lineage, store_for
 from fedlora.config import RunConfig
 from fedlora.features import (
     answer_tokens,
@@ -82,13 +84,15 @@ class Session:
     identity: int  # partition id (simulation) or node id (deployment)
     start: State
     base_version: int
+    store: ClientStore | None  # where the client's memory is kept between processes
 
 
 def open_session(message: Message, context: Context, model: LoraModel | None = None,
                  data: Dataset | None = None) -> Session:
-    """Read the request and prepare this client's model for it. ``model`` and
-    ``data`` replace the cached ones (``fedlora.bench_scale`` builds them per
-    message to measure the stock pattern)."""
+    """Read the request and prepare this client's model for it, its memory
+    (``context.state``) restored from its store. ``model`` and ``data``
+    replace the cached ones (``fedlora.bench_scale`` builds them per message
+    to measure the stock pattern)."""
     request = Request.from_message(message)
     config = from_message(request.run_config())
     strategy = strategy_class(config["strategy"])
@@ -103,6 +107,13 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
         identity = request.task.partition_id
         model = model or model_for(config, rank)
         data = data if data is not None else client_dataset(config, identity)
+    store = None
+    if request.run_id:  # every fedlora server names its run
+        store = store_for(context.node_config, request.client_store,
+                          request.store_required, request.run_id,
+                          request.task.partition_id, Lineage.parse(request.lineage))
+        store.restore(context.state, request.task.server_round,
+                      inclusive=message.metadata.message_type == MessageType.EVALUATE)
     train, held_out = ((held_out_split(config, data) if strategy.evaluation_prefix(config)
                         else (data, data)))
     node_base = NodeBase(context.state)
@@ -116,7 +127,7 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
     start = role.start_state(received, template, context.state)
     load_adapter_state(model.peft, start)
     return Session(request, config, role, model, train, held_out, identity, start,
-                   node_base.version)
+                   node_base.version, store)
 
 
 def handle_train(message: Message, context: Context) -> Message:
@@ -125,7 +136,8 @@ def handle_train(message: Message, context: Context) -> Message:
 
 
 def local_update(message: Message, context: Context, session: Session) -> Message:
-    """The training reply for a prepared session."""
+    """The training reply for a prepared session (the client's memory is
+    saved to its store before the reply goes)."""
     config, task = session.config, session.request.task
     attack = attacks.attack_for(config, session.identity)  # "none" unless malicious
     train = session.train
@@ -157,6 +169,8 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
         trained = attacks.attack_change(config, session.start, trained, sent, attack_rng(
             config["seed"], task.server_round, session.identity))
     upload = session.role.upload(session.start, trained, context.state)
+    if session.store is not None:
+        session.store.save(context.state, task.server_round)
     examples = result.num_examples
     if attack == "inflate-weight":
         examples = max(1, round(examples * config["attack-scale"]))

@@ -5,10 +5,25 @@ A comparison file (TOML) holds the shared run config under ``[base]`` and one
 (one plot panel and one table per group) and the run-config keys that differ.
 Every run is simulated once per seed, each as a real ``fedlora simulate`` in a
 child process, into ``OUT/<label>/seed-<s>`` with its output in
-``OUT/<label>/seed-<s>.log``. A finished run (one with ``summary.json``) is
-reused and an unfinished one removed and rerun, so an interrupted comparison
-resumes. Then ``OUT/summary.csv``, ``OUT/summary.md``,
+``OUT/<label>/seed-<s>.log``. Then ``OUT/summary.csv``, ``OUT/summary.md``,
 ``OUT/accuracy_vs_round.png`` and ``OUT/accuracy_vs_uplink.png`` are written.
+
+Running the same command again continues a comparison, so hours of finished
+work are never redone: a finished run (one with ``summary.json``) is reused;
+an unfinished one that was started with this comparison's settings goes on
+after its last checkpointed round (``fedlora simulate --resume``, its log
+appended to); any other unfinished one (other settings, no ``config.json``, a
+resume refused for a corrupt checkpoint) is removed and run from round 1.
+
+SIGINT or SIGTERM stops the comparison the way it stops ``fedlora
+simulate``: the signal is passed on to the running child, which saves where
+it is, stops Ray and exits (killed with its processes if it takes more than
+``CHILD_STOP_S``); then no further run starts, no summary is written, one line
+says how to continue and the exit code is 128 + the signal's number (130,
+143). The signal is always passed on, also when a terminal's Ctrl-C has
+already reached the child through the process group: a second signal only
+makes the child skip the grace its round loop gets, and a ``kill`` aimed at
+``fedlora compare`` alone must reach the child too.
 
 Seeds: ``--seeds 3`` means seeds 1, 2, 3 and ``--seeds 1,5,9`` exactly those.
 Without ``--seeds`` the comparison runs one seed: ``[base]``'s ``seed`` key if
@@ -28,6 +43,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,10 +52,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import tomllib
 
 from fedlora.config import ConfigError
 from fedlora.results import CLIENT_ACCURACY
+from fedlora.stopping import end_processes
 
 COLUMNS = ("group", "run", "seeds", "final_accuracy_mean", "final_accuracy_ci95",
            "best_accuracy_mean", "uplink_mb", "downlink_mb", "seconds_per_round_mean",
@@ -48,10 +66,21 @@ COLUMNS = ("group", "run", "seeds", "final_accuracy_mean", "final_accuracy_ci95"
            "client_accuracy_ci95", "seed_list")
 OUTPUTS = ("summary.csv", "summary.md", "accuracy_vs_round.png", "accuracy_vs_uplink.png")
 SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CHILD_STOP_S = 15.0  # how long a signalled child gets (it needs a few seconds) before SIGKILL
+REFUSED = 2  # the exit code of a refused ``fedlora simulate --resume``
 
 
 class RunFailed(RuntimeError):
     """A child simulation exited non-zero; the message is one line."""
+
+
+class CompareInterrupted(Exception):
+    """SIGINT or SIGTERM arrived while a child ran; it has exited."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -201,12 +230,81 @@ def simulate_command(settings: dict[str, Any], out_dir: Path) -> list[str]:
             *[f"{k}={_toml_literal(v)}" for k, v in settings.items()], "--out", str(out_dir)]
 
 
-def run_child(command: list[str], log: Path) -> int:
+def resume_command(directory: Path) -> list[str]:
+    return [sys.executable, "-m", "fedlora.cli", "simulate", "--resume", str(directory)]
+
+
+class _Forward:
+    """The SIGINT/SIGTERM handler while a child runs: remembers the first
+    signal and passes each one on to the child. The child's processes are
+    listed at the first one, so that those it leaves behind can be killed."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.signum: int | None = None
+        self.tree: list[psutil.Process] = []
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if self.child is not None:
+            self.send(signum)
+
+    def send(self, signum: int) -> None:
+        if not self.tree:
+            self.tree = _tree(self.child.pid)
+        self.child.send_signal(signum)  # a no-op once it has exited
+
+    def kill(self) -> None:
+        """The child took too long: kill it and every process of its tree."""
+        end_processes(list({*self.tree, *_tree(self.child.pid)}))
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and its descendants (empty once it is gone)."""
+    try:
+        proc = psutil.Process(pid)
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def run_child(command: list[str], log: Path, append: bool = False) -> int:
     """Run one simulation with its output in ``log`` (a line per round would
-    flood the terminal); returns its exit code."""
-    with open(log, "w") as handle:
-        return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL).returncode
+    flood the terminal); returns its exit code, or raises
+    ``CompareInterrupted`` once the child has exited if SIGINT or SIGTERM
+    arrived meanwhile (see the module docstring)."""
+    forward = _Forward()
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
+    try:
+        with open(log, "a" if append else "w") as handle:
+            forward.child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
+            if forward.signum is not None:  # it came while the child was starting
+                forward.send(forward.signum)
+            code = _wait(forward)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if forward.signum is not None:
+        raise CompareInterrupted(forward.signum)
+    return code
+
+
+def _wait(forward: _Forward) -> int:
+    """The child's exit code; after a signal it gets ``CHILD_STOP_S`` to exit.
+    (A plain ``wait()`` would go on waiting after the handler ran.)"""
+    deadline = None
+    while True:
+        try:
+            return forward.child.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if forward.signum is None:
+                continue
+            deadline = deadline or time.monotonic() + CHILD_STOP_S
+            if time.monotonic() > deadline:
+                forward.kill()
+                return forward.child.wait()
 
 
 def _last_line(log: Path) -> str:
@@ -214,38 +312,69 @@ def _last_line(log: Path) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
-def check_reusable(directory: Path, settings: dict[str, Any]) -> None:
-    """A finished run is reused only if it ran with this comparison's
-    settings: an edited TOML must not silently mix old and new results."""
+def _difference(directory: Path, settings: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first setting the run in ``directory`` was started with otherwise
+    than this comparison says: (key, its value, the comparison's), or None."""
     from fedlora.strategies import resolve
 
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"{directory}: has summary.json but no config.json; remove it "
-                          "or use another --out")
     saved = json.loads((directory / "config.json").read_text())
     wanted = resolve(settings)
     for key in settings:
         if saved.get(key) != wanted[key]:
-            raise ConfigError(f"{directory}: finished with {key} = {saved.get(key)!r}, but "
-                              f"the comparison now says {wanted[key]!r}; remove that "
-                              "directory or use another --out")
+            return key, saved.get(key), wanted[key]
+    return None
 
 
-def simulate(run: Run, seed: int, out: Path) -> float:
-    """One fresh simulation; returns its wall-clock seconds. A failed child
-    leaves nothing that looks finished (a run that accepted no update writes
-    summary.json and then exits 1)."""
+def check_reusable(directory: Path, settings: dict[str, Any]) -> None:
+    """A finished run is reused only if it ran with this comparison's
+    settings: an edited TOML must not silently mix old and new results."""
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{directory}: has summary.json but no config.json; remove it "
+                          "or use another --out")
+    difference = _difference(directory, settings)
+    if difference is not None:
+        key, saved, wanted = difference
+        raise ConfigError(f"{directory}: finished with {key} = {saved!r}, but the "
+                          f"comparison now says {wanted!r}; remove that directory or use "
+                          "another --out")
+
+
+def resumable(directory: Path, settings: dict[str, Any]) -> bool:
+    """An unfinished run started with this comparison's settings; one with
+    others (the TOML was edited since) is no part of this comparison."""
+    try:
+        return (directory / "config.json").is_file() and _difference(directory, settings) is None
+    except (json.JSONDecodeError, UnicodeDecodeError):  # cut short while written
+        return False
+
+
+def simulate(run: Run, seed: int, out: Path) -> tuple[float, bool]:
+    """One run to its end, resumed if it can be, else from round 1; returns
+    (wall-clock seconds, resumed). A failed child leaves nothing that looks
+    finished (a run that accepted no update writes summary.json and then
+    exits 1)."""
     directory = run_dir(out, run, seed)
-    shutil.rmtree(directory, ignore_errors=True)  # an unfinished earlier attempt
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    settings = run.settings(seed)
     log = directory.parent / f"seed-{seed}.log"
     started = time.perf_counter()
-    code = run_child(simulate_command(run.settings(seed), directory), log)
+    resumed = refused = False
+    if resumable(directory, settings):
+        code = run_child(resume_command(directory), log, append=True)
+        refused = code == REFUSED  # a corrupt checkpoint, say: its line is in the log
+        if refused:
+            with open(log, "a") as handle:
+                handle.write("fedlora compare: the resume was refused, so this run "
+                             "starts again from round 1\n")
+        resumed = not refused
+    if not resumed:
+        shutil.rmtree(directory, ignore_errors=True)  # unfinished, and not resumable
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        code = run_child(simulate_command(settings, directory), log, append=refused)
     if code != 0 or not (directory / "summary.json").is_file():
         (directory / "summary.json").unlink(missing_ok=True)
         raise RunFailed(f"run '{run.label}' seed {seed} failed with exit code {code}: "
                         f"{_last_line(log)} (log: {log})")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, resumed
 
 
 def run_all(runs: list[Run], seeds: list[int], out: Path) -> None:
@@ -259,7 +388,8 @@ def run_all(runs: list[Run], seeds: list[int], out: Path) -> None:
                 check_reusable(directory, run.settings(seed))
                 note = "reused"
             else:
-                note = f"{simulate(run, seed, out):.1f} s"
+                seconds, resumed = simulate(run, seed, out)
+                note = ("resumed, " if resumed else "") + f"{seconds:.1f} s"
             final = json.loads((directory / "summary.json").read_text())["final_accuracy"]
             print(f"[{done}/{total}] {run.label} seed {seed}: final acc "
                   f"{_pm(math.nan if final is None else final)} ({note})", flush=True)
@@ -438,10 +568,22 @@ def write_outputs(runs: list[Run], seeds: list[int], out: Path) -> str:
     return table
 
 
+def _stopped(signum: int, runs: list[Run], seeds: list[int], out: Path) -> int:
+    """The one line an interrupted comparison ends with; its exit code."""
+    finished = sum((run_dir(out, run, seed) / "summary.json").is_file()
+                   for run in runs for seed in seeds)
+    print(f"fedlora: compare stopped by {signal.Signals(signum).name}: {finished} of "
+          f"{len(runs) * len(seeds)} runs finished in {out}; run the same command again "
+          "to continue (an interrupted run resumes from its last round)",
+          file=sys.stderr, flush=True)
+    return 128 + signum
+
+
 def compare(config_path: str | Path, seeds_text: str | None, out: str | Path) -> int:
-    """The whole command: check the plan, run what is missing, summarise.
-    The comparison's own outputs are removed first and written only once every
-    run has finished, so they never describe a partial comparison."""
+    """The whole command: check the plan, run what is missing, summarise;
+    returns the exit code. The comparison's own outputs are removed first and
+    written only once every run has finished, so they never describe a partial
+    comparison (nor does an interrupted one write them)."""
     runs, seeds = load_plan(config_path, seeds_text)
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -451,7 +593,12 @@ def compare(config_path: str | Path, seeds_text: str | None, out: str | Path) ->
         (out / name).unlink(missing_ok=True)
     print(f"comparing {len(runs)} runs × {len(seeds)} seeds "
           f"({', '.join(map(str, seeds))}) in {out}", flush=True)
-    run_all(runs, seeds, out)
+    try:
+        run_all(runs, seeds, out)
+    except CompareInterrupted as stop:
+        return _stopped(stop.signum, runs, seeds, out)
+    except KeyboardInterrupt:  # Ctrl-C while no child ran
+        return _stopped(signal.SIGINT, runs, seeds, out)
     print(write_outputs(runs, seeds, out), end="")
     written = [name for name in OUTPUTS if (out / name).is_file()]
     print(f"wrote {', '.join(written)} in {out}")

@@ -194,6 +194,9 @@ KEYS: dict[str, Key] = {
                                   "label-flip")),
     # --- outputs -------------------------------------------------------------
     "out-dir": Key(str, "", "where the ServerApp writes results; empty = runs/<time>"),
+    "resume-from": Key(str, "", "continue the run in this directory after its last "
+                       "checkpointed round, with its own config (flwr run; `fedlora "
+                       "simulate --resume DIR` sets it); empty = a new run"),
 }
 
 

@@ -3,6 +3,14 @@
 ``run_federation`` is the whole of it; ``server/app.py`` calls it with the
 run config Flower hands over (``flwr run``), and ``fedlora simulate`` with
 the config it resolved.
+
+Crash safety: after every round (its metrics line written) the server's
+state is checkpointed (``fedlora.checkpoint``), and a run with
+``resume-from`` goes on after its last checkpointed round
+(``fedlora.resume``). Every message names the run, its lineage and the run
+directory's client store, so that clients keep their state where it
+survives too (``fedlora.client_state``). A stop request
+(``fedlora.stopping``) ends the loop at its next wait.
 """
 
 from __future__ import annotations
@@ -14,13 +22,14 @@ from pathlib import Path
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
+from fedlora import checkpoint
 from fedlora.adapters import load_adapter_state
 from fedlora.basedelta import BASE_DELTA_FILE, save_base_delta, write_base
 from fedlora.config import KEYS, RunConfig
 from fedlora.features import central_test_set, model_for, partitioner_for
-from fedlora.messages import LABEL_NAMES
+from fedlora.messages import CLIENT_STORE, LABEL_NAMES, LINEAGE, RUN_ID, STORE_REQUIRED
 from fedlora.replies import replies_as_they_arrive
-from fedlora.results import RunWriter, prepare_out_dir
+from fedlora.resume import start_run
 from fedlora.strategies import strategy_class
 from fedlora.strategies.base import from_arrayrecord, to_arrayrecord
 from fedlora.training import evaluate
@@ -45,29 +54,41 @@ def progress_line(record: dict, rounds: int) -> str:
     return "  ".join(parts)
 
 
-def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0) -> dict:
-    """Run all rounds and write the outputs contract; returns the summary.
-    ``in_flight`` caps the messages outstanding at once (0 = a round's all at
-    once; see ``fedlora.replies``)."""
-    out_dir = prepare_out_dir(config["out-dir"] or
-                              Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    writer = RunWriter(out_dir, config)
+CLIENT_STORE_DIR = "clients"  # in a simulation's run directory
+
+
+def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
+                   simulation: bool = False) -> dict:
+    """Run all rounds (after the last checkpointed one, with ``resume-from``)
+    and write the outputs contract; returns the summary. ``in_flight`` caps
+    the messages outstanding at once (0 = a round's all at once; see
+    ``fedlora.replies``); ``simulation``: every client must keep its state
+    in the run directory (``fedlora.client_state``)."""
+    start = start_run(config, Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    config, out_dir, writer = start.config, start.out_dir, start.writer
     model = model_for(config)
     test = central_test_set(config)
     partitioner_for(config)  # bad partition settings fail here, before any round
     strategy_type = strategy_class(config["strategy"])
     strategy = strategy_type(config, model.initial_state)
+    if start.checkpoint is not None:
+        strategy.restore(start.checkpoint)
     prefix = strategy_type.evaluation_prefix(config)
-    arrays = to_arrayrecord(model.initial_state)
+    arrays = to_arrayrecord(strategy.state)
     # sent with every message: the run config (core keys and the chosen
     # strategy's: a node need not have other packages' strategies installed)
-    # and the classes, onto which a deployed node maps its own data
+    # and the classes, onto which a deployed node maps its own data; and
+    # where the clients keep their state (fedlora.client_state)
     own_keys = set(KEYS) | set(strategy_type.keys)
+    (out_dir / CLIENT_STORE_DIR).mkdir(exist_ok=True)
+    store = {CLIENT_STORE: str(out_dir / CLIENT_STORE_DIR), STORE_REQUIRED: simulation}
     sent_config = ConfigRecord({**{k: v for k, v in config.to_dict().items() if k in own_keys},
-                                LABEL_NAMES: list(model.spec.label_names)})
+                                LABEL_NAMES: list(model.spec.label_names),
+                                RUN_ID: start.run_id, LINEAGE: str(start.lineage), **store})
     rounds, started = config["rounds"], time.perf_counter()
+    earlier_s = start.checkpoint.wall_seconds if start.checkpoint is not None else 0.0
     timeout = config["round-timeout"] or NO_LIMIT_S
-    for server_round in range(1, rounds + 1):
+    for server_round in range(start.completed + 1, rounds + 1):
         round_start = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, sent_config, grid))
         replies = replies_as_they_arrive(grid, messages, timeout, in_flight)
@@ -90,6 +111,9 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0) -> dict:
                     prefix))
         record["seconds"] = time.perf_counter() - round_start
         writer.add_round(record)
+        checkpoint.save(out_dir, strategy.checkpoint(
+            server_round, start.run_id, str(start.lineage),
+            earlier_s + time.perf_counter() - started))
         print(progress_line(record, rounds), flush=True)
     load_adapter_state(model.peft, from_arrayrecord(arrays))
     if strategy.base is not None:
@@ -100,5 +124,5 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0) -> dict:
                           "label_names": list(model.spec.label_names),  # for `evaluate`
                           "epsilon_per_client": {str(k): v for k, v in
                                                  sorted(strategy.epsilons.items())} or None,
-                          "wall_seconds": time.perf_counter() - started,
+                          "wall_seconds": earlier_s + time.perf_counter() - started,
                           "out_dir": str(out_dir)})

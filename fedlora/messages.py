@@ -35,6 +35,12 @@ PAYLOAD = "payload"
 BASE = "base"
 METRICS = "metrics"
 LABEL_NAMES = "label-names"  # in the config record: the run's classes
+# also in the config record, for the client's state store (fedlora.client_state):
+RUN_ID = "fedlora-run-id"  # the run's id, kept across a resume
+LINEAGE = "fedlora-lineage"  # which server attempt ran which rounds (client_state.Lineage)
+CLIENT_STORE = "fedlora-client-store"  # the run directory's client store (server's path)
+STORE_REQUIRED = "fedlora-client-store-required"  # fedlora simulate: clients must use it
+TRANSPORT = frozenset({LABEL_NAMES, RUN_ID, LINEAGE, CLIENT_STORE, STORE_REQUIRED})
 MAX_EXAMPLES = 2**31  # a client's claimed example count must be below this
 MAX_IDENTITY = 2**64  # a partition id, or a deployed node's Flower node id (8 random bytes)
 
@@ -98,7 +104,7 @@ class Task:
 class Request:
     """A training or evaluation request to one node."""
 
-    config: dict[str, Any]  # resolved run config, plus LABEL_NAMES
+    config: dict[str, Any]  # resolved run config, plus the TRANSPORT entries
     task: Task
     payload: bytes
     base: bytes | None = None
@@ -135,7 +141,25 @@ class Request:
 
     def run_config(self) -> dict[str, Any]:
         """The run-config keys alone."""
-        return {k: v for k, v in self.config.items() if k != LABEL_NAMES}
+        return {k: v for k, v in self.config.items() if k not in TRANSPORT}
+
+    @property
+    def run_id(self) -> str:
+        return str(self.config.get(RUN_ID, ""))
+
+    @property
+    def lineage(self) -> str:
+        return str(self.config.get(LINEAGE, ""))
+
+    @property
+    def client_store(self) -> str | None:
+        """The run directory's client store, as the server sees it."""
+        return self.config.get(CLIENT_STORE) or None
+
+    @property
+    def store_required(self) -> bool:
+        """Whether clients must keep their state in ``client_store`` (simulation)."""
+        return bool(self.config.get(STORE_REQUIRED, False))
 
 
 @dataclass(frozen=True)

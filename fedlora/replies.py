@@ -12,6 +12,9 @@ checks per poll: at 500 clients it keeps one of the driver's cores busy,
 the core the clients needed. ``fedlora simulate`` therefore keeps a few
 messages per Ray worker outstanding (the workers could not run more at once
 anyway); in deployment every message goes out at once (``in_flight=0``).
+
+The loop never blocks shutdown: it waits on ``fedlora.stopping``'s stop
+request, not a plain sleep, and ends with ``Interrupted`` when one comes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from itertools import islice
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fedlora.stopping import raise_if_stopped, wait
 
 PULL_INTERVAL_S = 0.05  # how often the SuperLink is asked for new replies
 LOGGER = logging.getLogger("fedlora.server")
@@ -43,6 +48,7 @@ def replies_as_they_arrive(grid: Grid, messages: Iterable[Message], timeout: flo
                 return
             pending.update(grid.push_messages(batch))
 
+    raise_if_stopped()
     top_up()
     deadline = time.monotonic() + timeout
     while pending:
@@ -57,4 +63,4 @@ def replies_as_they_arrive(grid: Grid, messages: Iterable[Message], timeout: flo
                            len(pending), timeout)
             return
         if pending:
-            time.sleep(PULL_INTERVAL_S)
+            wait(PULL_INTERVAL_S)

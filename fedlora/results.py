@@ -54,13 +54,37 @@ def prepare_out_dir(path: str | Path) -> Path:
 class RunWriter:
     """Writes one run's outputs as the rounds go."""
 
-    def __init__(self, out_dir: Path, config: RunConfig) -> None:
+    def __init__(self, out_dir: Path, config: RunConfig | None,
+                 rounds: list[dict[str, Any]] | None = None) -> None:
+        """A new run's writer (writes ``config``), or with ``config`` None a
+        resumed one's, whose metrics.jsonl is rewritten to ``rounds``."""
         self.out_dir = out_dir
-        self.rounds: list[dict[str, Any]] = []
+        self.rounds: list[dict[str, Any]] = list(rounds or [])
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / "config.json", config.to_json() + "\n")
+        if config is not None:
+            _atomic_write(out_dir / "config.json", config.to_json() + "\n")
         self._metrics = out_dir / "metrics.jsonl"
-        self._metrics.write_text("")
+        _atomic_write(self._metrics, "".join(json.dumps(row) + "\n" for row in self.rounds))
+
+    @classmethod
+    def resume(cls, out_dir: Path, completed: int) -> RunWriter:
+        """The writer of a run going on after round ``completed``: the rounds
+        metrics.jsonl holds beyond it (written before a crash cut the round's
+        checkpoint short, or a half-written last line) are dropped."""
+        path = out_dir / "metrics.jsonl"
+        rows = []
+        for line in (path.read_text().splitlines() if path.is_file() else []):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the line a crash cut short
+                continue
+            if isinstance(row, dict) and isinstance(row.get("round"), int) \
+                    and row["round"] <= completed:
+                rows.append(row)
+        if [row["round"] for row in rows] != list(range(1, completed + 1)):
+            raise ConfigError(f"{path}: does not hold rounds 1..{completed} once each, "
+                              "as its checkpoint says; the run cannot be resumed")
+        return cls(out_dir, None, rows)
 
     def add_round(self, record: dict[str, Any]) -> None:
         row = {key: _jsonable(record.get(key)) for key in ROUND_FIELDS}
@@ -68,6 +92,8 @@ class RunWriter:
         self.rounds.append(row)
         with self._metrics.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the round's checkpoint
 
     def save_adapter(self, peft_model) -> Path:
         """``save_pretrained`` into a temporary folder, then rename into place."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import warnings
 
 import torch
@@ -42,6 +43,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import ConfigError, RunConfig
+from fedlora.stopping import reclaim_signals
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 CONNECT_TIMEOUT_S = 5.0
@@ -108,6 +110,7 @@ def start_ray(config: RunConfig) -> int:
         except ConnectionError as err:
             raise ConfigError(f"config key 'ray-address': {str(err).splitlines()[0]}"
                               ) from None
+        reclaim_signals()
     try:
         workers = pool_size_from_resources(backend["client_resources"])
     except ValueError:  # Flower's "ActorPool is empty", with the reason only logged
@@ -124,10 +127,12 @@ def start_ray(config: RunConfig) -> int:
 
 
 def simulate(config: RunConfig, verbose: bool = False,
-             client_app: ClientApp | None = None) -> int:
+             client_app: ClientApp | None = None,
+             server_done: threading.Event | None = None) -> int:
     """Run the federation described by ``config`` to completion (blocking);
     returns the number of client workers it ran. ``client_app`` replaces the
-    project's ClientApp (the scale benchmark's stock mode)."""
+    project's ClientApp (the scale benchmark's stock mode); ``server_done``
+    is cleared while the round loop runs (``fedlora.stopping`` waits on it)."""
     from fedlora.client_loop import client_app as project_client_app
     from fedlora.federation import run_federation
 
@@ -139,7 +144,14 @@ def simulate(config: RunConfig, verbose: bool = False,
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, in_flight=IN_FLIGHT_PER_WORKER * workers)
+        if server_done is not None:
+            server_done.clear()
+        try:
+            run_federation(grid, config, in_flight=IN_FLIGHT_PER_WORKER * workers,
+                           simulation=True)
+        finally:
+            if server_done is not None:
+                server_done.set()
 
     from flwr.simulation import run_simulation
 

@@ -1,5 +1,6 @@
 """``fedlora compare``: the statistics, the up-front checks, the summaries
-written from finished run directories, and one real comparison.
+written from finished run directories, which unfinished runs are resumed, and
+one real comparison, interrupted and continued.
 
 Only the last test starts simulations; the others replace the child runner
 (``fedlora.compare.run_child``) with one that fails the test if called, or
@@ -12,6 +13,7 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -79,7 +81,7 @@ def test_bad_seeds(text):
 @pytest.fixture
 def no_child(monkeypatch):
     """Any attempt to start a simulation fails the test."""
-    def forbidden(command, log):
+    def forbidden(command, log, append=False):
         raise AssertionError(f"a simulation was started: {command}")
 
     monkeypatch.setattr(cmp, "run_child", forbidden)
@@ -172,7 +174,7 @@ def test_local_paths_made_absolute(tmp_path, monkeypatch, topic_dataset):
 def fake_run(directory: Path, settings: dict, accuracies: list[float | None], seconds=2.0,
              uplink=1_000_000, residual: float | None = 0.5, epsilon: float | None = None):
     """A finished run directory as ``fedlora simulate`` leaves it (no adapter)."""
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     config = resolve(settings).to_dict() | {"out-dir": str(directory)}
     (directory / "config.json").write_text(json.dumps(config))
     rows = [{"round": i, "accuracy": acc, "uplink_bytes": uplink, "downlink_bytes": 2 * uplink,
@@ -282,36 +284,79 @@ def test_reused_run_must_match_the_comparison(tmp_path, capsys, no_child):
     assert "ffa/seed-1: finished with lr = 0.01, but the comparison now says 0.02" in err
 
 
-def _fake_child(calls: list, exit_code: int = 0):
-    """A stand-in for ``fedlora simulate``: reads its --set and --out and
-    writes a finished run there (also when it "fails", as a run with no
-    accepted update does)."""
-    def run_child(command, log):
-        sets = command[command.index("--set") + 1:command.index("--out")]
-        settings = dict(parse_set_option(item) for item in sets)
+def _fake_child(calls: list, exit_code: int = 0, resume_code: int | None = None):
+    """A stand-in for ``fedlora simulate``: reads its --set and --out (or
+    --resume) and writes a finished run there (also when it "fails", as a run
+    with no accepted update does). ``calls``: (label, seed, "fresh"|"resume");
+    a resume exits ``resume_code`` (if given) without writing anything."""
+    def run_child(command, log, append=False):
+        resume = "--resume" in command
         out = Path(command[-1])
-        calls.append((out.parent.name, settings["seed"]))
-        fake_run(out, settings, [0.5, 0.8])
-        log.write_text("round 1/2 ...\nfedlora: error: no client update was accepted\n")
+        if resume:
+            settings = json.loads((out / "config.json").read_text())
+        else:
+            sets = command[command.index("--set") + 1:command.index("--out")]
+            settings = dict(parse_set_option(item) for item in sets)
+        calls.append((out.parent.name, settings["seed"], "resume" if resume else "fresh"))
+        with open(log, "a" if append else "w") as handle:
+            if resume and resume_code is not None:
+                handle.write("fedlora: error: checkpoint.fedlora: checksum mismatch\n")
+                return resume_code
+            fake_run(out, settings, [0.5, 0.8])
+            handle.write("round 1/2 ...\nfedlora: error: no client update was accepted\n")
         return exit_code
     return run_child
 
 
-def test_unfinished_runs_are_rerun(tmp_path, capsys, monkeypatch):
+def _unfinish(out: Path, label: str, seed: int) -> Path:
+    """A finished run made an interrupted one (no summary.json, a leftover)."""
+    directory = out / label / f"seed-{seed}"
+    (directory / "summary.json").unlink()
+    (directory / "leftover").write_text("x")
+    (out / label / f"seed-{seed}.log").write_text("round 1/2 of the first attempt\n")
+    return directory
+
+
+def test_unfinished_runs_resume_if_their_settings_match(tmp_path, capsys, monkeypatch):
     path, out = _finished_comparison(tmp_path)
-    for label, seed in (("avg", 2), ("ffa", 3)):
-        (out / label / f"seed-{seed}" / "summary.json").unlink()
-        (out / label / f"seed-{seed}" / "leftover").write_text("x")
+    resumable = _unfinish(out, "avg", 2)
+    edited = _unfinish(out, "ffa", 1)  # started before the TOML said lr = 0.01
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps(config | {"lr": 0.02}))
+    (_unfinish(out, "ffa", 3) / "config.json").unlink()  # stopped before it was written
     calls = []
     monkeypatch.setattr(cmp, "run_child", _fake_child(calls))
     code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
     assert code == 0, err
-    assert calls == [("avg", 2), ("ffa", 3)]  # the command carried the run's settings
-    assert not (out / "avg" / "seed-2" / "leftover").exists()
-    assert "[2/6] avg seed 2: final acc 0.8000 (" in stdout
-    assert stdout.count("(reused)") == 4
+    assert calls == [("avg", 2, "resume"), ("ffa", 1, "fresh"), ("ffa", 3, "fresh")]
+    assert (resumable / "leftover").exists()  # kept: the resume goes on in that directory
+    assert not (edited / "leftover").exists() and not (out / "ffa" / "seed-3" / "leftover").exists()
+    assert (out / "avg" / "seed-2.log").read_text().startswith("round 1/2 of the first attempt\n")
+    assert "first attempt" not in (out / "ffa" / "seed-1.log").read_text()
+    progress = [line for line in stdout.splitlines() if line.startswith("[")]
+    assert progress[1].startswith("[2/6] avg seed 2: final acc 0.8000 (resumed, ")
+    assert progress[3].startswith("[4/6] ffa seed 1: final acc 0.8000 (")
+    assert "resumed" not in progress[3] + progress[5] and stdout.count("(reused)") == 3
+    assert json.loads((edited / "config.json").read_text())["lr"] == 0.01
     _, rows = _csv(out)
     assert float(rows["avg"]["final_accuracy_mean"]) == pytest.approx((0.5 + 0.8 + 0.7) / 3)
+
+
+def test_a_refused_resume_runs_again_from_round_1(tmp_path, capsys, monkeypatch):
+    path, out = _finished_comparison(tmp_path)
+    directory = _unfinish(out, "avg", 2)
+    calls = []
+    monkeypatch.setattr(cmp, "run_child", _fake_child(calls, resume_code=2))
+    code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
+    assert code == 0, err
+    assert calls == [("avg", 2, "resume"), ("avg", 2, "fresh")]
+    assert not (directory / "leftover").exists()
+    assert "[2/6] avg seed 2: final acc 0.8000 (" in stdout and "resumed" not in stdout
+    log = (out / "avg" / "seed-2.log").read_text().splitlines()
+    assert log[:4] == ["round 1/2 of the first attempt",
+                       "fedlora: error: checkpoint.fedlora: checksum mismatch",
+                       "fedlora compare: the resume was refused, so this run starts again "
+                       "from round 1", "round 1/2 ..."]
 
 
 def test_failed_run_stops_the_comparison(tmp_path, capsys, monkeypatch):
@@ -321,7 +366,7 @@ def test_failed_run_stops_the_comparison(tmp_path, capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(cmp, "run_child", _fake_child(calls, exit_code=1))
     code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
-    assert code == 1 and calls == [("ffa", 1)]
+    assert code == 1 and calls == [("ffa", 1, "resume")]
     assert err.count("\n") == 1 and err.startswith(
         "fedlora: error: run 'ffa' seed 1 failed with exit code 1: fedlora: error: no client")
     assert str(out / "ffa" / "seed-1.log") in err
@@ -357,14 +402,44 @@ def _fedlora_compare(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedPr
     return done, time.perf_counter() - started
 
 
-def test_real_comparison_resumes(tmp_path, tiny_bert, topic_dataset):
+def _ctrl_c_after_round_1(tmp_path: Path, run: Path, *args: str
+                          ) -> subprocess.CompletedProcess:
+    """``fedlora compare`` in a process group of its own, sent SIGINT as a
+    terminal's Ctrl-C is once ``run`` has its round-1 checkpoint; every
+    process it started is gone when this returns."""
+    from fedlora.checkpoint import CHECKPOINT_FILE
+
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"))
+    command = [sys.executable, "-m", "fedlora.cli", "compare", *args]
+    try:
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not (run / CHECKPOINT_FILE).exists():
+            assert child.poll() is None and time.monotonic() < deadline, "no round 1"
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+        _, alive = psutil.wait_procs(ours(env["FLWR_HOME"]), timeout=30)
+        assert not alive, f"left running: {[describe(p) for p in alive]}"
+    finally:
+        stop(ours(env["FLWR_HOME"]))
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+
+
+def test_real_comparison_stops_on_ctrl_c_and_resumes(tmp_path, tiny_bert, topic_dataset):
+    """Ctrl-C after the first run's round 1 (SIGINT to the whole process
+    group, as a terminal sends it; 8 rounds, as later ones take a fraction of
+    a second and the run must not finish first); then the same command resumes that run
+    and does the second; then once more, which only reuses."""
     path = _write(tmp_path, f"""
 [base]
 model = "{tiny_bert}"
 dataset = "{topic_dataset}"
 num-clients = 4
 clients-per-round = 2
-rounds = 1
+rounds = 8
 local-steps = 1
 batch-size = 8
 eval-examples = 40
@@ -376,13 +451,29 @@ label = "tiny"
 group = "tiny BERT"
 """)
     out = tmp_path / "out"
-    first, _ = _fedlora_compare(tmp_path, str(path), "--seeds", "2", "--out", str(out))
+    args = [str(path), "--seeds", "2", "--out", str(out)]
+    stopped = _ctrl_c_after_round_1(tmp_path, out / "tiny" / "seed-1", *args)
+    log = (out / "tiny" / "seed-1.log").read_text()
+    assert stopped.returncode == 130, stopped.stderr[-3000:] + log[-3000:]
+    assert stopped.stderr.splitlines()[-1] == (
+        f"fedlora: compare stopped by SIGINT: 0 of 2 runs finished in {out}; run the same "
+        "command again to continue (an interrupted run resumes from its last round)")
+    assert "stopped by SIGINT" in log and "round 8/8" not in log, log[-3000:]
+    assert not (out / "tiny" / "seed-1" / "summary.json").exists()
+    assert not (out / "tiny" / "seed-2").exists()  # not started
+    assert not any((out / name).exists() for name in cmp.OUTPUTS)
+
+    first, _ = _fedlora_compare(tmp_path, *args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     lines = first.stdout.splitlines()
-    assert lines[1].startswith("[1/2] tiny seed 1: final acc ") and lines[1].endswith(" s)")
-    assert lines[2].startswith("[2/2] tiny seed 2: final acc ")
+    assert lines[1].startswith("[1/2] tiny seed 1: final acc ") and "(resumed, " in lines[1]
+    assert lines[2].startswith("[2/2] tiny seed 2: final acc ") and lines[2].endswith(" s)")
+    assert "resumed" not in lines[2]
     assert not any(line.startswith("round ") for line in lines)  # in the logs instead
-    assert "round 1/1" in (out / "tiny" / "seed-2.log").read_text()
+    assert "resuming" in (out / "tiny" / "seed-1.log").read_text()
+    assert "round 8/8" in (out / "tiny" / "seed-2.log").read_text()
+    _, metrics = cmp.load_result(out / "tiny" / "seed-1")
+    assert [row["round"] for row in metrics] == list(range(1, 9))  # each round once
     header, rows = _csv(out)
     assert header[:len(LEAD_COLUMNS)] == LEAD_COLUMNS
     assert rows["tiny"]["seeds"] == "2" and rows["tiny"]["group"] == "tiny BERT"
@@ -394,16 +485,8 @@ group = "tiny BERT"
 
     finished = {s: (out / "tiny" / f"seed-{s}" / "summary.json").stat().st_mtime_ns
                 for s in (1, 2)}
-    again, seconds = _fedlora_compare(tmp_path, str(path), "--seeds", "2", "--out", str(out))
+    again, seconds = _fedlora_compare(tmp_path, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("(reused)") == 2 and seconds < 120
     assert finished == {s: (out / "tiny" / f"seed-{s}" / "summary.json").stat().st_mtime_ns
                         for s in (1, 2)}
-
-    (out / "tiny" / "seed-2" / "summary.json").unlink()  # as if interrupted
-    resumed, _ = _fedlora_compare(tmp_path, str(path), "--seeds", "2", "--out", str(out))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    lines = resumed.stdout.splitlines()
-    assert lines[1].endswith("(reused)") and not lines[2].endswith("(reused)")
-    assert (out / "tiny" / "seed-2" / "summary.json").is_file()
-    assert (out / "tiny" / "seed-1" / "summary.json").stat().st_mtime_ns == finished[1]

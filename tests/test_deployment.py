@@ -366,7 +366,7 @@ def test_compose_file_describes_the_deployment():
         key = option(command, "--auth-supernode-private-key")
         key_dirs.add(next(v.split(":")[0] for v in services[name]["volumes"]
                           if key.startswith(v.split(":")[1] + "/")))
-        data_path = re.fullmatch(r"data-path='([^']+)'", option(command, "--node-config"))
+        data_path = re.search(r"data-path='([^']+)'", option(command, "--node-config"))
         executor = dep.executor_of(name)
         mounts = {v.split(":")[1]: v.split(":")[0] for v in services[executor]["volumes"]}
         data_dirs.add(mounts[data_path.group(1)])

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +71,31 @@ def _toml_literal(path: Path) -> str:
 
 def _tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
+
+
+def _stopped_after_round_one(tmp_path: Path, env: dict, config: str) -> Path:
+    """A CELLM run with error feedback (client state) and a server Adam
+    (strategy state), 3 rounds, stopped with SIGINT once round 1 is
+    checkpointed: the directory `resume-from` continues."""
+    from fedlora import checkpoint
+
+    out = tmp_path / "stopped"
+    settings = [item for item in config.split() if not item.startswith("out-dir=")]
+    settings += ["rounds=3", "local-epochs=20", "strategy='cellm'", "cellm-error-feedback=true",
+                 "cellm-server-optimizer='adam'", "cellm-server-lr=0.01"]
+    log = (tmp_path / "stopped.log").open("w")
+    child = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "simulate", "--set",
+                              *settings, "--out", str(out)], env=env, stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (out / checkpoint.CHECKPOINT_FILE).is_file():
+        assert child.poll() is None and time.monotonic() < deadline, _tail(tmp_path /
+                                                                            "stopped.log")
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    assert child.wait(timeout=30) == 130, _tail(tmp_path / "stopped.log")
+    assert checkpoint.load(out).round < 3 and not (out / "summary.json").exists()
+    return out
 
 
 def test_flwr_run_end_to_end(tmp_path, tiny_bert, topic_dataset):
@@ -196,6 +222,24 @@ def test_flwr_run_end_to_end(tmp_path, tiny_bert, topic_dataset):
             if strategy == "fedsa":
                 assert all(0 <= row["personal_accuracy"] <= 1 for row in rows), rows
         print(f"new strategies done at {time.monotonic() - started:.1f}s")
+
+        # Resume in deployment: a run stopped after its first round goes on
+        # under `flwr run` with the run-config key resume-from.
+        stopped = _stopped_after_round_one(tmp_path, env, run_config(tmp_path / "unused"))
+        done = subprocess.run(command(run_config(tmp_path / "unused",
+                                                 f"resume-from={_toml_literal(stopped)}")),
+                              cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT_S)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text()
+                .splitlines()]
+        assert [row["round"] for row in rows] == [1, 2, 3]
+        assert json.loads((stopped / "summary.json").read_text())["rounds"] == 3
+        # the clients kept their state in the run directory, in both attempts
+        tokens = {path.stem.rsplit("-", 1)[1]
+                  for path in (stopped / "clients").glob("*/state-*.pb")}
+        assert len(tokens) == 2, tokens
+        print(f"resume-from done at {time.monotonic() - started:.1f}s")
     finally:
         # Stop everything this test started, by pid: the SuperLink first (it
         # stops its SuperExec), then whatever of ours is still alive.

@@ -50,10 +50,12 @@ from fedlora import codec
 from fedlora.adapters import State, lora_pairs
 from fedlora.attacks import attackers
 from fedlora.basedelta import BaseLedger, Increment, base_weight_name
-from fedlora.config import Key, RunConfig
+from fedlora.checkpoint import Checkpoint
+from fedlora.config import ConfigError, Key, RunConfig
 from fedlora.messages import EvaluateReply, Request, Task, TrainReply
 from fedlora.privacy import CentralPrivacy
 from fedlora.seeding import sample_positions
+from fedlora.stopping import wait
 from fedlora.strategies.ranks import check_client_ranks, pad, rank_of, shapes_at, truncate
 from fedlora.strategies.robust import Candidate, RobustAggregation
 from fedlora.strategies.sums import ClientUpdate, ClippedRoundSums, RoundSums
@@ -281,6 +283,33 @@ class LoraStrategy(FedAvg, ABC):
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def checkpoint(self, completed: int, run_id: str, lineage: str,
+                   wall_seconds: float) -> Checkpoint:
+        """Everything the server half needs to go on after round ``completed``
+        (``fedlora.checkpoint`` says what is left out, and why)."""
+        return Checkpoint(
+            completed, run_id, lineage, {n: v.copy() for n, v in self.state.items()},
+            self.state_dict(), list(self.base.log) if self.base is not None else [],
+            dict(self.epsilons),
+            list(self.central.accountant.history) if self.central is not None else [],
+            wall_seconds)
+
+    def restore(self, saved: Checkpoint) -> None:
+        """Go on from ``saved``: the global adapter, the strategy's state,
+        the base changes (replayed: the same float32 sums in the same order),
+        the ε clients reported and the central accountant's releases."""
+        self.state = {n: v.copy() for n, v in saved.adapter.items()}
+        self.load_state_dict(saved.strategy)
+        if saved.base_log and self.base is None:
+            raise ConfigError(f"checkpoint of round {saved.round}: base changes, but "
+                              f"strategy {self.name} changes no base")
+        for increment in saved.base_log:
+            self.base.apply(increment)
+        self.epsilons = dict(saved.epsilons)
+        if self.central is not None:
+            self.central.accountant.history = list(saved.central_history)
+        self._formed = saved.round > 0
+
     # -- sampling and requests --------------------------------------------------
     def sample_nodes(self, server_round: int, grid: Grid) -> list[tuple[int, int]]:
         """(position, node id) of ``clients-per-round`` of the connected nodes
@@ -292,7 +321,7 @@ class LoraStrategy(FedAvg, ABC):
         while len(nodes := sorted(grid.get_node_ids())) < needed:
             LOGGER.warning("round %d: %d nodes connected, waiting for %s=%d",
                            server_round, len(nodes), key, needed)
-            time.sleep(WAIT_FOR_NODES_S)
+            wait(WAIT_FOR_NODES_S)
         self._formed = True
         if len(nodes) < self.per_round:
             LOGGER.warning("round %d: %d nodes connected, fewer than clients-per-round=%d; "

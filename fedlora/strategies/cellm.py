@@ -102,5 +102,5 @@ class Cellm(LoraStrategy):
         return {"step": np.array(self.step), **self.moments}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        self.step = int(state.get("step", 0))
+        self.step = int(np.asarray(state.get("step", 0)).item())
         self.moments = {k: np.asarray(v) for k, v in state.items() if k != "step"}

@@ -66,4 +66,4 @@ class FLoRA(LoraStrategy):
         return {"merges": np.array(self.merges)}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        self.merges = int(state.get("merges", 0))
+        self.merges = int(np.asarray(state.get("merges", 0)).item())

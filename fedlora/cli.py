@@ -106,13 +106,15 @@ def _farewell(config: RunConfig) -> Callable[[int], str]:
     def line(signum: int) -> str:
         from fedlora import checkpoint
 
-        out = Path(config["out-dir"])
+        out, name = Path(config["out-dir"]), signal.Signals(signum).name
+        if not (out / "config.json").is_file():
+            return f"fedlora: stopped by {name} before the run started; nothing was written"
         try:
             saved = checkpoint.load(out)
         except ConfigError:
             saved = None
         done = saved.round if saved is not None else 0
-        return (f"fedlora: stopped by {signal.Signals(signum).name}: {done} of "
+        return (f"fedlora: stopped by {name}: {done} of "
                 f"{config['rounds']} rounds complete in {out} (no summary.json: not a "
                 f"finished run); continue with: fedlora simulate --resume {out}")
 

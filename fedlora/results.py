@@ -40,7 +40,10 @@ def check_out_dir(path: str | Path) -> Path:
     """The run directory as an absolute path; refuse one that already holds files."""
     out = Path(path).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"output directory {path}: exists and is not empty")
+        hint = ("; it is an unfinished run: continue it with `fedlora simulate --resume "
+                f"{out}`" if (out / "config.json").is_file()
+                and not (out / "summary.json").is_file() else "")
+        raise ConfigError(f"output directory {path}: exists and is not empty{hint}")
     return out
 
 

@@ -104,3 +104,9 @@ def test_simulate_resume_refuses_in_one_line(interrupted, capsys, argv, message)
 def test_simulate_refuses_resume_from_as_a_key(tmp_path, capsys):
     assert main(["simulate", "--set", "resume-from='x'", "--out", str(tmp_path / "o")]) == 2
     assert "--resume DIR" in capsys.readouterr().err
+
+
+def test_a_new_run_into_an_unfinished_one_points_to_resume(interrupted, capsys):
+    run, _ = interrupted
+    assert main(["simulate", "--out", str(run)]) == 2
+    assert f"fedlora simulate --resume {run}" in capsys.readouterr().err

@@ -175,6 +175,56 @@ def test_two_rounds_on_three_nodes_with_tls_and_node_auth(deployment, tiny_bert)
     assert listening and all(listening.values()), listening
 
 
+def test_a_stopped_run_resumes_with_resume_from_on_the_nodes_state(deployment, tiny_bert):
+    """``flwr stop`` ends a run after round 1 (the ServerApp is killed); ``flwr
+    run`` with ``resume-from`` goes on from its checkpoint, each node's client
+    state coming from its own ``state-dir`` (compose's ``node-K-state``
+    volume). CELLM with error feedback (client state) and a server Adam
+    (strategy state): the adapter equals an uninterrupted run's, byte for
+    byte, and the metrics hold rounds 1..3 once each."""
+    from fedlora import checkpoint
+
+    keys = {"num-clients": 3, "clients-per-round": 3, "rounds": 3, "strategy": "'cellm'",
+            "cellm-error-feedback": "true", "cellm-server-optimizer": "'adam'",
+            "cellm-server-lr": 0.01}
+    whole = _run(deployment, "resume-whole", tiny_bert, **keys)
+    log, process = deployment.log("resume-stopped"), _submit(deployment, "resume-stopped",
+                                                              tiny_bert, **keys)
+    out = deployment.host_path("superexec-serverapp", "/fedlora/runs/resume-stopped")
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (out / checkpoint.CHECKPOINT_FILE).is_file():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        run_id = re.search(r"Successfully started run (\d+)", log.read_text()).group(1)
+        stopped = deployment.flwr("stop", run_id, CONNECTION)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        process.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert checkpoint.load(out).round < 3 and not (out / "summary.json").exists()
+
+    resumed = _submit(deployment, "resume-continued", tiny_bert,
+                      **{"resume-from": f"'{out}'"})
+    try:
+        assert resumed.wait(timeout=RUN_TIMEOUT_S) == 0, \
+            deployment.log("resume-continued").read_text()[-4000:]
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert all(row["clients"] == 3 and row["rejected"] == 0 for row in rows), rows
+    adapter = Path("adapter") / "adapter_model.safetensors"
+    assert (out / adapter).read_bytes() == (whole["out"] / adapter).read_bytes()
+    # the residuals were kept on the nodes' own disks, one directory per node
+    run_id = checkpoint.load(out).run_id
+    states = [deployment.host_path(deployment.executor_of(n), "/state") / run_id
+              for n in deployment.supernodes()]
+    assert all(len(list(state.glob("data-*/state-*.pb"))) >= 1 for state in states), states
+
+
 @pytest.fixture(scope="module")
 def troubled_run(deployment, tiny_bert):
     """One 3-round run over the three nodes and a fourth whose data has the

@@ -62,7 +62,9 @@ def test_a_run_stopped_in_round_one_starts_again(interrupted):
     start = start_run(resolve({"resume-from": str(run)}), run.parent / "unused")
     assert start.completed == 0 and start.writer.rounds == []
     assert (run / "metrics.jsonl").read_text() == ""
-    assert "aa" not in str(start.lineage)  # a new attempt: nothing saved before is read
+    # a new attempt alone in the lineage: nothing its clients saved before is read
+    assert [first for _, first in start.lineage.entries] == [1]
+    assert start.lineage.current != "aa"
 
 
 def test_metrics_missing_a_checkpointed_round_are_refused(interrupted):

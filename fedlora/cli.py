@@ -16,12 +16,13 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.config import KEYS, ConfigError, RunConfig, load_toml, parse_set_option
+from fedlora.config import ConfigError, RunConfig, load_toml, parse_set_option
 from fedlora.prepare import absolute_paths, preflight
-from fedlora.strategies import resolve, strategy_keys
+from fedlora.strategies import resolve
 
 
 def _quiet_environment() -> None:
@@ -36,12 +37,19 @@ def _quiet_environment() -> None:
                         ("RAY_DEDUP_LOGS", "0"),
                         ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")):
         os.environ.setdefault(name, value)
+    # the libraries' deprecation notices are for their callers' authors, not
+    # for someone running an experiment (`evaluate` printed one of transformers')
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            module=r"(transformers|peft|opacus|torch|datasets)\.")
     logger = logging.getLogger("fedlora")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("fedlora: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        # Opacus calls logging.basicConfig at import: through the root logger
+        # each line would be printed a second time
+        logger.propagate = False
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -192,28 +200,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """The core keys, then each strategy's own (a key several strategies
-    share is listed under each)."""
-    def show(key, spec, indent=""):
-        print(f"{indent}{key:22} {spec.type.__name__:5} default {spec.default!r:40} "
-              f"{spec.help}")
+    """The core keys, then each strategy's own; ``--markdown``: README's table."""
+    from fedlora import keytable
 
-    for key, spec in KEYS.items():
-        show(key, spec)
-    for name, keys in strategy_keys().items():
-        print(f"\nstrategy {name}:" + ("" if keys else " (no keys of its own)"))
-        for key, spec in keys.items():
-            show(key, spec, "  ")
+    print(keytable.markdown() if args.markdown else keytable.plain(), end="")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a federated LoRA simulation on Ray")
+    sim = sub.add_parser("simulate", help="run a federated LoRA simulation on Ray",
+                         epilog="Run-config keys: `fedlora keys` lists every key with its "
+                                "default and choices (`fedlora keys --markdown`: as a table).")
     sim.add_argument("--config", help="TOML file with run-config keys")
     sim.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
-                     help="override run-config keys")
+                     help="override run-config keys (see `fedlora keys`)")
     sim.add_argument("--out", help="run directory to create")
     sim.add_argument("--resume", metavar="DIR",
                      help="continue the interrupted run in DIR after its last complete "
@@ -239,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "seed, [base]'s seed key if it has one, else 1)")
     cmp.add_argument("--out", required=True, help="comparison directory (created or resumed)")
     cmp.set_defaults(run=cmd_compare)
-    keys = sub.add_parser("keys", help="list the run-config keys and defaults")
+    keys = sub.add_parser("keys", help="list the run-config keys, defaults and choices")
+    keys.add_argument("--markdown", action="store_true",
+                      help="as the markdown table in README.md (built-in strategies)")
     keys.set_defaults(run=cmd_keys)
     # parsed by fedlora.bench_scale itself (main() hands it the rest of the line)
     sub.add_parser("bench-scale", add_help=False,

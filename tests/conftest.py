@@ -22,6 +22,16 @@ for _name, _value in {
 }.items():
     os.environ.setdefault(_name, _value)
 
+@pytest.fixture(autouse=True)
+def _fedlora_logs_reach_caplog():
+    """The fedlora command stops its logger's propagation (a single line on
+    the terminal); a test that ran it in-process must not leave caplog deaf."""
+    import logging
+
+    yield
+    logging.getLogger("fedlora").propagate = True
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 LABEL_WORDS = ("world", "sports", "business", "tech")

@@ -58,7 +58,7 @@ class Cellm(LoraStrategy):
                                   density),
         "cellm-error-feedback": Key(bool, False, "CELLM: keep the dropped residual per "
                                     "client and add it next round"),
-        "cellm-server-optimizer": Key(str, "sgd", "CELLM server update: sgd | adam",
+        "cellm-server-optimizer": Key(str, "sgd", "CELLM server update rule",
                                       one_of("sgd", "adam")),
         "cellm-server-lr": Key(float, 1.0, "CELLM server learning rate (FLASC: 1 for sgd, "
                                "1e-3 for adam)", positive),

@@ -41,6 +41,13 @@ def _quiet_environment() -> None:
     # for someone running an experiment (`evaluate` printed one of transformers')
     warnings.filterwarnings("ignore", category=FutureWarning,
                             module=r"(transformers|peft|opacus|torch|datasets)\.")
+    # already imported by now (fedlora.strategies): the variables above come too
+    # late for this process's bars ("Loading weights" per model load)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
     logger = logging.getLogger("fedlora")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -124,6 +124,8 @@ def _farewell(config: RunConfig) -> Callable[[int], str]:
         out, name = Path(config["out-dir"]), signal.Signals(signum).name
         if not (out / "config.json").is_file():
             return f"fedlora: stopped by {name} before the run started; nothing was written"
+        if (out / "summary.json").is_file():
+            return f"fedlora: stopped by {name} after the run finished; results in {out}"
         try:
             saved = checkpoint.load(out)
         except ConfigError:

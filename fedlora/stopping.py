@@ -114,9 +114,10 @@ def stop_on_signals(farewell: Callable[[int], str], server_done: threading.Event
     are, how to resume); ``server_done`` is set when the round loop has ended
     (or never started)."""
     finished = threading.Lock()  # whoever holds it prints the farewell and exits
+    received: list[int] = []  # the first signal's number
 
-    def finish(signum: int) -> None:
-        if not finished.acquire(blocking=False):
+    def finish(signum: int, wait: bool = False) -> None:
+        if not finished.acquire(blocking=wait):
             return
         stop_children()
         print(farewell(signum), file=sys.stderr, flush=True)
@@ -131,6 +132,7 @@ def stop_on_signals(farewell: Callable[[int], str], server_done: threading.Event
         if STOP.is_set():  # a second signal: no more grace
             threading.Thread(target=finish, args=(signum,), daemon=True).start()
             return
+        received.append(signum)
         STOP.set()
         # the errors of clients dying with the run (a terminal's Ctrl-C reaches
         # the Ray workers too) are expected now, not news
@@ -140,11 +142,19 @@ def stop_on_signals(farewell: Callable[[int], str], server_done: threading.Event
         threading.Thread(target=watchdog, args=(signum,), daemon=True).start()
 
     global _handler
+    STOP.clear()
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
     _handler = handler
     try:
         yield
+    except BaseException:
+        if not received:
+            raise
+        # the round loop ended with Interrupted, or Flower with what followed
+        # it: the stop under way, not an error to print
     finally:
+        if received:  # whichever thread gets here first exits; the other waits
+            finish(received[0], wait=True)
         _handler = None
         for sig, old in previous.items():
             signal.signal(sig, old)

@@ -54,7 +54,7 @@ def progress_line(record: dict, rounds: int) -> str:
     return "  ".join(parts)
 
 
-CLIENT_STORE_DIR = "clients"  # in a simulation's run directory
+CLIENT_STORE_DIR = "clients"  # clients' state in the run directory (fedlora.client_state)
 
 
 def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,

@@ -14,12 +14,15 @@ after a training message saves it back. Where the store is (``store_for``):
 
 1. the node config's ``state-dir``, when set: a deployed node's own disk,
    in a directory per run (``messages.RUN_ID``, kept across a resume);
-2. else the run directory's ``clients/``, which the server names in every
-   message (``messages.CLIENT_STORE``), when this node can see it: a
-   ``fedlora simulate``, or ``flwr run`` on one machine. A ``fedlora
+2. else, for a client of the run's shared dataset (no ``data-path``: a
+   simulation, or ``flwr run`` on one machine), the run directory's
+   ``clients/``, which the server names in every message
+   (``messages.CLIENT_STORE``), when this node can see it. A ``fedlora
    simulate`` requires it: on a multi-machine Ray cluster the run directory
    must be on storage every machine shares, and a worker that cannot see it
-   fails the message with that reason;
+   fails the message with that reason. A node with its own ``data-path``
+   never writes where a server says: that path is the server's word, and a
+   deployed node trusts nothing it is sent;
 3. else ``~/.fedlora/client-state``, per run.
 
 Inside it, a client's directory is named by its data (``data-<hash of the
@@ -181,15 +184,15 @@ class ClientStore:
 
 def store_for(node_config: dict, run_store: str | None, required: bool, run_id: str,
               partition: int, lineage: Lineage) -> ClientStore:
-    """This client's store: the node's ``state-dir``, else the run
-    directory's store ``run_store`` if visible here (``required``: it must
-    be), else the default directory."""
+    """This client's store: the node's ``state-dir``, else (a client of the
+    shared dataset) the run directory's store ``run_store`` if visible here
+    (``required``: it must be), else the default directory."""
     if not re.fullmatch(r"[0-9a-f]+", run_id):
         raise PayloadError(f"bad run id {run_id!r}")
     state_dir = node_config.get("state-dir")
     if state_dir:
         root = Path(str(state_dir)).expanduser() / run_id
-    elif run_store and Path(run_store).is_dir():
+    elif run_store and not node_config.get("data-path") and Path(run_store).is_dir():
         root = Path(run_store)
     elif required:
         raise PayloadError(f"client state store {run_store} is not visible on this "

@@ -135,9 +135,13 @@ def test_deployed_nodes_keep_state_on_their_disk_per_run_and_per_data(tmp_path, 
     assert a.directory == store_for(one, run_store, False, "ab", 99, lineage).directory
     assert a.directory != store_for(one, run_store, False, "cd", 11, lineage).directory
     assert client_key({"partition-id": 5}, 3) == "partition-3"
-    # no state-dir and the server's run directory not here: the default, per run
+    # no state-dir: the default, per run; a node with its own data never writes
+    # where the server says, even where that directory exists
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "server-run" / "clients").mkdir(parents=True)
     default = store_for({"data-path": "/d"}, run_store, False, "ab", 11, lineage)
     assert default.directory.parent == tmp_path / "home" / ".fedlora" / "client-state" / "ab"
+    shared = store_for({"partition-id": 1}, run_store, False, "ab", 11, lineage)
+    assert shared.directory == tmp_path / "server-run" / "clients" / "partition-11"
     with pytest.raises(PayloadError, match="bad run id"):
         store_for(one, None, False, "../../etc", 11, lineage)

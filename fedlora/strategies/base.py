@@ -298,7 +298,13 @@ class LoraStrategy(FedAvg, ABC):
         """Go on from ``saved``: the global adapter, the strategy's state,
         the base changes (replayed: the same float32 sums in the same order),
         the ε clients reported and the central accountant's releases."""
-        self.state = {n: v.copy() for n, v in saved.adapter.items()}
+        shapes = {n: tuple(v.shape) for n, v in saved.adapter.items()}
+        if shapes != self.shapes or not all(np.all(np.isfinite(v))
+                                            for v in saved.adapter.values()):
+            raise ConfigError(f"checkpoint of round {saved.round}: its adapter does not "
+                              "fit this run's model (other tensors or shapes, or values "
+                              "not finite)")
+        self.state = {n: v.astype(np.float32) for n, v in saved.adapter.items()}
         self.load_state_dict(saved.strategy)
         if saved.base_log and self.base is None:
             raise ConfigError(f"checkpoint of round {saved.round}: base changes, but "

@@ -1,23 +1,35 @@
-"""What a fresh ClientApp process per message costs per round.
+"""What a deployed round costs beyond training, cold, warm and simulated.
 
-In a deployment (``--isolation process``, docker-compose.yml) every message
-starts a new ClientApp process: Python, torch/transformers/peft imports, the
-base model from disk, the node's data. The in-process simulation keeps one Ray
-actor per CPU alive for the whole run, so only its first round pays that. This
-runs the same federation both ways on this machine and prints seconds per
-round side by side:
+    python deploy/bench_round_cost.py ../shared/data/ag_news --nodes 3 --rounds 5
+    python deploy/bench_round_cost.py ../shared/data/ag_news --modes warm --json
 
-    python deploy/bench_round_cost.py ../shared/data/ag_news --rounds 4
+Modes (each a fresh run of the same federation on this machine, one after the
+other):
 
-- deployment: the compose services as local processes (deploy/local.py: TLS,
-  SuperNode authentication, one executor per node), nodes holding the
-  partitions ``deploy/split_dataset.py`` cuts, the run submitted with ``flwr run``;
-- simulation: ``fedlora simulate`` on the same dataset, with the same
-  partitions (``partition=iid``, the same seed) and keys.
+- ``cold``: docker-compose.yml with deploy/cold.yml, as local processes
+  (``deploy/local.py``: TLS, SuperNode authentication, one executor per node).
+  Every message starts a ClientApp process that imports the training stack,
+  loads the base model and reads the node's data;
+- ``warm``: docker-compose.yml as it is: each node's ClientApp process forwards
+  the message to the node's trainer (``fedlora trainer``), which keeps all that;
+- ``simulation``: ``fedlora simulate`` with the same keys and partitions (its Ray
+  actors keep the model too).
 
-It also times, in fresh interpreters, the two fixed parts of a ClientApp
-process's start: importing the ClientApp module, and that plus building the
-base model with its adapter.
+The nodes hold the IID partitions ``deploy/split_dataset.py`` cuts (those
+``fedlora simulate`` cuts with ``partition=iid`` and the same seed); every node
+trains every round.
+
+``--flower-polls`` runs the deployed modes with Flower's own waits (the
+SuperNode asks for a message every 3 s when idle, the executor for a task
+every 1 s) instead of the compose file's (0.2 s: ``fedlora supernode``; 0.1 s:
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), to show what those waits cost.
+
+Per (mode, round): ``seconds`` (the server's round time), ``compute_s`` (the
+slowest client's forward/backward/step time: a parallel round's critical
+path), ``evaluate_s`` (the server's central evaluation) and ``overhead_s`` =
+seconds − compute_s − evaluate_s: what the orchestration costs. ``--json``
+prints one JSON object per (mode, round); otherwise a table and the median
+overhead over rounds 2..N per mode (round 1 pays the start-up in every mode).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deploy.local import CONNECTION, REPO, LocalDeployment  # noqa: E402
+from deploy.local import COLD, CONNECTION, REPO, LocalDeployment, with_option  # noqa: E402
 from deploy.split_dataset import split  # noqa: E402
 from fedlora.strategies import resolve  # noqa: E402
 
@@ -41,9 +53,8 @@ ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1"
            HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
            RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-BUILD_MODEL = ("import client.app; from fedlora.strategies import resolve; "
-               "from fedlora.features import model_with_labels; "
-               "model_with_labels(resolve({}), ('a', 'b', 'c', 'd'))")
+MODES = ("cold", "warm", "simulation")
+POLL_VARIABLE = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # the executor's wait between asks
 
 
 def _timed(code: str, repeats: int = 3) -> float:
@@ -57,16 +68,19 @@ def _timed(code: str, repeats: int = 3) -> float:
     return min(times)
 
 
-def _load() -> str:
-    return f"{os.getloadavg()[0]:.1f}"
-
-
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _deployed(root: Path, keys: dict, nodes: int) -> list[dict]:
-    dep = LocalDeployment(root / "deployment", ENV)
+def _deployed(root: Path, keys: dict, nodes: int, cold: bool, flower_polls: bool) -> list[dict]:
+    dep = LocalDeployment(root, ENV, overrides=(COLD,) if cold else ())
+    if flower_polls:  # Flower's own waits instead of the compose file's shorter ones
+        for name in dep.supernodes():
+            service = dep.services[name]
+            service["command"] = with_option(service["command"], "--poll-interval", "3")
+            executor = dep.services[dep.executor_of(name)]
+            executor["environment"] = {**executor.get("environment", {}),
+                                       POLL_VARIABLE: "1.0"}
     dep.make_certs(nodes)
     split(resolve(keys), dep.root / "deploy" / "data")  # node-K/ and server/, as compose mounts
     out = dep.host_path("superexec-serverapp", "/fedlora/runs/bench")
@@ -85,52 +99,98 @@ def _deployed(root: Path, keys: dict, nodes: int) -> list[dict]:
 
 
 def _simulated(root: Path, keys: dict) -> list[dict]:
-    out = root / "simulation"
+    out = root / "run"
     command = [sys.executable, "-m", "fedlora.cli", "simulate", "--out", str(out), "--set",
                *(f"{k}={json.dumps(v)}" for k, v in keys.items())]
     subprocess.run(command, check=True, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL)
     return _rows(out)
 
 
+def _record(mode: str, nodes: int, polls: str, row: dict) -> dict:
+    compute = row.get("compute_max_s") or 0.0
+    evaluation = row.get("evaluate_s") or 0.0
+    return {"mode": mode, "nodes": nodes, "polls": polls, "round": row["round"],
+            "seconds": round(row["seconds"], 3), "compute_s": round(compute, 3),
+            "evaluate_s": round(evaluation, 3),
+            "overhead_s": round(row["seconds"] - compute - evaluation, 3),
+            "clients": row["clients"], "rejected": row["rejected"]}
+
+
+def median_overhead(records: list[dict]) -> float | None:
+    """The median ``overhead_s`` over rounds 2..N."""
+    later = [r["overhead_s"] for r in records if r["round"] >= 2]
+    return statistics.median(later) if later else None
+
+
+def _parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise SystemExit(f"bench_round_cost.py: error: --modes {text!r}: choose from "
+                         f"{', '.join(MODES)}")
+    return modes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", type=Path)
+    parser.add_argument("--modes", default=",".join(MODES), type=_parse_modes,
+                        help="comma list of cold, warm, simulation (default: all three)")
     parser.add_argument("--nodes", type=int, default=3, choices=(1, 2, 3),
-                        help="SuperNodes of docker-compose.yml to start")
-    parser.add_argument("--rounds", type=int, default=4)
+                        help="nodes of docker-compose.yml to start")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per (mode, round) on stdout")
+    parser.add_argument("--flower-polls", action="store_true",
+                        help="deployed modes with Flower's own waits (SuperNode 3 s, "
+                             "executor 1 s) instead of the compose file's (0.2 s, 0.1 s)")
     args = parser.parse_args()
     nodes = args.nodes
     keys = {"dataset": str(args.dataset.resolve()), "num-clients": nodes,
             "clients-per-round": nodes, "rounds": args.rounds, "partition": "iid",
             "local-steps": args.local_steps, "max-seq-len": 64, "eval-examples": 200}
 
-    imports = _timed("import client.app")
-    with_model = _timed(BUILD_MODEL)
-    with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as tmp:
-        loads = [_load()]
-        deployed = _deployed(Path(tmp), keys, nodes)
-        loads.append(_load())
-        simulated = _simulated(Path(tmp), keys)
-        loads.append(_load())
+    results: dict[str, list[dict]] = {}
+    loads = [f"{os.getloadavg()[0]:.1f}"]
+    for mode in args.modes:
+        with tempfile.TemporaryDirectory(prefix=f"fedlora-bench-{mode}-") as tmp:
+            rows = (_simulated(Path(tmp), keys) if mode == "simulation"
+                    else _deployed(Path(tmp), keys, nodes, mode == "cold", args.flower_polls))
+        polls = ("-" if mode == "simulation" else "flower" if args.flower_polls
+                 else "compose")
+        results[mode] = [_record(mode, nodes, polls, row) for row in rows]
+        loads.append(f"{os.getloadavg()[0]:.1f}")
+        if args.json:
+            for record in results[mode]:
+                print(json.dumps(record), flush=True)
+    if args.json:
+        return
 
-    print(f"fresh interpreter (best of 3): import client.app {imports:.1f}s; that and "
-          f"building the default model with its adapter {with_model:.1f}s")
-    print(f"1-min load average: {loads[0]} before the deployment, {loads[1]} after it, "
-          f"{loads[2]} after the simulation ({os.cpu_count()} CPUs)")
-    print(f"{nodes} nodes, {nodes} per round, local-steps={args.local_steps}, "
-          f"max-seq-len 64, central evaluation on 200 examples")
-    print("| round | deployment s | simulation s | difference s | deployment compute_s "
-          "| simulation compute_s |")
-    print("|---|---|---|---|---|---|")
-    for d, s in zip(deployed, simulated):
-        print(f"| {d['round']} | {d['seconds']:.1f} | {s['seconds']:.1f} | "
-              f"{d['seconds'] - s['seconds']:+.1f} | {d['compute_s']:.1f} | "
-              f"{s['compute_s']:.1f} |")
-    later = [d["seconds"] - s["seconds"] for d, s in zip(deployed[1:], simulated[1:])]
-    if later:
-        print(f"rounds 2..{args.rounds}: deployment costs {statistics.mean(later):+.1f}s per "
-              "round more than the simulation")
+    forwarder = _timed("import client.app")
+    training_stack = _timed("import client.app, fedlora.client_loop")
+    print(f"fresh interpreter (best of 3): import client.app (the warm ClientApp) "
+          f"{forwarder:.2f}s; with fedlora.client_loop (the cold one) {training_stack:.2f}s")
+    print(f"1-min load average: {' → '.join(loads)} (before, then after each mode; "
+          f"{os.cpu_count()} CPUs)")
+    print(f"{nodes} nodes, {nodes} per round, local-steps={args.local_steps}, max-seq-len 64, "
+          "central evaluation on 200 examples; polls: "
+          f"{'Flower' if args.flower_polls else 'the compose file'}'s")
+    modes = list(results)
+    print("| round | " + " | ".join(f"{m} s | {m} compute_s | {m} overhead_s"
+                                     for m in modes) + " |")
+    print("|---|" + "---|---|---|" * len(modes))
+    for i in range(args.rounds):
+        cells = []
+        for mode in modes:
+            r = results[mode][i] if i < len(results[mode]) else None
+            cells.append(f"{r['seconds']:.1f} | {r['compute_s']:.1f} | {r['overhead_s']:.1f}"
+                         if r else "– | – | –")
+        print(f"| {i + 1} | " + " | ".join(cells) + " |")
+    for mode in modes:
+        median = median_overhead(results[mode])
+        if median is not None:
+            print(f"{mode}: median overhead over rounds 2..{args.rounds}: {median:.2f}s")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,17 @@ what is tested cannot drift apart. Only what a container would provide is
 replaced:
 
 - service host names and ``0.0.0.0`` become ``127.0.0.1`` (loopback only);
-- every service's ``--port`` becomes a free loopback port (all services share
-  one host here), and ``service:port`` references follow it;
+- every service's ``--port`` (and a trainer's ``--listen`` port) becomes a free
+  loopback port (all services share one host here), and ``service:port``
+  references follow it, also inside a SuperNode's node config;
+- override files (``deploy/cold.yml``) are merged as ``docker compose -f … -f …``
+  merges them: ``command`` replaced, ``volumes`` merged by container path,
+  other keys replaced; a service with ``profiles`` is not started;
 - container paths of a service's volumes become paths under ``root``: a bind
   mount ``./deploy/certs/ca.crt`` is ``root/deploy/certs/ca.crt``, a named
   volume ``superlink-state`` is ``root/volumes/superlink-state``;
-- every process gets its own ``FLWR_HOME`` (its container's home) and log file.
+- every process gets its own ``FLWR_HOME`` (its container's home) and log file,
+  and its service's ``environment`` (a mapping).
 
 Processes are stopped by pid, with their children (the executors' app
 processes).
@@ -35,6 +40,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
+COLD = REPO / "deploy" / "cold.yml"  # the nodes without trainers
 MAKE_CERTS = REPO / "deploy" / "make-certs.sh"
 BIN = Path(sys.executable).parent  # flower-superlink & co. beside this Python
 CONNECTION = "fedlora"  # the flwr CLI's name for the deployed SuperLink
@@ -77,15 +83,39 @@ def wait_for_line(log: Path, pattern: str, timeout: float,
         time.sleep(0.2)
 
 
+def merged_services(compose: Path, *overrides: Path) -> dict:
+    """The services of ``compose`` with ``overrides`` merged in, in order."""
+    services: dict = yaml.safe_load(compose.read_text())["services"]
+    for override in overrides:
+        for name, changes in yaml.safe_load(override.read_text())["services"].items():
+            service = services.setdefault(name, {})
+            for key, value in changes.items():
+                if key == "volumes":
+                    by_target = {v.split(":")[1]: v for v in service.get("volumes", [])}
+                    by_target.update({v.split(":")[1]: v for v in value})
+                    service["volumes"] = list(by_target.values())
+                else:
+                    service[key] = value
+    return services
+
+
+def _listen_port(command: list[str]) -> str | None:
+    """A trainer's ``--listen HOST:PORT`` port."""
+    return option(command, "--listen").rsplit(":", 1)[1] if "--listen" in command else None
+
+
 class LocalDeployment:
     """The compose services as processes under ``root`` (see the module docstring)."""
 
-    def __init__(self, root: Path, env: Mapping[str, str], compose: Path = COMPOSE) -> None:
+    def __init__(self, root: Path, env: Mapping[str, str], compose: Path = COMPOSE,
+                 overrides: tuple[Path, ...] = ()) -> None:
         self.root = root
-        self.services: dict = yaml.safe_load(compose.read_text())["services"]
+        self.services = {name: service for name, service
+                         in merged_services(compose, *overrides).items()
+                         if not service.get("profiles")}
         self.env = {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
         self.ports = {name: free_port() for name, service in self.services.items()
-                      if "--port" in service["command"]}
+                      if "--port" in service["command"] or "--listen" in service["command"]}
         self.processes: dict[str, subprocess.Popen] = {}
         self.homes: list[Path] = []
         self.node_ids: dict[str, int] = {}  # SuperNode service -> node id, once registered
@@ -120,14 +150,17 @@ class LocalDeployment:
         for arg in map(str, spec["command"]):
             if arg == "0.0.0.0":
                 arg = LOOPBACK
+            if mapped and mapped[-1] == "--listen":
+                arg = f"{LOOPBACK}:{self.ports[service]}"
             for name, port in self.ports.items():
-                arg = re.sub(rf"^{re.escape(name)}:\d+$", f"{LOOPBACK}:{port}", arg)
+                arg = re.sub(rf"(?<![\w.-]){re.escape(name)}:\d+(?!\d)", f"{LOOPBACK}:{port}",
+                             arg)
             if mapped and mapped[-1] == "--node-config":
                 arg = self._map_paths(self.executor_of(service), arg)
             else:
                 arg = self._map_paths(service, arg)
             mapped.append(arg)
-        if service in self.ports:
+        if service in self.ports and "--port" in mapped:
             mapped = with_option(mapped, "--port", str(self.ports[service]))
         return [str(BIN / mapped[0]), *mapped[1:]]
 
@@ -145,7 +178,34 @@ class LocalDeployment:
         return Path(private + ".pub")
 
     def supernodes(self) -> list[str]:
-        return [n for n, s in self.services.items() if s["command"][0] == "flower-supernode"]
+        """SuperNode services: ``flower-supernode``, or ``fedlora supernode`` (the same
+        with a shorter poll)."""
+        return [n for n, s in self.services.items()
+                if s["command"][0] == "flower-supernode"
+                or s["command"][:2] == ["fedlora", "supernode"]]
+
+    def trainer_of(self, supernode: str) -> str | None:
+        """The trainer service ``supernode``'s node config names (None: cold path)."""
+        config = option(self.services[supernode]["command"], "--node-config")
+        named = re.search(r"\btrainer='([\w.-]+):\d+'", config)
+        return named.group(1) if named and named.group(1) in self.services else None
+
+    def data_dir(self, supernode: str) -> Path:
+        """Where ``supernode``'s own data lives here (its trainer's, or its
+        executor's ``data-path``)."""
+        trainer = self.trainer_of(supernode)
+        if trainer is not None:
+            return self.host_path(trainer, option(self.services[trainer]["command"],
+                                                  "--data-path"))
+        return self.host_path(self.executor_of(supernode), "/data")
+
+    def state_dir(self, supernode: str) -> Path:
+        """Where ``supernode``'s client state is kept here."""
+        trainer = self.trainer_of(supernode)
+        if trainer is not None:
+            return self.host_path(trainer, option(self.services[trainer]["command"],
+                                                  "--state-dir"))
+        return self.host_path(self.executor_of(supernode), "/state")
 
     def executor_of(self, supernode: str) -> str:
         """The executor service whose Runtime API address is ``supernode``'s."""
@@ -205,9 +265,12 @@ class LocalDeployment:
         self.homes.append(home)
         log = self.log(name)
         log.parent.mkdir(parents=True, exist_ok=True)
+        environment = {k: str(v) for k, v in
+                       self.services.get(name, {}).get("environment", {}).items()}
         with open(log, "ab") as handle:
             process = subprocess.Popen(
-                command or self.command(name), env={**self.env, "FLWR_HOME": str(home)},
+                command or self.command(name),
+                env={**self.env, **environment, "FLWR_HOME": str(home)},
                 cwd=home, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.processes[name] = process
         return process
@@ -216,9 +279,22 @@ class LocalDeployment:
         process = self.start("superlink")
         wait_for_line(self.log("superlink"), r"Uvicorn running on https://", timeout, process)
 
+    def start_trainer(self, trainer: str, timeout: float = 60) -> subprocess.Popen:
+        """A node's trainer; returns once it listens (also when restarted)."""
+        log = self.log(trainer)
+        seen = len(log.read_text(errors="replace")) if log.exists() else 0
+        process = self.start(trainer)
+        wait_for_line(log, r"listening on ", timeout, process, after=seen)
+        return process
+
     def start_node(self, supernode: str, timeout: float = 90) -> None:
-        """A SuperNode and its executor; returns once the SuperLink accepted it
-        (also when restarted: its log is appended to)."""
+        """A SuperNode, its trainer (if it has one) and its executor; returns
+        once the SuperLink accepted it (also when restarted: its log is
+        appended to)."""
+        trainer = self.trainer_of(supernode)
+        if trainer is not None and (trainer not in self.processes
+                                    or self.processes[trainer].poll() is not None):
+            self.start_trainer(trainer, timeout)
         log = self.log(supernode)
         seen = len(log.read_text(errors="replace")) if log.exists() else 0
         process = self.start(supernode)
@@ -227,7 +303,8 @@ class LocalDeployment:
 
     def up(self, supernodes: list[str] | None = None, timeout: float = 120) -> dict[str, int]:
         """SuperLink, ServerApp executor, registered SuperNodes (default: all)
-        with their executors, all running; returns each SuperNode's node id."""
+        with their executors and trainers, all running; returns each
+        SuperNode's node id."""
         self.start_superlink(timeout)
         self.node_ids = {name: self.register(self.public_key(name))
                          for name in supernodes or self.supernodes()}

@@ -8,6 +8,8 @@
 #   OUT/supernode-K/supernode.key      SuperNode K's private key (client host K only)
 #   OUT/supernode-K/supernode.key.pub  its public key, registered with the SuperLink:
 #                                      flwr supernode register OUT/supernode-K/supernode.key.pub CONN
+#   OUT/trainer-K/secret        the secret node K's ClientApp presents to its warm
+#                               trainer (client host K only; 64 hex characters)
 #
 # SuperNode keys are OpenSSH ECDSA P-384 keys: Flower 1.41 reads the private key with
 # `load_ssh_private_key` (flower-supernode --auth-supernode-private-key) and
@@ -28,7 +30,7 @@ while [ $# -gt 0 ]; do
         -o) out="$2"; shift 2 ;;
         -n) nodes="$2"; shift 2 ;;
         --san) sans+=("$2"); shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "make-certs.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -71,5 +73,11 @@ for k in $(seq 1 "$nodes"); do
         ssh-keygen -q -t ecdsa -b 384 -N "" -C "supernode-$k" -f "$dir/supernode.key"
         chmod 644 "$dir/supernode.key.pub"
         echo "created $dir/supernode.key and .pub (register the .pub with the SuperLink)"
+    fi
+    secret="$out/trainer-$k/secret"
+    if [ ! -f "$secret" ]; then
+        mkdir -p "$out/trainer-$k"
+        openssl rand -hex 32 > "$secret"
+        echo "created $secret (node $k's trainer secret)"
     fi
 done

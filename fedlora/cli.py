@@ -1,4 +1,5 @@
-"""The ``fedlora`` command: simulate | evaluate | compare | keys | bench-scale.
+"""The ``fedlora`` command: simulate | evaluate | compare | keys | bench-scale |
+trainer | supernode.
 
 Bad input of any kind (unknown key, bad value, missing file or column, model
 that does not load) ends with one ``fedlora: error: …`` line and exit code 2,
@@ -10,56 +11,28 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
-import os
 import signal
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from fedlora import quiet
 from fedlora.config import ConfigError, RunConfig, load_toml, parse_set_option
-from fedlora.prepare import absolute_paths, preflight
-from fedlora.strategies import resolve
 
 
 def _quiet_environment() -> None:
-    """Set before the ML libraries are imported (they read these at import) and
-    inherited by Ray workers: no progress bars per client, no tokenizer thread
-    pools fighting the actors for cores. Fedlora's own warnings (rejected
-    replies) go to stderr."""
-    for name, value in (("TOKENIZERS_PARALLELISM", "false"),
-                        ("TRANSFORMERS_VERBOSITY", "error"),
-                        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
-                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                        ("RAY_DEDUP_LOGS", "0"),
-                        ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")):
-        os.environ.setdefault(name, value)
-    # the libraries' deprecation notices are for their callers' authors, not
-    # for someone running an experiment (`evaluate` printed one of transformers')
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            module=r"(transformers|peft|opacus|torch|datasets)\.")
-    # already imported by now (fedlora.strategies): the variables above come too
-    # late for this process's bars ("Loading weights" per model load)
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    disable_progress_bars()
-    transformers_logging.disable_progress_bar()
-    logger = logging.getLogger("fedlora")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("fedlora: %(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        # Opacus calls logging.basicConfig at import: through the root logger
-        # each line would be printed a second time
-        logger.propagate = False
+    """Quiet libraries, fedlora's own warnings (rejected replies) to stderr."""
+    quiet.environment()
+    quiet.libraries()
+    quiet.fedlora_logger("fedlora")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    from fedlora.prepare import absolute_paths
+    from fedlora.strategies import resolve
+
     overrides = load_toml(args.config) if args.config else {}
     for item in args.set or []:
         key, value = parse_set_option(item)
@@ -103,6 +76,7 @@ def _resumed_config(args: argparse.Namespace) -> RunConfig:
     change it is refused), its checkpoint checked before anything heavy."""
     from fedlora import checkpoint
     from fedlora.resume import RESUME_FREE_KEYS, check_unchanged, saved_config
+    from fedlora.strategies import resolve
 
     if args.out is not None or args.config is not None:
         raise ConfigError("--resume DIR continues DIR with its own config: no --out or "
@@ -146,6 +120,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     server_done = threading.Event()
     server_done.set()  # the round loop is not running yet
     with stop_on_signals(_farewell(config), server_done):
+        from fedlora.prepare import preflight
+
         preflight(config)
         from fedlora.simulation import simulate
 
@@ -168,6 +144,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.basedelta import BASE_DELTA_FILE
     from fedlora.features import evaluation_set, splits_for
     from fedlora.models import ModelSpec, load_trained
+    from fedlora.prepare import absolute_paths
+    from fedlora.strategies import resolve
     from fedlora.training import evaluate
 
     run_dir = Path(args.run_dir)
@@ -258,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-scale", add_help=False,
                    help="measure simulation overhead at 10/100/500 clients vs the stock "
                         "Flower pattern (see `fedlora bench-scale --help`)")
+    sub.add_parser("supernode", add_help=False,
+                   help="flower-supernode with a shorter poll (see `fedlora supernode "
+                        "--help`)")
+    sub.add_parser("trainer", add_help=False,
+                   help="serve a deployed node's warm trainer over gRPC (see `fedlora "
+                        "trainer --help`)")
     return parser
 
 
@@ -267,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         from fedlora import bench_scale
 
         run = functools.partial(bench_scale.main, argv[1:])
+    elif argv[:1] == ["trainer"]:  # its own flags, and no training stack before it listens
+        from fedlora import trainer
+
+        return trainer.main(argv[1:])
+    elif argv[:1] == ["supernode"]:  # flower-supernode's flags
+        from fedlora import supernode
+
+        return supernode.main(argv[1:])
     else:
         args = build_parser().parse_args(argv)
         run = functools.partial(args.run, args)

@@ -101,9 +101,11 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
                   "missing": len(messages) - answered, **dict(train),
                   "updated": new_arrays is not None}
         if server_round % config["eval-every"] == 0 or server_round == rounds:
+            evaluation_start = time.perf_counter()
             load_adapter_state(model.peft, from_arrayrecord(arrays))
             write_base(model.peft, strategy.base.cumulative if strategy.base else {})
             record["accuracy"], record["loss"] = evaluate(model, test)
+            record["evaluate_s"] = time.perf_counter() - evaluation_start
             if prefix:
                 asked = strategy.evaluation_requests(server_round, sent_config)
                 record.update(strategy.aggregate_evaluation(

@@ -5,8 +5,11 @@ commands and flags (``flower-superlink``, ``flower-superexec``,
 ``flower-supernode``) as local processes: service host names become 127.0.0.1,
 ports are made free, container paths become temporary directories, and every
 process gets its own ``FLWR_HOME``. TLS and SuperNode authentication are on, as
-in the compose file; certificates and keys come from ``deploy/make-certs.sh``;
-each SuperNode's executor reads its own data directory (``data-path``).
+in the compose file; certificates, keys and trainer secrets come from
+``deploy/make-certs.sh``. As in the compose file, each node is warm: its
+ClientApp forwards every message to the node's trainer (``fedlora trainer``),
+which reads the node's own data directory and keeps its state; one node of
+the failure run is cold (``data-path``: the ClientApp trains itself).
 
 One deployment (three registered SuperNodes) is shared by the tests of this
 module, and one run with a bad node and a killed node by the two failure
@@ -48,6 +51,7 @@ from fedlora.data import load_node_examples
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # deploy/ is not an installed package
 from deploy.local import (  # noqa: E402
+    COLD,
     COMPOSE,
     CONNECTION,
     LocalDeployment,
@@ -83,7 +87,7 @@ def deployment(tmp_path_factory, tiny_bert):
     write_topic_dataset(dep.host_path("superexec-serverapp", "/fedlora/data/server"),
                         train=40, test=80)
     for supernode, examples in zip(dep.supernodes(), NODE_EXAMPLES):
-        _write_node_data(dep.host_path(dep.executor_of(supernode), "/data"), examples)
+        _write_node_data(dep.data_dir(supernode), examples)
     started = time.monotonic()
     try:
         dep.up()
@@ -142,6 +146,9 @@ def test_two_rounds_on_three_nodes_with_tls_and_node_auth(deployment, tiny_bert)
     authenticated nodes' own data; the outputs contract on the server side."""
     executor_logs = [deployment.log(deployment.executor_of(n)) for n in deployment.supernodes()]
     seen = [len(log.read_text(errors="replace")) for log in executor_logs]
+    trainers = [deployment.trainer_of(n) for n in deployment.supernodes()]
+    trainer_pids = {t: deployment.processes[t].pid for t in trainers}
+    trainer_seen = {t: len(deployment.log(t).read_text(errors="replace")) for t in trainers}
     started = time.monotonic()
     run = _run(deployment, "two-rounds", tiny_bert, **{
         "num-clients": 3, "clients-per-round": 3, "rounds": 2})
@@ -163,11 +170,19 @@ def test_two_rounds_on_three_nodes_with_tls_and_node_auth(deployment, tiny_bert)
     assert adapter["peft_type"] == "LORA"
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
 
-    # Each node's executor ran a fresh ClientApp process per message, and all trained.
+    # Each node's executor ran a fresh ClientApp process per message, which
+    # forwarded it to the node's trainer: one process, up since before the run,
+    # trained every round (the model loaded once per node).
     for log, offset in zip(executor_logs, seen):
         text = log.read_text(errors="replace")[offset:]
         assert text.count("Start `flwr-clientapp` process") == 2, text[-3000:]
         assert "ClientApp raised an exception" not in text, text[-3000:]
+    for name in deployment.supernodes():
+        trainer = deployment.trainer_of(name)
+        assert trainer_pids[trainer] == deployment.processes[trainer].pid
+        assert deployment.processes[trainer].poll() is None
+        text = deployment.log(trainer).read_text(errors="replace")[trainer_seen[trainer]:]
+        assert len(re.findall(r"run \d+: train for node \d+ in ", text)) == 2, text[-3000:]
 
     # Everything this deployment runs listens on loopback only.
     pids = {p.pid for home in deployment.homes for p in ours(str(home))}
@@ -220,9 +235,70 @@ def test_a_stopped_run_resumes_with_resume_from_on_the_nodes_state(deployment, t
     assert (out / adapter).read_bytes() == (whole["out"] / adapter).read_bytes()
     # the residuals were kept on the nodes' own disks, one directory per node
     run_id = checkpoint.load(out).run_id
-    states = [deployment.host_path(deployment.executor_of(n), "/state") / run_id
-              for n in deployment.supernodes()]
+    states = [deployment.state_dir(n) / run_id for n in deployment.supernodes()]
     assert all(len(list(state.glob("data-*/state-*.pb"))) >= 1 for state in states), states
+
+
+def test_a_trainer_killed_between_rounds_costs_one_reply_and_keeps_its_state(deployment,
+                                                                           tiny_bert):
+    """Node 1's trainer is SIGKILLed as soon as round 1 is recorded: in round
+    2 its ClientApp waits ``trainer-wait`` (10 s) for it, then replies with an
+    error naming the trainer's address, which the server rejects; the round
+    goes on with the other two. Restarted after round 2, the trainer takes
+    round 3 with the node's DP ledger from its state directory: the node has
+    spent two rounds' steps (rounds 1 and 3), not one."""
+    from fedlora.privacy import HISTORY_KEY
+
+    dep, victim = deployment, deployment.supernodes()[0]
+    trainer = dep.trainer_of(victim)
+    address = re.search(r"trainer='([^']+)'", option(dep.command(victim), "--node-config"))
+    process = _submit(dep, "trainer-killed", tiny_bert, **{
+        "num-clients": 3, "clients-per-round": 3, "rounds": 3, "dp": "'local'",
+        "dp-noise-multiplier": 1.0, "local-steps": 2})
+    out = dep.host_path("superexec-serverapp", "/fedlora/runs/trainer-killed")
+    try:
+        _wait_for_rounds(out, 1, process)
+        dep.stop(trainer, signal.SIGKILL)
+        _wait_for_rounds(out, 2, process)
+        dep.start_trainer(trainer)
+        process.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if dep.processes[trainer].poll() is not None:
+            dep.start_trainer(trainer)
+    run = _finished(dep, "trainer-killed", process.returncode,
+                    dep.log("trainer-killed").read_text(errors="replace"))
+    rows = run["rows"]
+    assert [(row["clients"], row["rejected"]) for row in rows] == [(3, 0), (2, 1), (3, 0)], rows
+    node = dep.node_ids[victim]
+    assert re.search(rf"round 2: reply from node {node} rejected: client failed: trainer at "
+                     rf"{re.escape(address.group(1))}: unreachable", run["output"]), \
+        run["output"][-4000:]
+
+    # the ledger the restarted trainer kept: rounds 1 and 3, two steps each
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+
+    from fedlora import checkpoint
+
+    run_dir = dep.state_dir(victim) / checkpoint.load(run["out"]).run_id
+    latest = max(run_dir.glob("data-*/state-*.pb"),
+                 key=lambda path: int(path.name.split("-")[1]))
+    assert latest.name.startswith("state-3-"), latest
+    proto = RecordDictProto()
+    proto.ParseFromString(latest.read_bytes())
+    history = recorddict_from_proto(proto).config_records[HISTORY_KEY]
+    assert sum(history["steps"]) == 4, dict(history)
+
+
+def _wait_for_rounds(out: Path, rounds: int, process: subprocess.Popen) -> None:
+    """Until ``rounds`` rounds are in the run's metrics (the run must go on)."""
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + RUN_TIMEOUT_S
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= rounds):
+        assert process.poll() is None and time.monotonic() < deadline, \
+            f"run ended or stalled before round {rounds}"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +341,7 @@ def troubled_run(deployment, tiny_bert):
         victim = next(node for node in started[4:] if node != "supernode-bad")
         dep.stop(dep.executor_of(victim), signal.SIGKILL)
         dep.stop(victim, signal.SIGKILL)
+        dep.stop(dep.trainer_of(victim), signal.SIGKILL)  # the whole host
         killed = time.monotonic()
         run.wait(timeout=RUN_TIMEOUT_S)
         print(f"run ended {time.monotonic() - killed:.1f}s after the kill")
@@ -387,9 +464,11 @@ def test_nodes_and_clients_without_key_or_ca_are_refused(deployment, tmp_path):
 
 
 def test_compose_file_describes_the_deployment():
-    """Without Docker: three SuperNodes, each with its own key and an executor
-    that mounts its own data directory at the node's data-path; TLS and node
-    authentication on every Fleet connection; persistent SuperLink state."""
+    """Without Docker: three nodes, each a SuperNode with its own key, an
+    executor that sees only the trainer secret, and a trainer that mounts the
+    node's own data and state and shares the node's private network only; TLS
+    and node authentication on every Fleet connection; persistent SuperLink
+    state."""
     spec = _compose()
     services = spec["services"]
     superlink = services["superlink"]["command"]
@@ -407,7 +486,7 @@ def test_compose_file_describes_the_deployment():
     dep = LocalDeployment(Path("/unused"), {})
     supernodes = dep.supernodes()
     assert len(supernodes) == 3
-    data_dirs, key_dirs = set(), set()
+    data_dirs, key_dirs, secrets = set(), set(), set()
     for name in supernodes:
         command = services[name]["command"]
         assert option(command, "--superlink") == "superlink:8000"
@@ -416,12 +495,49 @@ def test_compose_file_describes_the_deployment():
         key = option(command, "--auth-supernode-private-key")
         key_dirs.add(next(v.split(":")[0] for v in services[name]["volumes"]
                           if key.startswith(v.split(":")[1] + "/")))
-        data_path = re.search(r"data-path='([^']+)'", option(command, "--node-config"))
-        executor = dep.executor_of(name)
-        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[executor]["volumes"]}
-        data_dirs.add(mounts[data_path.group(1)])
+        node_config = option(command, "--node-config")
+        trainer, executor = dep.trainer_of(name), dep.executor_of(name)
+        assert trainer is not None and "data-path" not in node_config, node_config
+        trainer_command = services[trainer]["command"]
+        assert trainer_command[:2] == ["fedlora", "trainer"]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[trainer]["volumes"]}
+        data_dirs.add(mounts[option(trainer_command, "--data-path")])
+        assert mounts[option(trainer_command, "--state-dir")] in spec["volumes"]
+        # the executor holds the secret the trainer checks, and nothing else
+        secret = re.search(r"trainer-secret-file='([^']+)'", node_config).group(1)
+        executor_mounts = {v.split(":")[1]: v.split(":")[0]
+                           for v in services[executor]["volumes"]}
+        assert executor_mounts == {secret: mounts[option(trainer_command, "--secret-file")]}
+        secrets.add(executor_mounts[secret])
+        # the node's private network: executor and trainer only, nothing routed out
+        private = services[trainer]["networks"]
+        assert private == services[executor]["networks"] and len(private) == 1
+        assert spec["networks"][private[0]] == {"internal": True}
         assert set(services[executor]["networks"]) < set(services[name]["networks"])
-    assert len(data_dirs) == 3 and len(key_dirs) == 3, (data_dirs, key_dirs)
+    assert len(data_dirs) == 3 and len(key_dirs) == 3 and len(secrets) == 3
+
+
+def test_cold_override_only_moves_the_data_into_the_clientapp():
+    """deploy/cold.yml: each SuperNode's command is the compose file's with
+    the node config naming data and state instead of a trainer; its executor
+    mounts them; no trainer is started."""
+    services = _compose()["services"]
+    cold = LocalDeployment(Path("/unused"), {}, overrides=(COLD,))
+    assert not any(name.startswith("trainer-") for name in cold.services)
+    for name in cold.supernodes():
+        warm_command, cold_command = services[name]["command"], cold.services[name]["command"]
+        assert with_option(cold_command, "--node-config", "-") == \
+            with_option(warm_command, "--node-config", "-")
+        assert option(cold_command, "--node-config") == "data-path='/data' state-dir='/state'"
+        assert cold.trainer_of(name) is None
+        mounts = {v.split(":")[1]: v.split(":")[0]
+                  for v in cold.services[cold.executor_of(name)]["volumes"]}
+        warm = LocalDeployment(Path("/unused"), {})
+        trainer = warm.trainer_of(name)
+        trainer_mounts = {v.split(":")[1]: v.split(":")[0]
+                          for v in services[trainer]["volumes"]}
+        assert mounts["/data"] == trainer_mounts["/data"]
+        assert mounts["/state"] == trainer_mounts["/state"]
 
 
 def _compose_tool() -> list[str] | None:
@@ -437,9 +553,10 @@ def test_compose_config_validates():
     tool = _compose_tool()
     if tool is None:
         pytest.skip("neither `docker compose` (plugin) nor `docker-compose` is installed")
-    done = subprocess.run([*tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    for files in ([COMPOSE], [COMPOSE, COLD]):
+        done = subprocess.run([*tool, *(a for f in files for a in ("-f", str(f))), "config", "-q"],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert done.returncode == 0, f"{files}: {done.stdout}{done.stderr}"
 
 
 def _write(path: Path, text: str) -> Path:

@@ -527,7 +527,7 @@ class LoraStrategy(FedAvg, ABC):
         metrics = MetricRecord({
             "clients": sums.count, **counts, "downlink_bytes": self._downlink_bytes,
             "train_loss": sums.loss / sums.examples if sums.count else float("nan"),
-            "compute_s": sums.compute_s,
+            "compute_s": sums.compute_s, "compute_max_s": sums.compute_max_s,
         })
         if self.epsilons:
             metrics["epsilon"] = max(self.epsilons.values())

@@ -58,6 +58,7 @@ class RoundSums:
     def __init__(self, products: bool = True) -> None:
         self.count = 0
         self.compute_s = 0.0  # the clients' reported training time (timing only)
+        self.compute_max_s = 0.0  # the slowest client's: a parallel round's critical path
         self.fold_s = 0.0  # the server's time decoding and adding updates
         self.products = products
         self._weight = ExactSum(())
@@ -98,6 +99,7 @@ class RoundSums:
         self._loss.add(loss)
         self.count += 1
         self.compute_s += update.compute_s
+        self.compute_max_s = max(self.compute_max_s, update.compute_s)
 
     @property
     def weight(self) -> float:

@@ -10,32 +10,19 @@ wait was most of what a deployed round cost beyond training (BENCHMARKS.md,
 "Deployment").
 
 This runs the same SuperNode, with every flag of ``flower-supernode``, and caps
-those waits at ``--poll-interval`` seconds (default 0.2). The price: an idle
-node asks the SuperLink up to 1 / poll-interval times a second (5 instead of
-1/3); ``--poll-interval 3`` is Flower's own behaviour. Only the SuperNode's
-message loop is changed: its module gets a ``time`` whose ``sleep`` is capped,
-every other module keeps the real one. flwr is pinned (pyproject.toml) and
-``tests/test_supernode.py`` checks that the loop still sleeps where this
-expects it to.
+those waits at ``--poll-interval`` seconds (default 0.2), as well as the
+first retry of a message whose payload is still on its way
+(``fedlora.flower_waits``). The price: an idle node asks the SuperLink up to
+1 / poll-interval times a second (5 instead of 1/3); ``--poll-interval 3`` is
+Flower's own behaviour for the idle wait.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-import types
 
 DEFAULT_POLL_S = 0.2
-
-
-def capped_time(poll_s: float) -> types.ModuleType:
-    """A stand-in for the ``time`` module whose ``sleep`` lasts at most ``poll_s``."""
-    proxy = types.ModuleType("time", f"time, with sleep capped at {poll_s} s (fedlora)")
-    proxy.__dict__.update({name: getattr(time, name) for name in dir(time)
-                           if not name.startswith("__")})
-    proxy.sleep = lambda seconds: time.sleep(min(seconds, poll_s))
-    return proxy
 
 
 def main(argv: list[str]) -> int:
@@ -53,10 +40,11 @@ def main(argv: list[str]) -> int:
     if "-h" in flower_args or "--help" in flower_args:
         parser.print_help()
         print()
-    from flwr.supernode import start_client_internal as node_loop
     from flwr.supernode.cli import flower_supernode
 
-    node_loop.time = capped_time(ours.poll_interval)
+    from fedlora.flower_waits import shorten_node_waits
+
+    shorten_node_waits(ours.poll_interval)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
     return 0

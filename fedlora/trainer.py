@@ -96,6 +96,7 @@ class TrainerService(trainer_pb2_grpc.TrainerServicer):
         from fedlora.client_loop import handle_evaluate, handle_train
         from fedlora.codec import PayloadError
         from fedlora.config import ConfigError
+        from fedlora.models import lora_model
 
         handler = handle_train if message_type == MessageType.TRAIN else handle_evaluate
         with self._one_at_a_time:
@@ -117,8 +118,9 @@ class TrainerService(trainer_pb2_grpc.TrainerServicer):
             except Exception as err:  # noqa: BLE001 - any failure is one reply, not the service
                 LOGGER.exception("run %d: %s failed", request.run_id, message_type)
                 self._fail(context, grpc.StatusCode.INTERNAL, err, request)
-        LOGGER.info("run %d: %s for node %d in %.2f s", request.run_id, message_type,
-                    request.node_id, time.perf_counter() - started)
+        LOGGER.info("run %d: %s for node %d in %.2f s (base models loaded by this "
+                    "trainer: %d)", request.run_id, message_type, request.node_id,
+                    time.perf_counter() - started, lora_model.cache_info().misses)
         return answer
 
     @staticmethod

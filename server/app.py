@@ -1,4 +1,8 @@
-"""Flower ServerApp: the run config Flower hands over → ``fedlora.federation``."""
+"""Flower ServerApp: the run config Flower hands over → ``fedlora.federation``.
+
+In a deployment, the grid's retry of a reply whose payload is still being
+uploaded starts at the reply loop's own interval instead of Flower's 1 s
+(``fedlora.flower_waits``)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.federation import run_federation
+from fedlora.flower_waits import shorten_server_waits
+from fedlora.replies import PULL_INTERVAL_S
 from fedlora.strategies import from_flower
 
 app = ServerApp()
@@ -13,4 +19,5 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    shorten_server_waits(PULL_INTERVAL_S)
     run_federation(grid, from_flower(context.run_config))

@@ -1,0 +1,63 @@
+"""Flower's fixed waits on a deployed message's path, shortened where fedlora polls.
+
+Flower 1.41 waits in fixed steps that no flag or variable sets:
+
+- a SuperNode that finds no message sleeps 3 s before asking again, and
+  checks for its ClientApp's reply every 0.5 s
+  (``flwr.supernode.start_client_internal``);
+- whoever pulls a message whose objects (our payload) are still being
+  uploaded retries after a backoff that starts at 1 s: the SuperNode pulling
+  a request (same module), the ServerApp pulling a reply
+  (``flwr.superlink.grid.http_grid``). A message becomes visible before its
+  objects are uploaded, so the faster one polls, the more often one lands
+  in that gap: with fedlora's 0.05 s reply loop it cost about 1 s in most
+  rounds of a warm deployment (BENCHMARKS.md, "Deployment").
+
+Each function below changes one Flower module's own reference (its ``time``,
+its ``pull_objects``) and leaves the rest of Flower alone. flwr is pinned
+(pyproject.toml); ``tests/test_flower_waits.py`` fails if an upgrade moves
+these waits.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import types
+
+from flwr.supercore.constant import PULL_INITIAL_BACKOFF as FLOWER_OBJECT_BACKOFF_S
+from flwr.supercore.inflatable import inflatable_utils
+
+
+def capped_time(poll_s: float) -> types.ModuleType:
+    """A stand-in for the ``time`` module whose ``sleep`` lasts at most ``poll_s``."""
+    proxy = types.ModuleType("time", f"time, with sleep capped at {poll_s} s (fedlora)")
+    proxy.__dict__.update({name: getattr(time, name) for name in dir(time)
+                           if not name.startswith("__")})
+    proxy.sleep = lambda seconds: time.sleep(min(seconds, poll_s))
+    return proxy
+
+
+def _quicker_object_pulls(module: types.ModuleType, initial_backoff_s: float) -> None:
+    """``module``'s object pulls retry after ``initial_backoff_s`` (doubling, as
+    Flower's, up to its cap) instead of 1 s."""
+    module.pull_objects = functools.partial(inflatable_utils.pull_objects,
+                                            initial_backoff=initial_backoff_s)
+
+
+def shorten_node_waits(poll_s: float) -> None:
+    """In this process's SuperNode loop: no wait longer than ``poll_s`` between
+    asks for a message or a reply, and object retries from ``poll_s`` on (from
+    Flower's 1 s when that is shorter)."""
+    from flwr.supernode import start_client_internal as node_loop
+
+    node_loop.time = capped_time(poll_s)
+    _quicker_object_pulls(node_loop, min(poll_s, FLOWER_OBJECT_BACKOFF_S))
+
+
+def shorten_server_waits(poll_s: float) -> None:
+    """In this process's ServerApp grid: object retries from ``poll_s`` on (the
+    reply loop polls that often, ``fedlora.replies``)."""
+    from flwr.superlink.grid import http_grid
+
+    _quicker_object_pulls(http_grid, poll_s)

@@ -1,0 +1,72 @@
+"""Flower's fixed waits, shortened (``fedlora.flower_waits``, ``fedlora supernode``).
+
+The deployment tests run ``fedlora supernode`` as the compose file's SuperNode
+and the ServerApp with the shorter retry; these check what the patches rely
+on in the pinned flwr, what they change, and the command's own flag.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import time
+
+import pytest
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.superlink.grid import http_grid
+from flwr.supernode import start_client_internal as node_loop
+
+from fedlora.flower_waits import capped_time, shorten_node_waits, shorten_server_waits
+
+
+@pytest.fixture
+def flower_restored(monkeypatch):
+    """Whatever a test patches in Flower's modules is put back afterwards."""
+    for module, name in ((node_loop, "time"), (node_loop, "pull_objects"),
+                         (http_grid, "pull_objects")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+
+
+def test_flower_still_waits_where_the_patches_apply():
+    """The SuperNode loop sleeps through its module's ``time`` (3 s idle, 0.5 s
+    for a reply or an object) and both it and the ServerApp's grid pull
+    objects through their module's ``pull_objects``. If an upgrade moves them
+    the patches would silently stop working: this fails instead."""
+    source = inspect.getsource(node_loop)
+    assert node_loop.time is time
+    assert source.count("time.sleep(3)") == 1 and source.count("time.sleep(0.5)") == 2
+    assert node_loop.pull_objects is inflatable_utils.pull_objects
+    assert http_grid.pull_objects is inflatable_utils.pull_objects
+    assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
+    assert inspect.signature(inflatable_utils.pull_objects).parameters[
+        "initial_backoff"].default == 1
+
+
+def test_capped_time_caps_sleep_and_keeps_the_rest():
+    proxy = capped_time(0.05)
+    started = time.monotonic()
+    proxy.sleep(3)
+    assert time.monotonic() - started < 1.0
+    assert proxy.monotonic is time.monotonic and proxy.time is time.time
+    assert time.sleep is not proxy.sleep  # the real module is untouched
+
+
+def test_the_node_and_server_waits_are_shortened_in_their_modules_only(flower_restored):
+    shorten_node_waits(0.2)
+    assert node_loop.time.sleep is not time.sleep
+    assert node_loop.pull_objects.keywords == {"initial_backoff": 0.2}
+    assert http_grid.pull_objects is inflatable_utils.pull_objects  # the server's untouched
+    shorten_node_waits(3)  # Flower's idle wait: object retries stay at Flower's 1 s
+    assert node_loop.pull_objects.keywords == {"initial_backoff": 1}
+    shorten_server_waits(0.05)
+    assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05}
+    assert http_grid.pull_objects.func is inflatable_utils.pull_objects
+
+
+def test_a_poll_interval_out_of_range_is_one_line():
+    done = subprocess.run([sys.executable, "-m", "fedlora.cli", "supernode", "--poll-interval",
+                           "5", "--insecure"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("fedlora supernode: error: --poll-interval 5: needs seconds "
+                                   "in [0.01, 3]")

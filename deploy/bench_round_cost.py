@@ -27,7 +27,11 @@ every 1 s) instead of the compose file's (0.2 s: ``fedlora supernode``; 0.1 s:
 Per (mode, round): ``seconds`` (the server's round time), ``compute_s`` (the
 slowest client's forward/backward/step time: a parallel round's critical
 path), ``evaluate_s`` (the server's central evaluation) and ``overhead_s`` =
-seconds − compute_s − evaluate_s: what the orchestration costs. ``--json``
+seconds − compute_s − evaluate_s: what the orchestration costs. Deployed
+modes also give ``clientapp_s``, the longest ClientApp process of the round
+(start to exit, timed by a wrapper in front of ``flwr-clientapp`` on the
+executors' PATH), and warm mode ``trainer_s``, the longest time a trainer
+took over one message (its log). ``--json``
 prints one JSON object per (mode, round); otherwise a table and the median
 overhead over rounds 2..N per mode (round 1 pays the start-up in every mode).
 """
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -72,8 +77,39 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+CLIENTAPP_TIMER = """#!/bin/sh
+# bench_round_cost.py: Flower's flwr-clientapp, its wall time appended to a log
+started=$(date +%s.%N)
+"{real}" "$@"
+code=$?
+echo "$started $(date +%s.%N)" >> "{log}"
+exit $code
+"""
+
+
+def _timed_clientapps(dep: LocalDeployment) -> Path:
+    """Put a timer in front of ``flwr-clientapp`` on the executors' PATH (the
+    executor finds the command there); returns its log."""
+    shim = dep.root / "shim"
+    shim.mkdir(parents=True, exist_ok=True)
+    log = shim / "clientapp-times.log"
+    timer = shim / "flwr-clientapp"
+    timer.write_text(CLIENTAPP_TIMER.format(real=Path(sys.executable).parent / "flwr-clientapp",
+                                            log=log))
+    timer.chmod(0o755)
+    dep.env["PATH"] = f"{shim}{os.pathsep}{dep.env['PATH']}"
+    return log
+
+
+def _per_round(values: list[float], per_round: int, rounds: int) -> list[float | None]:
+    """The largest of each round's ``per_round`` consecutive values."""
+    return [max(values[i * per_round:(i + 1) * per_round], default=None)
+            for i in range(rounds)]
+
+
 def _deployed(root: Path, keys: dict, nodes: int, cold: bool, flower_polls: bool) -> list[dict]:
     dep = LocalDeployment(root, ENV, overrides=(COLD,) if cold else ())
+    clientapp_log = _timed_clientapps(dep)
     if flower_polls:  # Flower's own waits instead of the compose file's shorter ones
         for name in dep.supernodes():
             service = dep.services[name]
@@ -95,7 +131,17 @@ def _deployed(root: Path, keys: dict, nodes: int, cold: bool, flower_polls: bool
             raise RuntimeError(f"deployed run failed:\n{done.stdout[-4000:]}{done.stderr}")
     finally:
         dep.down()
-    return _rows(out)
+    rows = _rows(out)
+    spans = sorted(tuple(map(float, line.split()))
+                   for line in clientapp_log.read_text().splitlines())
+    clientapp = _per_round([end - start for start, end in spans], nodes, len(rows))
+    handled = [[float(s) for s in re.findall(r"train for node \d+ in ([\d.]+) s",
+                                              dep.log(trainer).read_text())]
+               for trainer in filter(None, map(dep.trainer_of, dep.supernodes()[:nodes]))]
+    trainer = [max((h[i] for h in handled if i < len(h)), default=None)
+               for i in range(len(rows))]
+    return [{**row, "clientapp_s": c, "trainer_s": t}
+            for row, c, t in zip(rows, clientapp, trainer)]
 
 
 def _simulated(root: Path, keys: dict) -> list[dict]:
@@ -109,11 +155,15 @@ def _simulated(root: Path, keys: dict) -> list[dict]:
 def _record(mode: str, nodes: int, polls: str, row: dict) -> dict:
     compute = row.get("compute_max_s") or 0.0
     evaluation = row.get("evaluate_s") or 0.0
-    return {"mode": mode, "nodes": nodes, "polls": polls, "round": row["round"],
-            "seconds": round(row["seconds"], 3), "compute_s": round(compute, 3),
-            "evaluate_s": round(evaluation, 3),
-            "overhead_s": round(row["seconds"] - compute - evaluation, 3),
-            "clients": row["clients"], "rejected": row["rejected"]}
+    record = {"mode": mode, "nodes": nodes, "polls": polls, "round": row["round"],
+              "seconds": round(row["seconds"], 3), "compute_s": round(compute, 3),
+              "evaluate_s": round(evaluation, 3),
+              "overhead_s": round(row["seconds"] - compute - evaluation, 3),
+              "clients": row["clients"], "rejected": row["rejected"]}
+    for key in ("clientapp_s", "trainer_s"):  # deployed modes
+        if row.get(key) is not None:
+            record[key] = round(row[key], 3)
+    return record
 
 
 def median_overhead(records: list[dict]) -> float | None:
@@ -189,8 +239,13 @@ def main() -> None:
         print(f"| {i + 1} | " + " | ".join(cells) + " |")
     for mode in modes:
         median = median_overhead(results[mode])
-        if median is not None:
-            print(f"{mode}: median overhead over rounds 2..{args.rounds}: {median:.2f}s")
+        if median is None:
+            continue
+        parts = [f"{key} {statistics.median(values):.2f}s" for key in ("clientapp_s",
+                                                                         "trainer_s")
+                 if (values := [r[key] for r in results[mode] if r["round"] >= 2 and key in r])]
+        print(f"{mode}: median overhead over rounds 2..{args.rounds}: {median:.2f}s"
+              + (f" (medians: {', '.join(parts)})" if parts else ""))
 
 
 if __name__ == "__main__":

@@ -190,22 +190,22 @@ class LocalDeployment:
         named = re.search(r"\btrainer='([\w.-]+):\d+'", config)
         return named.group(1) if named and named.group(1) in self.services else None
 
-    def data_dir(self, supernode: str) -> Path:
-        """Where ``supernode``'s own data lives here (its trainer's, or its
-        executor's ``data-path``)."""
+    def _node_dir(self, supernode: str, trainer_flag: str, executor_path: str) -> Path:
+        """A node directory here: its trainer's ``trainer_flag`` (warm), or its
+        executor's ``executor_path`` (cold)."""
         trainer = self.trainer_of(supernode)
         if trainer is not None:
             return self.host_path(trainer, option(self.services[trainer]["command"],
-                                                  "--data-path"))
-        return self.host_path(self.executor_of(supernode), "/data")
+                                                  trainer_flag))
+        return self.host_path(self.executor_of(supernode), executor_path)
+
+    def data_dir(self, supernode: str) -> Path:
+        """Where ``supernode``'s own data lives here."""
+        return self._node_dir(supernode, "--data-path", "/data")
 
     def state_dir(self, supernode: str) -> Path:
         """Where ``supernode``'s client state is kept here."""
-        trainer = self.trainer_of(supernode)
-        if trainer is not None:
-            return self.host_path(trainer, option(self.services[trainer]["command"],
-                                                  "--state-dir"))
-        return self.host_path(self.executor_of(supernode), "/state")
+        return self._node_dir(supernode, "--state-dir", "/state")
 
     def executor_of(self, supernode: str) -> str:
         """The executor service whose Runtime API address is ``supernode``'s."""

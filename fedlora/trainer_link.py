@@ -8,8 +8,8 @@ the model, the data and the client state warm. This module is that forwarder,
 and the conversion of Flower messages to the service's messages and back,
 which the trainer (``fedlora.trainer``) shares.
 
-It imports Flower, gRPC and the generated modules only, never torch,
-transformers, PEFT or datasets: that is what makes a warm node's per-message
+It imports Flower, gRPC, the generated modules and fedlora's message schema
+only, never torch, transformers, PEFT or datasets: that is what makes a warm node's per-message
 process cheap (``tests/test_trainer.py`` checks it).
 
 Node config keys (``flower-supernode --node-config``):
@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
-from flwr.app import Array, ArrayRecord, Context, Error, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.app.constants import DEFAULT_TTL
 from flwr.app.message.message import make_message
 from flwr.common import MessageType
@@ -42,6 +42,8 @@ from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 
+from fedlora import codec
+from fedlora.messages import CONFIG, PAYLOAD
 from fedlora.v1 import trainer_pb2, trainer_pb2_grpc
 
 ADDRESS_KEY = "trainer"
@@ -55,12 +57,6 @@ CHANNEL_OPTIONS = (("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES))
 MIN_SECRET_CHARS = 32
 AUTH_HEADER = "authorization"
-# Mirrors of fedlora.messages / fedlora.codec names (a test keeps them equal):
-# importing those would bring numpy's share of the training stack.
-PAYLOAD = "payload"
-PAYLOAD_KEY = "adapter"
-PAYLOAD_STYPE = "fedlora.v1.AdapterPayload"
-CONFIG = "config"
 TIMEOUT_KEY = "round-timeout"
 
 
@@ -94,13 +90,12 @@ def split_payload(content: RecordDict) -> tuple[bytes, bytes | None]:
     """``content`` as Flower's RecordDict protobuf without its ``payload``
     record, and that record's serialized AdapterPayload (``None``: none)."""
     rest = RecordDict({name: record for name, record in content.items() if name != PAYLOAD})
-    record = content.array_records.get(PAYLOAD) if PAYLOAD in content else None
     payload = None
-    if record is not None:
-        array = record.get(PAYLOAD_KEY)
-        if not isinstance(array, Array) or array.stype != PAYLOAD_STYPE:
-            raise TrainerError(f"the {PAYLOAD!r} record holds no {PAYLOAD_STYPE}")
-        payload = array.data
+    if PAYLOAD in content.array_records:
+        try:
+            payload = codec.from_record(content.array_records[PAYLOAD])
+        except codec.PayloadError as err:
+            raise TrainerError(f"the {PAYLOAD!r} record: {err}") from None
     return recorddict_to_proto(rest).SerializeToString(), payload
 
 
@@ -110,8 +105,7 @@ def join_payload(content: bytes, payload: bytes | None) -> RecordDict:
     proto.ParseFromString(content)
     records = recorddict_from_proto(proto)
     if payload is not None:
-        records[PAYLOAD] = ArrayRecord({PAYLOAD_KEY: Array(
-            dtype="uint8", shape=(len(payload),), stype=PAYLOAD_STYPE, data=payload)})
+        records[PAYLOAD] = codec.to_record(payload)
     return records
 
 

@@ -157,16 +157,6 @@ def _answer(reply: Message) -> tuple[list[str], bytes | None, dict]:
             if payload is not None else None, metrics)
 
 
-# -- the module mirrors fedlora's names -------------------------------------------------
-def test_the_link_mirrors_the_message_schema():
-    """``trainer_link`` copies these rather than import numpy's share of the
-    stack with ``fedlora.messages``; a rename there must show here."""
-    assert trainer_link.PAYLOAD == messages.PAYLOAD
-    assert trainer_link.CONFIG == messages.CONFIG
-    assert trainer_link.PAYLOAD_KEY == codec.PAYLOAD_KEY
-    assert trainer_link.PAYLOAD_STYPE == codec.PAYLOAD_STYPE
-
-
 # -- 1: a forwarded message is the in-process one ---------------------------------------
 def test_a_forwarded_message_gets_the_in_process_reply(trainer, tiny_bert):
     from client import app

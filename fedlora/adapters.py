@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from peft import PeftModel, get_peft_model_state_dict
+
+if TYPE_CHECKING:  # imported where a model is used: resolving a run config loads
+    # the strategies, which use this module's names, before Ray starts
+    import torch
+    from peft import PeftModel
 
 State = dict[str, np.ndarray]
 
@@ -42,6 +46,8 @@ def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
     tensor that *is* the parameter's storage."""
     views = _VIEWS.get(model)
     if views is None:
+        from peft import get_peft_model_state_dict
+
         views = get_peft_model_state_dict(model, save_embedding_layers=False)
         storage = {p.data_ptr() for p in model.parameters()}
         detached = sorted(n for n, t in views.items() if t.data_ptr() not in storage)
@@ -54,6 +60,8 @@ def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
 
 def adapter_state(model: PeftModel) -> State:
     """A copy of the adapter's tensors (LoRA factors and trained head)."""
+    import torch
+
     return {name: tensor.detach().to("cpu", torch.float32).numpy().copy()
             for name, tensor in adapter_tensors(model).items()}
 
@@ -72,6 +80,8 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, np.ndarray]) -> Non
         raise ValueError(f"adapter state mismatch: {wrong[0]} has shape "
                          f"{tuple(np.shape(state[wrong[0]]))}, the model's "
                          f"{tuple(own[wrong[0]].shape)}")
+    import torch
+
     with torch.no_grad():
         for name, tensor in own.items():
             tensor.copy_(torch.from_numpy(np.asarray(state[name], dtype=np.float32)))

@@ -24,13 +24,16 @@ import re
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from peft import PeftModel
 
 from fedlora import codec
+
+if TYPE_CHECKING:  # imported where a model is used (the server's ledger needs neither)
+    import torch
+    from peft import PeftModel
 
 Increment = dict[str, tuple[np.ndarray, np.ndarray]]  # module → (left d×q, right q×k)
 VERSION_KEY = "fedlora-base-version"  # node memory: ConfigRecord {"version": v}
@@ -180,6 +183,8 @@ def write_base(model: PeftModel, delta: Mapping[str, np.ndarray]) -> None:
         if not delta:
             return  # never changed: nothing to restore
         original = _PRISTINE[model] = {n: p.detach().clone() for n, p in weights.items()}
+    import torch
+
     with torch.no_grad():
         for name, param in weights.items():
             if name in delta:
@@ -211,6 +216,7 @@ def save_base_delta(path, cumulative: Mapping[str, np.ndarray]) -> None:
 def add_base_delta(model: torch.nn.Module, path) -> None:
     """Add a saved change to a plain transformers model's weights, before
     ``PeftModel.from_pretrained`` wraps it (docs/algorithms.md §10)."""
+    import torch
     from safetensors.numpy import load_file
 
     params = dict(model.named_parameters())

@@ -1,10 +1,14 @@
 """``fedlora bench-scale``: what orchestrating K virtual clients costs, next to
 the stock Flower pattern, in one invocation.
 
-For each K (10, 100, 500 by default) two simulations run through the real
-path (``fedlora.simulation.simulate``: Flower's simulation engine on Ray),
-each in its own child process so Ray starts fresh and memory is measured
-per run:
+Every simulation runs through the real path (``fedlora.simulation.simulate``:
+Flower's simulation engine on Ray), each in its own child process so Ray
+starts fresh and memory is measured per run. For each K (10, 100, 500 by
+default) the project's ClientApp runs with the benchmark's default work; then,
+at the largest K and with the small work (``SMALL_WORK``: 1 example of 32
+tokens per step, where orchestration dominates as it does on a GPU), the
+project's ClientApp and the stock pattern run side by side (``--no-stock``
+skips that pair):
 
 ``fedlora``
     the project's ClientApp: the base model is built once per Ray worker, the
@@ -17,30 +21,47 @@ per run:
 
 Every client does the same fixed local work (``local-steps`` optimiser steps
 of ``batch-size`` examples) in every round, and all K clients train in every
-round. One JSON object per K is printed (definitions in BENCHMARKS.md):
+round. One JSON object per run pair is printed (``work``: default or small;
+definitions in BENCHMARKS.md), then one with the floors of issue #16 that
+these rows can judge (``FLOORS``: value, limit, whether it holds):
 
 * ``wall_s``: the whole run in the child: data and model loading, Ray start,
   all rounds, central evaluation, results written.
 * ``compute_s``: Σ over client updates of the forward/backward/step time
   measured inside the clients (``TrainResult.compute_seconds``).
-* ``workers``: Ray actors training concurrently (⌊CPUs / client-cpus⌋).
+* ``workers``: Ray actors training concurrently (⌊CPUs / client-cpus⌋, and
+  at most ⌊GPUs / client-gpus⌋ when ``client-gpus`` > 0).
 * ``efficiency = compute_s / (workers × wall_s)``: the share of the workers'
   time spent in local compute (1 is perfect).
 * ``startup_s``: ``wall_s`` minus the rounds' time (data and model loading,
   Ray start, results written); ``rounds_efficiency`` is ``efficiency`` over
-  the rounds alone (the first round still includes each worker's one-time
-  imports and model load).
+  the rounds alone (the first round still includes whatever is left of the
+  workers' warm-up, ``fedlora.warmup``). Its parts: ``ray_ready_s`` (until
+  Ray is up), ``rounds_start_s`` (until the round loop starts: the driver's
+  own preparation done) and ``end_s`` (after the last round: central
+  evaluation, results, Flower and Ray stopped); ``first_round_s`` is round
+  1's time.
 * ``overhead_ms_per_client = (wall_s − compute_s / workers) / updates``: the
   wall-clock time beyond perfectly parallel compute, per client update.
+* ``clients_per_s = updates / rounds_s``: client updates finished per
+  second of the rounds (``rounds_s`` is the rounds' time, without startup).
 * ``aggregate_s``: Σ over rounds of the server's aggregation time.
 * ``peak_rss_mb``: the peak of the summed RSS of the child process and all
   its descendants (Ray's GCS, raylet and workers), sampled every 0.5 s.
+* ``gpu_mem_mb_per_worker``, only when a GPU was seen (through NVML,
+  ``fedlora.gpu_memory``): the largest peak GPU memory of one process of the
+  tree other than the child itself, i.e. of one Ray worker (CUDA context,
+  weights and PyTorch's cached pool: what ``nvidia-smi`` lists), sampled with
+  the RSS; ``gpu_mem_mb_driver`` is the child's own (the server's central
+  evaluation), ``gpu_mem_mb_used`` the peak device-wide memory in use above
+  what was in use before the run. The stock run's are ``stock_…``.
 * ``speedup_vs_stock = stock wall_s / fedlora wall_s``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -60,6 +81,23 @@ RSS_SAMPLE_S = 0.5
 # The fixed local work and the federation shape; --set overrides any of them.
 BENCH_KEYS = {"partition": "iid", "local-steps": 1, "batch-size": 8, "max-seq-len": 64,
               "rounds": 2, "eval-every": 1000, "eval-examples": 64, "strategy": "fedavg"}
+
+# The small work: where orchestration dominates, as it does on a GPU; the stock
+# comparison runs at the largest K with it.
+SMALL_WORK = {"batch-size": 1, "max-seq-len": 32}
+# The floors of issue #16: (name, work, the K it reads, value, limit, at most?);
+# work None: every row.
+FLOORS = (
+    ("startup_s at every K", None, (), lambda row: row["startup_s"], 8.0, True),
+    ("efficiency at 100 clients", "default", (100,), lambda row: row["efficiency"], 0.85,
+     False),
+    ("overhead_ms_per_client at 500 clients", "default", (500,),
+     lambda row: row["overhead_ms_per_client"], 20.0, True),
+    ("peak_rss_mb at 500 / at 10", "default", (500, 10),
+     lambda big, small: big["peak_rss_mb"] / small["peak_rss_mb"], 1.5, True),
+    ("speedup_vs_stock at 500 clients, small work", "small", (500,),
+     lambda row: row["speedup_vs_stock"], 3.0, False),
+)
 
 stock_app = ClientApp()
 
@@ -103,19 +141,23 @@ def _stock_train(message: Message, context: Context) -> Message:
 # ---------------------------------------------------------------- child process
 def run_child(mode: str, overrides: dict, out_dir: str) -> dict:
     """One simulation in this process; returns its timings (printed as JSON)."""
+    started = time.perf_counter()
     from fedlora.prepare import preflight
     from fedlora.simulation import simulate
 
-    started = time.perf_counter()
     config = resolve({**overrides, "out-dir": out_dir})
-    preflight(config)
-    workers = simulate(config, client_app=stock_app if mode == "stock" else None)
+    phases: dict[str, float] = {}
+    workers = simulate(config, client_app=stock_app if mode == "stock" else None,
+                       prepare=functools.partial(preflight, config), phases=phases)
     wall = time.perf_counter() - started
     rounds = [json.loads(line) for line in
               (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
     return {"wall_s": wall, "workers": workers,
+            "ray_ready_s": phases["ray_ready"] - started,
+            "rounds_start_s": phases["rounds_start"] - started,
             "compute_s": sum(r["compute_s"] for r in rounds),
             "rounds_s": sum(r["seconds"] for r in rounds),
+            "first_round_s": rounds[0]["seconds"],
             "aggregate_s": sum(r.get("aggregate_s") or 0.0 for r in rounds),
             "updates": sum(r["clients"] for r in rounds),
             "rejected": sum(r["rejected"] for r in rounds)}
@@ -123,14 +165,18 @@ def run_child(mode: str, overrides: dict, out_dir: str) -> dict:
 
 # --------------------------------------------------------------- parent process
 class TreeRss:
-    """Peak summed RSS of a process and its descendants, sampled in a thread."""
+    """Peak summed RSS of a process and its descendants, sampled in a thread,
+    and (``gpu``) the peak GPU memory of each of them where there is a GPU."""
 
     def __init__(self, pid: int) -> None:
         import psutil
 
+        from fedlora.gpu_memory import GpuMemory
+
         self._root = psutil.Process(pid)
         self._done = threading.Event()
         self.peak_bytes = 0
+        self.gpu = GpuMemory()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
@@ -149,17 +195,30 @@ class TreeRss:
                 except psutil.Error:
                     pass  # exited between listing and reading
             self.peak_bytes = max(self.peak_bytes, total)
+            self.gpu.sample(process.pid for process in processes)
             self._done.wait(RSS_SAMPLE_S)
 
     def stop(self) -> float:
         self._done.set()
         self._thread.join()
+        self.gpu.close()
         return self.peak_bytes / 2**20
+
+    def gpu_fields(self) -> dict:
+        """``gpu_mem_mb_*`` (see the module docstring); empty without a GPU."""
+        if not self.gpu.available:
+            return {}
+        driver = self.gpu.peak_by_pid.get(self._root.pid)
+        return {"gpu_mem_mb_per_worker": self.gpu.per_process_mb(exclude=[self._root.pid]),
+                "gpu_mem_mb_driver": None if driver is None else driver / 2**20,
+                "gpu_mem_mb_used": self.gpu.used_mb()}
 
 
 def measure(mode: str, overrides: dict, work_dir: Path) -> dict:
     """Run one child simulation and measure it from outside."""
     out_dir = work_dir / f"{mode}-{overrides['num-clients']}"
+    if all(overrides.get(k) == v for k, v in SMALL_WORK.items()):
+        out_dir = out_dir.with_name(out_dir.name + "-small")
     command = [sys.executable, "-m", "fedlora.cli", "bench-scale", "--child", mode,
                "--out", str(out_dir), "--overrides", json.dumps(overrides)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -175,26 +234,60 @@ def measure(mode: str, overrides: dict, work_dir: Path) -> dict:
                           f"(exit {child.returncode}); its output is above")
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_rss_mb"] = peak
+    result.update(rss.gpu_fields())
     return result
 
 
-def summarise(clients: int, rounds: int, ours: dict, stock: dict | None) -> dict:
+def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def summarise(clients: int, rounds: int, ours: dict, stock: dict | None,
+              work: str = "default") -> dict:
     workers, wall, compute = ours["workers"], ours["wall_s"], ours["compute_s"]
-    row = {"clients": clients, "rounds": rounds, "updates": ours["updates"],
+    row = {"clients": clients, "work": work, "rounds": rounds, "updates": ours["updates"],
            "workers": workers, "wall_s": round(wall, 2), "compute_s": round(compute, 2),
            "efficiency": round(compute / (workers * wall), 3),
            "startup_s": round(wall - ours["rounds_s"], 2),
+           "ray_ready_s": round(ours["ray_ready_s"], 2),
+           "rounds_start_s": round(ours["rounds_start_s"], 2),
+           "first_round_s": round(ours["first_round_s"], 2),
+           "end_s": round(wall - ours["rounds_start_s"] - ours["rounds_s"], 2),
            "rounds_efficiency": round(compute / (workers * ours["rounds_s"]), 3),
            "overhead_ms_per_client": round(
                1000 * (wall - compute / workers) / max(ours["updates"], 1), 1),
+           "clients_per_s": round(ours["updates"] / ours["rounds_s"], 2)
+           if ours["rounds_s"] > 0 else None,
            "aggregate_s": round(ours["aggregate_s"], 3),
            "peak_rss_mb": round(ours["peak_rss_mb"], 1)}
+    gpu_keys = ("gpu_mem_mb_per_worker", "gpu_mem_mb_driver", "gpu_mem_mb_used")
+    row.update({key: _mb(ours[key]) for key in gpu_keys if key in ours})
     if stock is not None:
         row.update({"stock_wall_s": round(stock["wall_s"], 2),
                     "stock_compute_s": round(stock["compute_s"], 2),
+                    "stock_clients_per_s": round(stock["updates"] / stock["rounds_s"], 2)
+                    if stock.get("rounds_s") else None,
                     "stock_peak_rss_mb": round(stock["peak_rss_mb"], 1),
                     "speedup_vs_stock": round(stock["wall_s"] / wall, 2)})
+        row.update({f"stock_{key}": _mb(stock[key]) for key in gpu_keys if key in stock})
     return row
+
+
+def floors(rows: list[dict]) -> list[dict]:
+    """Each floor of ``FLOORS`` these rows can judge: its value and whether
+    it holds."""
+    by = {(row["work"], row["clients"]): row for row in rows}
+    judged = []
+    for name, work, clients, value_of, limit, at_most in FLOORS:
+        if work is None:
+            value = max(value_of(row) for row in rows)
+        elif all((work, k) in by for k in clients):
+            value = value_of(*(by[(work, k)] for k in clients))
+        else:
+            continue
+        judged.append({"floor": name, "value": round(value, 3), "limit": limit,
+                       "holds": value <= limit if at_most else value >= limit})
+    return judged
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="numbers of virtual clients K (default: 10 100 500)")
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                         help=f"run-config keys (benchmark defaults: {BENCH_KEYS})")
-    parser.add_argument("--no-stock", action="store_true", help="skip the stock runs")
+    parser.add_argument("--no-stock", action="store_true",
+                        help=f"skip the stock comparison (at the largest K, {SMALL_WORK})")
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary dir)")
     parser.add_argument("--child", choices=("fedlora", "stock"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -227,14 +321,20 @@ def main(argv: list[str] | None = None) -> int:
     base = absolute_paths(base)
     for clients in args.clients:  # every setting checked before anything runs
         resolve({**base, "num-clients": clients, "clients-per-round": clients})
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work_dir = Path(args.work_dir or tmp)
         for clients in args.clients:
             overrides = {**base, "num-clients": clients, "clients-per-round": clients}
             ours = measure("fedlora", overrides, work_dir)
-            stock = None if args.no_stock else measure("stock", overrides, work_dir)
-            rounds = resolve(overrides)["rounds"]
-            print(json.dumps(summarise(clients, rounds, ours, stock)), flush=True)
+            rows.append(summarise(clients, resolve(overrides)["rounds"], ours, None))
+            print(json.dumps(rows[-1]), flush=True)
+        if not args.no_stock:  # against stock where orchestration dominates
+            clients = max(args.clients)
+            small = {**base, **SMALL_WORK, "num-clients": clients,
+                     "clients-per-round": clients}
+            ours, stock = measure("fedlora", small, work_dir), measure("stock", small, work_dir)
+            rows.append(summarise(clients, resolve(small)["rounds"], ours, stock, "small"))
+            print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"floors": floors(rows)}), flush=True)
     return 0
-
-

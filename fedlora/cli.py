@@ -1,4 +1,4 @@
-"""The ``fedlora`` command: simulate | evaluate | compare | keys | bench-scale |
+"""The ``fedlora`` command: simulate | evaluate | compare | report | keys | bench-scale |
 trainer | supernode.
 
 Bad input of any kind (unknown key, bad value, missing file or column, model
@@ -11,21 +11,27 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from fedlora import quiet
 from fedlora.config import ConfigError, RunConfig, load_toml, parse_set_option
+from fedlora.progress import Lines, for_command
 
 
 def _quiet_environment() -> None:
-    """Quiet libraries, fedlora's own warnings (rejected replies) to stderr."""
+    """Quiet libraries, fedlora's own warnings (rejected replies) to stderr. The
+    switches of libraries already imported (``quiet.libraries``) are thrown
+    where a command imports the training stack (``fedlora.prepare``,
+    ``cmd_evaluate``): importing transformers here would delay every command,
+    and Ray's start, by half a second."""
     quiet.environment()
-    quiet.libraries()
     quiet.fedlora_logger("fedlora")
 
 
@@ -90,11 +96,13 @@ def _resumed_config(args: argparse.Namespace) -> RunConfig:
     return resolve({**saved.to_dict(), **free})
 
 
-def _farewell(config: RunConfig) -> Callable[[int], str]:
-    """The line an interrupted simulation ends with."""
+def _farewell(config: RunConfig, progress: Lines) -> Callable[[int], str]:
+    """The line an interrupted simulation ends with (the live display, which
+    the exit would leave behind, gone first)."""
     def line(signum: int) -> str:
         from fedlora import checkpoint
 
+        progress.close()
         out, name = Path(config["out-dir"]), signal.Signals(signum).name
         if not (out / "config.json").is_file():
             return f"fedlora: stopped by {name} before the run started; nothing was written"
@@ -112,20 +120,33 @@ def _farewell(config: RunConfig) -> Callable[[int], str]:
     return line
 
 
+def _output(args: argparse.Namespace) -> None:
+    """``--quiet``: fedlora's own lines only (its warnings and errors, the round
+    and done lines); ``--verbose``: Flower's and Ray's logs too."""
+    if args.quiet and args.verbose:
+        raise ConfigError("--quiet and --verbose contradict each other; give one")
+    if args.quiet:
+        logging.getLogger("fedlora").setLevel(logging.WARNING)
+        warnings.simplefilter("ignore")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedlora.stopping import stop_on_signals
 
-    config = _resumed_config(args) if args.resume else _new_run_config(args)
-    overrides_out = config["out-dir"]
-    server_done = threading.Event()
-    server_done.set()  # the round loop is not running yet
-    with stop_on_signals(_farewell(config), server_done):
-        from fedlora.prepare import preflight
+    _output(args)
+    # on a terminal the live display starts now: resolving the config and
+    # starting Ray take seconds (fedlora.progress)
+    with for_command(quiet=args.quiet) as progress:
+        config = _resumed_config(args) if args.resume else _new_run_config(args)
+        overrides_out = config["out-dir"]
+        server_done = threading.Event()
+        server_done.set()  # the round loop is not running yet
+        with stop_on_signals(_farewell(config, progress), server_done):
+            from fedlora.prepare import preflight
+            from fedlora.simulation import simulate
 
-        preflight(config)
-        from fedlora.simulation import simulate
-
-        simulate(config, verbose=args.verbose, server_done=server_done)
+            simulate(config, verbose=args.verbose, server_done=server_done,
+                     prepare=functools.partial(preflight, config), progress=progress)
     summary_path = Path(overrides_out) / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError("the simulation ended without writing summary.json")
@@ -148,6 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.strategies import resolve
     from fedlora.training import evaluate
 
+    quiet.libraries()
     run_dir = Path(args.run_dir)
     config_path, adapter_dir = run_dir / "config.json", run_dir / "adapter"
     summary_path = run_dir / "summary.json"
@@ -186,6 +208,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedlora.report import report
+
+    return report(args.run_dirs, args.out)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """The core keys, then each strategy's own; ``--markdown``: README's table."""
     from fedlora import keytable
@@ -207,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="DIR",
                      help="continue the interrupted run in DIR after its last complete "
                           "round, with its own config")
-    sim.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    sim.add_argument("--verbose", action="store_true",
+                     help="show Flower and Ray logs (with the progress display on a terminal)")
+    sim.add_argument("--quiet", action="store_true",
+                     help="only fedlora's own lines: each round's line, the done line, "
+                          "warnings and errors (no progress display)")
     sim.set_defaults(run=cmd_simulate)
     ev = sub.add_parser("evaluate", help="reload a run's adapter and evaluate it")
     ev.add_argument("run_dir")
@@ -228,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "seed, [base]'s seed key if it has one, else 1)")
     cmp.add_argument("--out", required=True, help="comparison directory (created or resumed)")
     cmp.set_defaults(run=cmd_compare)
+    rep = sub.add_parser(
+        "report", help="a table and accuracy plots for any set of finished runs",
+        description="Read finished run directories (written by `fedlora simulate`, or "
+                    "`fedlora compare`'s OUT/<label>/seed-<s>) and write DIR/report.md "
+                    "(final and best accuracy, uplink and downlink bytes, ε, seconds per "
+                    "round) and DIR/accuracy_vs_round.png, accuracy_vs_uplink.png. See "
+                    "fedlora/report.py.")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directory")
+    rep.add_argument("--out", required=True, help="report directory (created if missing)")
+    rep.set_defaults(run=cmd_report)
     keys = sub.add_parser("keys", help="list the run-config keys, defaults and choices")
     keys.add_argument("--markdown", action="store_true",
                       help="as the markdown table in README.md (built-in strategies)")

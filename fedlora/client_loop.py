@@ -1,6 +1,7 @@
 """The client side of a round: request → strategy client half → local
 training (or evaluation) → reply. ``client/app.py`` is this, registered with
-Flower; ``fedlora simulate`` builds the same ClientApp (``client_app``).
+Flower; ``fedlora simulate`` builds the same ClientApp
+(``fedlora.simulation.project_client_app``).
 
 The loop is the same for every strategy: read the request
 (``fedlora.messages``), build this client's model at the rank it was asked
@@ -40,7 +41,6 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 from flwr.common import MessageType
 
 from fedlora import attacks, codec
@@ -123,7 +123,7 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
     role = strategy.client_half(config)
     template = model.initial_state
     expected = {n: template[n].shape for n in role.download_names(template)}
-    received = codec.decode(request.payload, expected)
+    received = codec.decode(request.payload, expected, config["payload-dtype-down"])
     start = role.start_state(received, template, context.state)
     load_adapter_state(model.peft, start)
     return Session(request, config, role, model, train, held_out, identity, start,
@@ -175,7 +175,8 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
     if attack == "inflate-weight":
         examples = max(1, round(examples * config["attack-scale"]))
     return TrainReply(session.identity, examples, result.mean_loss, result.steps,
-                      result.compute_seconds, codec.encode(upload), session.base_version,
+                      result.compute_seconds, codec.encode(upload, config["payload-dtype-up"]),
+                      session.base_version,
                       private.epsilon() if private is not None else None
                       ).to_message(message)
 
@@ -188,10 +189,3 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     return EvaluateReply(session.identity, len(session.held_out), accuracy,
                          loss).to_message(message)
 
-
-def client_app() -> ClientApp:
-    """A Flower ClientApp running this loop."""
-    app = ClientApp()
-    app.train()(handle_train)
-    app.evaluate()(handle_evaluate)
-    return app

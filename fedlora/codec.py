@@ -8,6 +8,13 @@ metrics are the lengths of these serialized payloads.
 Decoding trusts nothing: it checks the size before parsing, then names,
 shapes, encodings, byte lengths and finiteness against what the receiver
 expects, and raises ``PayloadError`` (one line) on the first problem.
+
+Values travel as float32, float16 or int8 (symmetric, one float32 scale per
+tensor): the run-config keys ``payload-dtype-down`` and ``payload-dtype-up``
+choose, and a receiver refuses a payload in any other encoding. Quantising
+is lossy, so a sender that must agree with its receiver on what was sent
+(the server's start state, a client's error-feedback residual) keeps what
+``round_trip`` decodes, never its own unquantised values.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ _FRAMING_ALLOWANCE = 64 * 1024  # names, shapes and protobuf tags on top of valu
 
 _DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.INT8: np.dtype("i1")}
 _ENCODINGS = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int8": pb.INT8}
+ENCODINGS = tuple(_ENCODINGS)  # the values of payload-dtype-down / payload-dtype-up
+_INT8_PEAK = 127  # int8 codes are -127..127: value = code * scale
+_TINIEST = float(np.finfo(np.float32).smallest_subnormal)
 
 
 class PayloadError(ValueError):
@@ -88,8 +98,9 @@ def _encode_values(values: np.ndarray, encoding: str) -> pb.Values:
     flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     if encoding == "int8":
         peak = float(np.max(np.abs(flat))) if flat.size else 0.0
-        scale = peak / 127.0 if peak > 0 else 1.0
-        quantised = np.clip(np.rint(flat / scale), -127, 127).astype(np.int8)
+        # a peak below 127 float32 subnormals would give scale 0, which decodes as missing
+        scale = max(peak / _INT8_PEAK, _TINIEST) if peak > 0 else 1.0
+        quantised = np.clip(np.rint(flat / scale), -_INT8_PEAK, _INT8_PEAK).astype(np.int8)
         return pb.Values(encoding=pb.INT8, data=quantised.tobytes(), scale=scale)
     code = _ENCODINGS[encoding]
     return pb.Values(encoding=code, data=flat.astype(_DTYPES[code]).tobytes())
@@ -125,8 +136,7 @@ def _decode_values(values: pb.Values, count: int, where: str) -> np.ndarray:
                            f"{dtype.name} values")
     array = np.frombuffer(values.data, dtype=dtype).astype(np.float32)
     if values.encoding == pb.INT8:
-        if not (np.isfinite(values.scale) and values.scale >= 0):
-            raise PayloadError(f"{where}: bad int8 scale {values.scale}")
+        _check_scale(values.scale, where)
         with np.errstate(over="ignore"):  # overflow to Inf is rejected just below
             array = array * np.float32(values.scale)
     if not np.all(np.isfinite(array)):
@@ -134,10 +144,22 @@ def _decode_values(values: pb.Values, count: int, where: str) -> np.ndarray:
     return array
 
 
-def size_limit(expected: Mapping[str, tuple[int, ...]]) -> int:
-    """The largest payload accepted for ``expected``: float32 values plus, for
-    sparse layouts, up to 2 bytes of index per entry, plus framing."""
-    values = sum(int(np.prod(shape)) * 6 for shape in expected.values())
+def _check_scale(scale: float, where: str) -> None:
+    """Refuse an int8 scale the encoder never writes: it is peak / 127 of a
+    finite float32 peak (1 for an all-zero tensor), so positive, finite, and
+    every code times it finite in float32. A zero scale is a missing one."""
+    with np.errstate(over="ignore"):
+        top = np.float32(_INT8_PEAK) * np.float32(scale)
+    if not (scale > 0 and np.isfinite(top)):
+        raise PayloadError(f"{where}: bad int8 scale {scale}")
+
+
+def size_limit(expected: Mapping[str, tuple[int, ...]], encoding: str = "float32") -> int:
+    """The largest payload accepted for ``expected`` in ``encoding``: the
+    values plus, for sparse layouts, up to 2 bytes of index per entry, plus
+    framing."""
+    per_entry = _DTYPES[_ENCODINGS[encoding]].itemsize + 2
+    values = sum(int(np.prod(shape)) * per_entry for shape in expected.values())
     return values + _FRAMING_ALLOWANCE + 64 * len(expected)
 
 
@@ -179,10 +201,22 @@ def _values(tensor: pb.Tensor, shape: tuple[int, ...], where: str) -> np.ndarray
     raise PayloadError(f"{where}: no values")
 
 
-def decode(blob: bytes, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def _check_encoding(tensor: pb.Tensor, encoding: str, where: str) -> None:
+    """Refuse values in another encoding than the run's: a sender that
+    ignores ``payload-dtype-*`` would spend bytes the run did not plan for."""
+    layout = tensor.WhichOneof("layout")
+    values = tensor.sparse.values if layout == "sparse" else tensor.dense
+    if layout is not None and values.encoding != _ENCODINGS[encoding]:
+        name = pb.ValueEncoding.Name(values.encoding) if values.encoding in _DTYPES else "?"
+        raise PayloadError(f"{where}: {name.lower()} values, the run sends {encoding}")
+
+
+def decode(blob: bytes, expected: Mapping[str, tuple[int, ...]],
+           encoding: str | None = None) -> dict[str, np.ndarray]:
     """Parse and validate a payload that must hold exactly the ``expected``
-    tensors (name → shape); returns float32 arrays."""
-    limit = size_limit(expected)
+    tensors (name → shape), with values in ``encoding`` when it is given
+    (then the size limit is that encoding's too); returns float32 arrays."""
+    limit = size_limit(expected, encoding or "float32")
     if len(blob) > limit:
         raise PayloadError(f"payload of {len(blob)} bytes exceeds the {limit}-byte limit")
     tensors: dict[str, np.ndarray] = {}
@@ -195,11 +229,28 @@ def decode(blob: bytes, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np
         shape = tuple(int(d) for d in tensor.shape)
         if shape != tuple(expected[tensor.name]):
             raise PayloadError(f"{where}: shape {shape}, expected {tuple(expected[tensor.name])}")
+        if encoding is not None:
+            _check_encoding(tensor, encoding, where)
         tensors[tensor.name] = _values(tensor, shape, where)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise PayloadError(f"missing tensor {missing[0]!r} ({len(missing)} missing)")
     return tensors
+
+
+def round_trip(tensors: Mapping[str, np.ndarray | SparseTensor],
+               encoding: str) -> tuple[dict[str, np.ndarray], bytes]:
+    """(the dense float32 arrays the receiver decodes, the bytes sent) for
+    ``tensors`` in ``encoding``: the receiver's own ``decode`` of the very
+    bytes, so sender and receiver agree bit for bit. A ValueError when
+    ``encoding`` cannot carry them (beyond float16's range, not finite)."""
+    blob = encode(tensors, encoding)
+    shapes = {name: tensor.shape if isinstance(tensor, SparseTensor) else np.shape(tensor)
+              for name, tensor in tensors.items()}
+    try:
+        return decode(blob, shapes, encoding), blob
+    except PayloadError as err:
+        raise ValueError(f"{encoding} cannot carry these values ({err})") from None
 
 
 def decode_any(blob: bytes) -> dict[str, np.ndarray]:

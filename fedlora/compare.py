@@ -56,6 +56,7 @@ import psutil
 import tomllib
 
 from fedlora.config import ConfigError
+from fedlora.report import PLOTS, Curve, accuracy_points, read_run, render_plots, write_atomically
 from fedlora.results import CLIENT_ACCURACY
 from fedlora.stopping import end_processes
 
@@ -64,7 +65,7 @@ COLUMNS = ("group", "run", "seeds", "final_accuracy_mean", "final_accuracy_ci95"
            "best_accuracy_ci95", "final_accuracy_min", "final_accuracy_max",
            "agg_residual_mean", "epsilon_mean", "client_accuracy_mean",
            "client_accuracy_ci95", "seed_list")
-OUTPUTS = ("summary.csv", "summary.md", "accuracy_vs_round.png", "accuracy_vs_uplink.png")
+OUTPUTS = ("summary.csv", "summary.md", *PLOTS)
 SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHILD_STOP_S = 15.0  # how long a signalled child gets (it needs a few seconds) before SIGKILL
@@ -397,14 +398,6 @@ def run_all(runs: list[Run], seeds: list[int], out: Path) -> None:
 
 # --- results ------------------------------------------------------------------
 
-def load_result(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A finished run's summary.json and metrics.jsonl rows."""
-    summary = json.loads((directory / "summary.json").read_text())
-    rows = [json.loads(line) for line in
-            (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return summary, rows
-
-
 def _present(values: list[Any]) -> list[float]:
     return [float(v) for v in values if v is not None]
 
@@ -498,14 +491,7 @@ def curve(results: dict[int, tuple[dict, list[dict]]], axis: str
           ) -> tuple[list[float], list[float], list[float]]:
     """(x, mean accuracy, ci95) at the rounds evaluated in every seed; x is the
     round or the mean cumulative uplink MB by then."""
-    per_seed = []
-    for _, rows in results.values():
-        sent, points = 0.0, {}
-        for row in rows:
-            sent += (row.get("uplink_bytes") or 0) / 1e6
-            if row.get("accuracy") is not None:
-                points[row["round"]] = (sent, row["accuracy"])
-        per_seed.append(points)
+    per_seed = [accuracy_points(rows) for _, rows in results.values()]
     rounds = sorted(set.intersection(*(set(points) for points in per_seed)))
     xs, means, cis = [], [], []
     for round_ in rounds:
@@ -517,48 +503,23 @@ def curve(results: dict[int, tuple[dict, list[dict]]], axis: str
     return xs, means, cis
 
 
-def write_plots(runs: list[Run], results: dict[str, dict], out: Path) -> bool:
-    """accuracy_vs_round.png and accuracy_vs_uplink.png, a panel per group;
-    False (and one line) if matplotlib, a dev dependency, is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("fedlora: warning: matplotlib is not installed, so no plots "
-              "(pip install matplotlib); summary.csv and summary.md are written",
-              file=sys.stderr)
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    groups = list(dict.fromkeys(run.group for run in runs))
-    for axis in ("round", "uplink"):
-        fig, panels = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
-        for panel, group in zip(panels[0], groups):
-            for run in (r for r in runs if r.group == group):
-                xs, means, cis = curve(results[run.label], axis)
-                line, = panel.plot(xs, means, marker="o", label=run.label)
-                panel.fill_between(xs, [m - c for m, c in zip(means, cis)],
-                                   [m + c for m, c in zip(means, cis)],
-                                   color=line.get_color(), alpha=0.2, linewidth=0)
-            panel.set_title(group)
-            panel.set_xlabel("round" if axis == "round" else "cumulative uplink MB (log)")
-            if axis == "round":
-                panel.xaxis.set_major_locator(MaxNLocator(integer=True))
-            else:
-                panel.set_xscale("log")
-            panel.set_ylabel("test accuracy (mean, 95% CI over seeds)")
-            panel.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"accuracy_vs_{axis}.png", dpi=100)
-        plt.close(fig)
-    return True
+def write_plots(runs: list[Run], results: dict[str, dict], out: Path) -> None:
+    """accuracy_vs_round.png and accuracy_vs_uplink.png (``fedlora report``'s
+    plots), a panel per group, each run's mean curve with its 95% band."""
+    panels: dict[str, list[Curve]] = {}
+    for run in runs:
+        rounds, means, cis = curve(results[run.label], "round")
+        uplink_mb, _, _ = curve(results[run.label], "uplink")
+        panels.setdefault(run.group, []).append(Curve(run.label, rounds, uplink_mb, means, cis))
+    plots = render_plots(panels, "test accuracy (mean, 95% CI over seeds)")
+    for name, png in (plots or {}).items():
+        write_atomically(out / name, png)
 
 
 def write_outputs(runs: list[Run], seeds: list[int], out: Path) -> str:
     """Read every finished run and write the CSV, the markdown and the plots;
     returns the markdown."""
-    results = {run.label: {seed: load_result(run_dir(out, run, seed)) for seed in seeds}
+    results = {run.label: {seed: read_run(run_dir(out, run, seed)) for seed in seeds}
                for run in runs}
     rows = [summarize(run, results[run.label]) for run in runs]
     write_csv(rows, out / "summary.csv")

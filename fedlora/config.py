@@ -129,6 +129,15 @@ KEYS: dict[str, Key] = {
                                 "rest)", open_unit),
     "agg-residual": Key(bool, True, "report agg_residual metrics each round (the server "
                         "holds one d×k matrix per LoRA module; off for large models)"),
+    # --- payload precision (fedlora.codec) ------------------------------------
+    "payload-dtype-down": Key(str, "float32", "precision of the adapter the server sends "
+                              "(float16: half the bytes; int8: a quarter, one scale per "
+                              "tensor); server and client both start from the decoded "
+                              "values", one_of("float32", "float16", "int8")),
+    "payload-dtype-up": Key(str, "float32", "precision of the update a client sends (as "
+                            "payload-dtype-down); CELLM's error feedback keeps the "
+                            "quantisation error for the next round",
+                            one_of("float32", "float16", "int8")),
     # --- robust aggregation (fedlora.strategies.robust) ---------------------------
     "robust": Key(str, "none", "robust aggregation; a robust mode screens a whole "
                   "round at once, so the "

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict
-from flwr_datasets.partitioner import (
+
+from fedlora.config import ConfigError, RunConfig
+from fedlora.partitioners import (
     DirichletPartitioner,
     IidPartitioner,
     Partitioner,
     PathologicalPartitioner,
 )
-
-from fedlora.config import ConfigError, RunConfig
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet"}

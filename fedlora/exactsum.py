@@ -34,6 +34,7 @@ LOW = -72  # finest grid: 2^-72 (about 2e-22), far below float32's resolution
 LIMIT = 2.0 ** 40  # ≈ 1.1e12: larger terms are refused, so the top bin's pieces
 # have at most 32 significant bits and it stays exact for MAX_TERMS of them
 _SCALES = tuple(2.0 ** (LOW + i * BIN_BITS) for i in reversed(range(BINS)))  # top first
+_INVERSE = tuple(1.0 / scale for scale in _SCALES)  # powers of two: x * 1/s == x / s
 _CARRY_EVERY = 2 ** (52 - BIN_BITS)  # additions a lower bin absorbs before it must carry
 MAX_TERMS = 2 ** 20
 
@@ -42,7 +43,13 @@ class ExactSum:
     """Running sum of float arrays of one shape, exact on a 2^-72 grid.
 
     ``add`` refuses (``OverflowError``) a term with any entry of magnitude
-    ``LIMIT`` or more, or not finite, before changing anything."""
+    ``LIMIT`` or more, or not finite, before changing anything.
+
+    The server adds one term per reply and LoRA module (``RoundSums``), so
+    ``add`` is on every update's path: it multiplies by the grid's inverse
+    (a power of two, so bit for bit the same as dividing, at half the cost),
+    takes the peak from a caller that has already checked the term, and cuts
+    a term it may consume in place instead of copying it."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.shape = tuple(shape)
@@ -50,21 +57,28 @@ class ExactSum:
         self._since_carry = 0
         self.count = 0
 
-    def add(self, term: np.ndarray) -> None:
-        rest = np.array(term, dtype=np.float64)  # a copy: cut in place below
+    def add(self, term: np.ndarray, peak: float | None = None,
+            consume: bool = False) -> None:
+        """Add ``term``. ``peak``: what ``check_bounded(term)`` returned to the
+        caller (checked here otherwise); ``consume``: the caller no longer
+        needs a float64 ``term``, which is then cut in place."""
+        owned = consume and isinstance(term, np.ndarray) and term.dtype == np.float64
+        rest = term if owned else np.array(term, dtype=np.float64)  # cut in place below
         if rest.shape != self.shape:
             raise ValueError(f"shape {rest.shape}, expected {self.shape}")
-        peak = check_bounded(rest)
+        if peak is None:
+            peak = check_bounded(rest)
         if self.count >= MAX_TERMS:
             raise OverflowError(f"more than {MAX_TERMS} terms in one sum")
         piece = np.empty_like(rest)
-        for total, scale in zip(self._bins, _SCALES):
+        for total, scale, inverse in zip(self._bins, _SCALES, _INVERSE):
             if peak < scale:
                 continue  # no whole multiple of this grid in the term: a zero piece
-            np.divide(rest, scale, out=piece)  # exact: a power of two
+            np.multiply(rest, inverse, out=piece)  # exact: a power of two
             np.trunc(piece, out=piece)
             piece *= scale  # the multiples of ``scale`` in rest, exactly
-            rest -= piece  # exact: the bits below ``scale``
+            if scale != _SCALES[-1]:  # below the finest grid nothing is kept
+                rest -= piece  # exact: the bits below ``scale``
             total += piece
         self.count += 1
         self._since_carry += 1

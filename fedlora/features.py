@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from datasets import Dataset
-from flwr_datasets.partitioner import Partitioner
 
 from fedlora.config import ConfigError, RunConfig, cached_by
 from fedlora.data import (
@@ -32,6 +31,7 @@ from fedlora.data import (
     onto_classes,
 )
 from fedlora.models import LoraModel, ModelSpec, lora_model
+from fedlora.partitioners import Partitioner
 
 PARTITION_ATTEMPTS = 20
 PROMPT_PREFIX = "Text: "

@@ -28,6 +28,7 @@ from fedlora.basedelta import BASE_DELTA_FILE, save_base_delta, write_base
 from fedlora.config import KEYS, RunConfig
 from fedlora.features import central_test_set, model_for, partitioner_for
 from fedlora.messages import CLIENT_STORE, LABEL_NAMES, LINEAGE, RUN_ID, STORE_REQUIRED
+from fedlora.progress import Lines
 from fedlora.replies import replies_as_they_arrive
 from fedlora.resume import start_run
 from fedlora.strategies import strategy_class
@@ -58,12 +59,14 @@ CLIENT_STORE_DIR = "clients"  # clients' state in the run directory (fedlora.cli
 
 
 def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
-                   simulation: bool = False) -> dict:
+                   simulation: bool = False, progress: Lines | None = None) -> dict:
     """Run all rounds (after the last checkpointed one, with ``resume-from``)
     and write the outputs contract; returns the summary. ``in_flight`` caps
     the messages outstanding at once (0 = a round's all at once; see
     ``fedlora.replies``); ``simulation``: every client must keep its state
-    in the run directory (``fedlora.client_state``)."""
+    in the run directory (``fedlora.client_state``); ``progress`` shows the
+    run as it goes (``fedlora.progress``; by default the round lines only)."""
+    progress = progress or Lines()
     start = start_run(config, Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     config, out_dir, writer = start.config, start.out_dir, start.writer
     model = model_for(config)
@@ -71,6 +74,7 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     partitioner_for(config)  # bad partition settings fail here, before any round
     strategy_type = strategy_class(config["strategy"])
     strategy = strategy_type(config, model.initial_state)
+    strategy.on_rejected = progress.rejected
     if start.checkpoint is not None:
         strategy.restore(start.checkpoint)
     prefix = strategy_type.evaluation_prefix(config)
@@ -91,7 +95,8 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     for server_round in range(start.completed + 1, rounds + 1):
         round_start = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, sent_config, grid))
-        replies = replies_as_they_arrive(grid, messages, timeout, in_flight)
+        progress.round_started(server_round, rounds, len(messages))
+        replies = progress.counted(replies_as_they_arrive(grid, messages, timeout, in_flight))
         new_arrays, train = strategy.aggregate_train(server_round, replies)
         answered = sum(int(train[k]) for k in ("clients", "rejected", "declined"))
         if new_arrays is not None:
@@ -101,6 +106,7 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
                   "missing": len(messages) - answered, **dict(train),
                   "updated": new_arrays is not None}
         if server_round % config["eval-every"] == 0 or server_round == rounds:
+            progress.evaluating()
             evaluation_start = time.perf_counter()
             load_adapter_state(model.peft, from_arrayrecord(arrays))
             write_base(model.peft, strategy.base.cumulative if strategy.base else {})
@@ -116,7 +122,7 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
         checkpoint.save(out_dir, strategy.checkpoint(
             server_round, start.run_id, str(start.lineage),
             earlier_s + time.perf_counter() - started))
-        print(progress_line(record, rounds), flush=True)
+        progress.round_ended(progress_line(record, rounds))
     load_adapter_state(model.peft, from_arrayrecord(arrays))
     if strategy.base is not None:
         save_base_delta(out_dir / BASE_DELTA_FILE, strategy.base.cumulative)

@@ -1,4 +1,4 @@
-"""Flower's fixed waits on a deployed message's path, shortened where fedlora polls.
+"""Flower's fixed waits on a message's path, shortened where fedlora polls.
 
 Flower 1.41 waits in fixed steps that no flag or variable sets:
 
@@ -11,10 +11,14 @@ Flower 1.41 waits in fixed steps that no flag or variable sets:
   (``flwr.superlink.grid.http_grid``). A message becomes visible before its
   objects are uploaded, so the faster one polls, the more often one lands
   in that gap: with fedlora's 0.05 s reply loop it cost about 1 s in most
-  rounds of a warm deployment (BENCHMARKS.md, "Deployment").
+  rounds of a warm deployment (BENCHMARKS.md, "Deployment");
+- the simulation engine's threads wait for work on queues in 1 s steps and
+  look at the stop flag only between them
+  (``flwr.server.superlink.fleet.vce.vce_api``): every simulation ended up
+  to a second after its ServerApp had finished.
 
 Each function below changes one Flower module's own reference (its ``time``,
-its ``pull_objects``) and leaves the rest of Flower alone. flwr is pinned
+its ``pull_objects``, its ``Queue``) and leaves the rest of Flower alone. flwr is pinned
 (pyproject.toml); ``tests/test_flower_waits.py`` fails if an upgrade moves
 these waits.
 """
@@ -22,6 +26,7 @@ these waits.
 from __future__ import annotations
 
 import functools
+import queue
 import time
 import types
 
@@ -36,6 +41,16 @@ def capped_time(poll_s: float) -> types.ModuleType:
                            if not name.startswith("__")})
     proxy.sleep = lambda seconds: time.sleep(min(seconds, poll_s))
     return proxy
+
+
+def capped_queue(poll_s: float) -> type[queue.Queue]:
+    """A ``queue.Queue`` whose timed ``get`` waits at most ``poll_s``."""
+
+    class CappedQueue(queue.Queue):
+        def get(self, block: bool = True, timeout: float | None = None):
+            return super().get(block, timeout if timeout is None else min(timeout, poll_s))
+
+    return CappedQueue
 
 
 def _quicker_object_pulls(module: types.ModuleType, initial_backoff_s: float) -> None:
@@ -61,3 +76,11 @@ def shorten_server_waits(poll_s: float) -> None:
     from flwr.superlink.grid import http_grid
 
     _quicker_object_pulls(http_grid, poll_s)
+
+
+def shorten_simulation_waits(poll_s: float) -> None:
+    """In this process's simulation engine: its threads see the end of a run
+    within ``poll_s`` (Flower's queue waits are 1 s)."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    vce_api.Queue = capped_queue(poll_s)

@@ -20,10 +20,13 @@ def absolute_paths(overrides: dict) -> dict:
 
 
 def preflight(config: RunConfig) -> None:
-    """Load data, model and partitions now, so bad input fails in one line before
-    Ray starts (and the driver's caches are warm for central evaluation)."""
+    """Load data, model and partitions before the first round, so bad input fails
+    in one line before any client trains (and the driver's caches are warm for
+    central evaluation). ``fedlora.simulation`` runs it while Ray starts."""
+    from fedlora import quiet
     from fedlora.features import encoded_splits, model_for, partitioner_for
 
+    quiet.libraries()
     encoded_splits(config)
     model_for(config)
     partitioner_for(config)

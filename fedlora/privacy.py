@@ -34,27 +34,30 @@ al. 2018, as Flower's ``DifferentialPrivacyServerSideFixedClipping``, whose
 clipping function it uses). Flower's wrapper itself cannot be used:
 it clips the reply ArrayRecords, and ours carry encoded (possibly sparse)
 payloads, so the clipping happens after decoding (``fedlora.strategies.base``).
+
+Opacus (and the SciPy it loads, about 0.4 s) is imported only when a DP
+object is made: every worker and server of a run without DP skips it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.supercore.differential_privacy import (
     clip_inputs_inplace,
     compute_stdv,
     get_norm,
 )
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from torch.utils.data import DataLoader
 
 from fedlora.config import RunConfig
 from fedlora.seeding import central_noise_rng, secret_generator
+
+if TYPE_CHECKING:  # the server's CentralPrivacy needs neither
+    import torch
+    from torch.utils.data import DataLoader
 
 HISTORY_KEY = "dp-history"  # the client's accountant history in context.state
 
@@ -70,6 +73,9 @@ class PrivateTraining:
 
     def __init__(self, config: RunConfig, memory: RecordDict, num_examples: int,
                  generator: torch.Generator | None = None) -> None:
+        from opacus import PrivacyEngine
+        from opacus.accountants.utils import get_noise_multiplier
+
         self.config = config
         self.memory = memory
         # noise and Poisson sampling (fedlora.seeding.dp_generator); secret by default
@@ -97,6 +103,8 @@ class PrivateTraining:
 
     def epsilon_after_round(self) -> float:
         """ε this client would have spent after training this round."""
+        from opacus.accountants import create_accountant
+
         preview = create_accountant(self.config["dp-accountant"])
         preview.history = [*self.engine.accountant.history,
                            (self.noise_multiplier, self.sample_rate, self.steps)]
@@ -144,6 +152,9 @@ class CentralPrivacy:
     """
 
     def __init__(self, config: RunConfig) -> None:
+        from opacus.accountants import create_accountant
+        from opacus.accountants.utils import get_noise_multiplier
+
         self.config = config
         self.delta = config["dp-delta"]
         self.sampled = config["clients-per-round"]

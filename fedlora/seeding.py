@@ -16,9 +16,12 @@ asks for seeded DP (``dp-seeded-noise``, for simulations only).
 from __future__ import annotations
 
 import secrets
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported by the two functions that make torch generators
+    import torch
 
 # SeedSequence keys: one stream per purpose, so adding a use never shifts another
 _SAMPLE, _CLIENT, _DP_NOISE, _CENTRAL_NOISE, _FRESH_ADAPTER = 1, 2, 3, 4, 5
@@ -43,12 +46,16 @@ def dp_generator(seeded: bool, seed: int, server_round: int, client: int) -> tor
     secret (from the OS) unless ``seeded``."""
     if not seeded:
         return secret_generator()
+    import torch
+
     state = np.random.SeedSequence([_DP_NOISE, seed, server_round, client])
     return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0]))
 
 
 def secret_generator() -> torch.Generator:
     """A torch generator seeded from the operating system's entropy."""
+    import torch
+
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 

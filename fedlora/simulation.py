@@ -35,14 +35,18 @@ import logging
 import os
 import socket
 import threading
+import time
 import warnings
+from collections.abc import Callable
 
-import torch
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora import warmup
 from fedlora.config import ConfigError, RunConfig
+from fedlora.flower_waits import shorten_simulation_waits
+from fedlora.progress import Lines
 from fedlora.stopping import reclaim_signals
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -50,10 +54,12 @@ CONNECT_TIMEOUT_S = 5.0
 # messages outstanding per Ray worker: enough that none waits for work
 # (see fedlora.replies for why not all of a round's at once)
 IN_FLIGHT_PER_WORKER = 4
+ENGINE_POLL_S = 0.05  # how soon Flower's engine threads see the run end
 
 
 def backend_config(config: RunConfig) -> dict:
-    """Flower's Ray backend settings for this run."""
+    """Flower's Ray backend settings for this run. A local Ray finds the GPUs
+    itself (``start_ray`` checks them): asking torch would import it first."""
     init_args: dict = {"include_dashboard": False, "logging_level": logging.ERROR,
                        "log_to_driver": True}
     if config["ray-address"]:
@@ -65,10 +71,6 @@ def backend_config(config: RunConfig) -> dict:
         if config["client-cpus"] > init_args["num_cpus"]:
             raise ConfigError(f"config key 'client-cpus': {config['client-cpus']} but "
                               f"this machine has {init_args['num_cpus']} CPUs")
-        gpus = torch.cuda.device_count()
-        if config["client-gpus"] > 0 and gpus == 0:
-            raise ConfigError("config key 'client-gpus': > 0 but no CUDA GPU is visible")
-        init_args["num_gpus"] = gpus
     return {"init_args": init_args,
             "client_resources": {"num_cpus": config["client-cpus"],
                                  "num_gpus": config["client-gpus"]}}
@@ -90,7 +92,7 @@ def _check_reachable(address: str) -> None:
                           ) from None
 
 
-def start_ray(config: RunConfig) -> int:
+def start_ray(config: RunConfig, verbose: bool = False) -> int:
     """Start (or attach to) Ray for this run; returns how many client workers
     (Ray actors) it can run at once. Fails in one line when the cluster cannot
     host a single client with ``client-cpus``/``client-gpus``."""
@@ -105,12 +107,22 @@ def start_ray(config: RunConfig) -> int:
     from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
     if not ray.is_initialized():
+        environment = warmup.worker_environment(config, verbose)
         try:
-            ray.init(**backend["init_args"])
+            if not address and warmup.every_prestarted_worker_serves(config):
+                with warmup.inherited(environment):  # those it prestarts included
+                    ray.init(**backend["init_args"])
+            else:  # the workers started for Flower's actors only
+                ray.init(**backend["init_args"],
+                         runtime_env=warmup.runtime_env(environment))
         except ConnectionError as err:
             raise ConfigError(f"config key 'ray-address': {str(err).splitlines()[0]}"
                               ) from None
         reclaim_signals()
+        if not address and config["client-gpus"] > 0 and not ray.cluster_resources().get(
+                "GPU"):
+            ray.shutdown()
+            raise ConfigError("config key 'client-gpus': > 0 but no CUDA GPU is visible")
     try:
         workers = pool_size_from_resources(backend["client_resources"])
     except ValueError:  # Flower's "ActorPool is empty", with the reason only logged
@@ -126,38 +138,120 @@ def start_ray(config: RunConfig) -> int:
     return workers
 
 
+def project_client_app() -> ClientApp:
+    """The project's ClientApp (``fedlora.client_loop``). It imports the
+    training stack where it runs, in the Ray workers (warmed up already), so
+    that the driver's main thread only starts Ray and Flower meanwhile."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(message: Message, context: Context) -> Message:
+        from fedlora.client_loop import handle_train
+
+        return handle_train(message, context)
+
+    @app.evaluate()
+    def _evaluate(message: Message, context: Context) -> Message:
+        from fedlora.client_loop import handle_evaluate
+
+        return handle_evaluate(message, context)
+
+    return app
+
+
+class Preparation:
+    """The driver's own preparation (``fedlora.prepare.preflight``: imports,
+    data, model) in a thread, so that it runs while Ray starts, its workers
+    warm up (``fedlora.warmup``) and Flower starts; ``wait`` joins it and
+    raises what it raised."""
+
+    def __init__(self, prepare: Callable[[], None] | None) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(prepare,), daemon=True,
+                                        name="fedlora-prepare")
+        self._thread.start()
+
+    def _run(self, prepare: Callable[[], None] | None) -> None:
+        try:
+            if prepare is not None:
+                prepare()
+        except BaseException as err:  # noqa: BLE001  (re-raised by wait, in the caller)
+            self._error = err
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def simulate(config: RunConfig, verbose: bool = False,
              client_app: ClientApp | None = None,
-             server_done: threading.Event | None = None) -> int:
+             server_done: threading.Event | None = None,
+             prepare: Callable[[], None] | None = None,
+             phases: dict[str, float] | None = None,
+             progress: Lines | None = None) -> int:
     """Run the federation described by ``config`` to completion (blocking);
-    returns the number of client workers it ran. ``client_app`` replaces the
-    project's ClientApp (the scale benchmark's stock mode); ``server_done``
-    is cleared while the round loop runs (``fedlora.stopping`` waits on it)."""
-    from fedlora.client_loop import client_app as project_client_app
-    from fedlora.federation import run_federation
+    returns the number of client workers it ran.
 
-    client_app = client_app or project_client_app()
+    ``prepare`` (the driver's preflight: imports, data, model) starts first,
+    in a thread, and Ray starts meanwhile; a local Ray's workers begin warming
+    up (``fedlora.warmup``) before ``ray.init`` returns. The round loop starts
+    when the preparation is done. Overlapping the three is what keeps a run's
+    fixed cost down (BENCHMARKS.md, "Scale"). ``client_app`` replaces the
+    project's ClientApp (the scale benchmark's stock mode); ``server_done`` is
+    cleared while the round loop runs (``fedlora.stopping`` waits on it);
+    ``phases``, when given, receives the ``time.perf_counter()`` at which Ray
+    was ready (``ray_ready``), the round loop started (``rounds_start``) and
+    Flower and Ray had stopped (``stopped``); ``progress`` is told when Ray
+    is up and shows the rounds (``fedlora.progress``; by default the round
+    lines only).
+
+    An error of the preparation or of the round loop is raised here, in the
+    caller's thread, after Flower and Ray have stopped (not logged by Flower's
+    server thread as a traceback)."""
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
-    workers = start_ray(config)
+    phases = {} if phases is None else phases
+    preparation = Preparation(prepare)
+    try:
+        workers = start_ray(config, verbose)
+    except BaseException:
+        preparation.wait()  # a problem with the run's own data or model comes first
+        raise
+    phases["ray_ready"] = time.perf_counter()
+    if progress is not None:
+        progress.warming(workers)
+    client_app = client_app or project_client_app()
     server_app = ServerApp()
+    failure: list[BaseException] = []
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         if server_done is not None:
             server_done.clear()
         try:
+            preparation.wait()
+            phases["rounds_start"] = time.perf_counter()
+            from fedlora.federation import run_federation
+
             run_federation(grid, config, in_flight=IN_FLIGHT_PER_WORKER * workers,
-                           simulation=True)
+                           simulation=True, progress=progress)
+        except Exception as err:  # noqa: BLE001  (raised below, once Flower has stopped)
+            failure.append(err)
         finally:
             if server_done is not None:
                 server_done.set()
 
     from flwr.simulation import run_simulation
 
+    shorten_simulation_waits(ENGINE_POLL_S)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=config["num-clients"], backend_name="ray",
-                       backend_config=backend_config(config), verbose_logging=verbose)
+                       backend_config=backend_config(config),
+                       verbose_logging=verbose)
+    phases["stopped"] = time.perf_counter()
+    if failure:
+        raise failure[0]
     return workers

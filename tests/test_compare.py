@@ -26,6 +26,7 @@ from processes import describe, ours, stop
 from fedlora import cli
 from fedlora import compare as cmp
 from fedlora.config import ConfigError, parse_set_option
+from fedlora.report import read_run
 from fedlora.strategies import resolve
 
 LEAD_COLUMNS = ["group", "run", "seeds", "final_accuracy_mean", "final_accuracy_ci95",
@@ -472,7 +473,7 @@ group = "tiny BERT"
     assert not any(line.startswith("round ") for line in lines)  # in the logs instead
     assert "resuming" in (out / "tiny" / "seed-1.log").read_text()
     assert "round 8/8" in (out / "tiny" / "seed-2.log").read_text()
-    _, metrics = cmp.load_result(out / "tiny" / "seed-1")
+    _, metrics = read_run(out / "tiny" / "seed-1")
     assert [row["round"] for row in metrics] == list(range(1, 9))  # each round once
     header, rows = _csv(out)
     assert header[:len(LEAD_COLUMNS)] == LEAD_COLUMNS

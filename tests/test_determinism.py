@@ -131,7 +131,7 @@ class PlainSum:
     def __init__(self, shape) -> None:
         self.value = np.zeros(shape, np.float32)
 
-    def add(self, term) -> None:
+    def add(self, term, peak=None, consume=False) -> None:
         self.value += np.float32(term)
 
     def total(self) -> np.ndarray:

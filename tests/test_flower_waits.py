@@ -8,23 +8,30 @@ on in the pinned flwr, what they change, and the command's own flag.
 from __future__ import annotations
 
 import inspect
+import queue
 import subprocess
 import sys
 import time
 
 import pytest
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.superlink.grid import http_grid
 from flwr.supernode import start_client_internal as node_loop
 
-from fedlora.flower_waits import capped_time, shorten_node_waits, shorten_server_waits
+from fedlora.flower_waits import (
+    capped_time,
+    shorten_node_waits,
+    shorten_server_waits,
+    shorten_simulation_waits,
+)
 
 
 @pytest.fixture
 def flower_restored(monkeypatch):
     """Whatever a test patches in Flower's modules is put back afterwards."""
     for module, name in ((node_loop, "time"), (node_loop, "pull_objects"),
-                         (http_grid, "pull_objects")):
+                         (http_grid, "pull_objects"), (vce_api, "Queue")):
         monkeypatch.setattr(module, name, getattr(module, name))
 
 
@@ -41,6 +48,30 @@ def test_flower_still_waits_where_the_patches_apply():
     assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
     assert inspect.signature(inflatable_utils.pull_objects).parameters[
         "initial_backoff"].default == 1
+
+
+def test_the_simulation_engine_still_waits_on_its_module_queues():
+    """Flower's engine threads wait on ``Queue`` objects made by ``vce_api``
+    itself, 1 s at a time, and look at the stop flag between waits: the patch
+    replaces that module's ``Queue``."""
+    source = inspect.getsource(vce_api)
+    assert "from queue import Empty, Queue" in source  # (an in-process simulation
+    # earlier in this process may have replaced the module's name already)
+    assert issubclass(vce_api.Queue, queue.Queue)
+    assert source.count("Queue()") == 2 and source.count("get(timeout=1.0)") == 2
+    assert "while not f_stop.is_set():" in inspect.getsource(vce_api.worker)
+
+
+def test_a_capped_queue_gives_up_early_and_still_delivers(flower_restored):
+    shorten_simulation_waits(0.05)
+    waiting = vce_api.Queue()
+    started = time.monotonic()
+    with pytest.raises(queue.Empty):
+        waiting.get(timeout=1.0)
+    assert time.monotonic() - started < 0.5
+    waiting.put("message")
+    assert waiting.get(timeout=1.0) == "message"
+    assert queue.Queue().get.__func__ is queue.Queue.get  # elsewhere untouched
 
 
 def test_capped_time_caps_sleep_and_keeps_the_rest():

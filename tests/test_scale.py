@@ -24,9 +24,11 @@ from processes import describe, ours, stop, watch
 from test_simulation import FEDLORA, run_fedlora
 
 BIN = Path(sys.executable).parent
-BENCH_FIELDS = {"clients", "rounds", "updates", "workers", "wall_s", "compute_s",
-                "efficiency", "overhead_ms_per_client", "aggregate_s", "peak_rss_mb",
-                "stock_wall_s", "stock_peak_rss_mb", "speedup_vs_stock"}
+BENCH_FIELDS = {"clients", "work", "rounds", "updates", "workers", "wall_s", "compute_s",
+                "efficiency", "startup_s", "ray_ready_s", "rounds_start_s", "first_round_s",
+                "end_s", "overhead_ms_per_client", "clients_per_s", "aggregate_s",
+                "peak_rss_mb"}
+STOCK_FIELDS = {"stock_wall_s", "stock_peak_rss_mb", "speedup_vs_stock"}
 
 
 def _free_port() -> int:
@@ -43,7 +45,8 @@ def _small(tiny_bert: Path, topic_dataset: Path, **keys) -> list[str]:
 
 
 def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
-    """Both modes run through the real simulation and the row is consistent."""
+    """One row per K with the default work, then the small-work pair against
+    stock, then the floors those rows can judge; every run is real."""
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"))
     command = [*FEDLORA, "bench-scale", "--clients", "4", "--work-dir", str(tmp_path / "w"),
                *_small(tiny_bert, topic_dataset)]
@@ -52,17 +55,28 @@ def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
     finally:
         stop(ours(env["FLWR_HOME"]))
     assert done.returncode == 0, done.stderr[-3000:]
-    row = json.loads(done.stdout.strip().splitlines()[-1])
-    assert BENCH_FIELDS <= set(row), sorted(BENCH_FIELDS - set(row))
-    assert row["clients"] == 4 and row["updates"] == 4 and row["workers"] >= 1
-    assert 0 < row["compute_s"] < row["wall_s"] * row["workers"]
-    assert row["efficiency"] == pytest.approx(
-        row["compute_s"] / (row["workers"] * row["wall_s"]), abs=2e-3)
-    assert row["speedup_vs_stock"] == pytest.approx(row["stock_wall_s"] / row["wall_s"],
-                                                    abs=0.02)
-    assert row["peak_rss_mb"] > 100 and row["stock_peak_rss_mb"] > 100  # Ray tree counted
-    for mode in ("fedlora", "stock"):
-        metrics = (tmp_path / "w" / f"{mode}-4" / "metrics.jsonl").read_text().splitlines()
+    default, small, verdict = (json.loads(line) for line in done.stdout.strip().splitlines())
+    for row in (default, small):
+        assert BENCH_FIELDS <= set(row), sorted(BENCH_FIELDS - set(row))
+        assert row["clients"] == 4 and row["updates"] == 4 and row["workers"] >= 1
+        assert 0 < row["compute_s"] < row["wall_s"] * row["workers"]
+        assert row["efficiency"] == pytest.approx(
+            row["compute_s"] / (row["workers"] * row["wall_s"]), abs=2e-3)
+        assert 0 < row["ray_ready_s"] < row["rounds_start_s"] <= row["startup_s"] + 0.01
+        assert row["startup_s"] == pytest.approx(row["rounds_start_s"] + row["end_s"], abs=0.02)
+        assert row["peak_rss_mb"] > 100  # Ray's tree counted
+    assert (default["work"], small["work"]) == ("default", "small")
+    assert not STOCK_FIELDS & set(default) and STOCK_FIELDS <= set(small)
+    assert small["speedup_vs_stock"] == pytest.approx(small["stock_wall_s"] / small["wall_s"],
+                                                      abs=0.02)
+    assert small["stock_peak_rss_mb"] > 100
+    # only the floor every K has is judged at K = 4
+    assert [f["floor"] for f in verdict["floors"]] == ["startup_s at every K"]
+    startup = verdict["floors"][0]
+    assert startup["value"] == max(default["startup_s"], small["startup_s"])
+    assert startup["holds"] == (startup["value"] <= startup["limit"])
+    for run in ("fedlora-4", "fedlora-4-small", "stock-4-small"):
+        metrics = (tmp_path / "w" / run / "metrics.jsonl").read_text().splitlines()
         assert json.loads(metrics[-1])["clients"] == 4
 
 
@@ -130,3 +144,24 @@ def test_simulation_attaches_to_a_ray_cluster(tmp_path, tiny_bert, topic_dataset
         left = [describe(p) for p in ours(home)]
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"left running: {left}"
+
+
+def test_the_floors_judge_the_rows_they_name():
+    """Each floor of issue #16 reads its own K and work; a missing K is not judged."""
+    from fedlora.bench_scale import floors
+
+    def row(clients, work="default", **fields):
+        return {"clients": clients, "work": work, "startup_s": 5.0, "efficiency": 0.9,
+                "overhead_ms_per_client": 15.0, "peak_rss_mb": 1000.0, **fields}
+
+    rows = [row(10), row(100, efficiency=0.84), row(500, peak_rss_mb=1400.0),
+            row(500, "small", startup_s=8.5, speedup_vs_stock=3.2)]
+    judged = {f["floor"]: (f["value"], f["holds"]) for f in floors(rows)}
+    assert judged == {
+        "startup_s at every K": (8.5, False),
+        "efficiency at 100 clients": (0.84, False),
+        "overhead_ms_per_client at 500 clients": (15.0, True),
+        "peak_rss_mb at 500 / at 10": (1.4, True),
+        "speedup_vs_stock at 500 clients, small work": (3.2, True),
+    }
+    assert [f["floor"] for f in floors([row(10)])] == ["startup_s at every K"]

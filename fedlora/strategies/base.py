@@ -22,7 +22,11 @@ sorted node ids (``fedlora.seeding``), never of Flower's random node ids: the
 message to the node at position p names partition p, and a simulated client
 trains that partition, so the same seed asks the same data in every run.
 
-Every payload goes through ``fedlora.codec``. Replies that fail to decode or
+Every payload goes through ``fedlora.codec``: downloads at
+``payload-dtype-down``, uploads at ``payload-dtype-up``. What the server keeps
+as sent (``sent``, each plan's start) is what the node decodes from the
+bytes, not the unquantised adapter, so both judge a reply against the same
+start. Replies that fail to decode or
 validate are rejected and logged per node ("reply from node N rejected: …")
 and never aggregated; when fewer than ``min-clients`` remain the global adapter
 stays as it was and the round says so in its metrics.
@@ -34,7 +38,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -100,9 +104,11 @@ class ClientHalf(ABC):
 
     def upload(self, start: State, trained: State,
                memory: RecordDict) -> Mapping[str, np.ndarray | codec.SparseTensor]:
-        """The tensors to send after local training. ``memory`` is the client's
-        persistent state: the same client gets it back in its next round,
-        e.g. for error-feedback residuals or the tensors it keeps."""
+        """The tensors to send after local training; the client loop encodes
+        them at ``payload-dtype-up`` (``codec.round_trip`` gives what the
+        server will decode). ``memory`` is the client's persistent state: the
+        same client gets it back in its next round, e.g. for error-feedback
+        residuals or the tensors it keeps."""
         return {name: trained[name] for name in self.upload_names(trained)}
 
 
@@ -145,6 +151,8 @@ class LoraStrategy(FedAvg, ABC):
     # central DP clips each client's change to what it was sent and noises the
     # average; a strategy whose merge reads more of the clients than that sets False
     central_dp: ClassVar[bool] = True
+    # called as each reply is rejected (the round loop sets it: fedlora.progress)
+    on_rejected: Callable[[], None] = staticmethod(lambda: None)
 
     @classmethod
     def check_config(cls, config: RunConfig) -> str | None:
@@ -210,15 +218,26 @@ class LoraStrategy(FedAvg, ABC):
         """The adapter rank partition ``partition_id`` trains at."""
         return rank_of(self.config, partition_id) if self.heterogeneous_ranks else self.global_rank
 
+    def encode_download(self, tensors: Mapping[str, np.ndarray | codec.SparseTensor]
+                        ) -> tuple[State, bytes]:
+        """(what the node decodes, the bytes sent) for ``tensors`` at
+        ``payload-dtype-down``: the decoded values are what the server keeps
+        as sent, so that server and node agree on the start byte for byte."""
+        return codec.round_trip(tensors, self.config["payload-dtype-down"])
+
     def download(self, state: State) -> tuple[State, bytes]:
         """(what global-rank clients start from, its encoding) for this round."""
-        return state, codec.encode({n: state[n] for n in self.roles.download_names(state)})
+        sent, blob = self.encode_download({n: state[n]
+                                           for n in self.roles.download_names(state)})
+        return {**state, **sent}, blob
 
     def download_at(self, rank: int) -> tuple[State, bytes]:
         """(the full adapter a client of ``rank`` starts from, in its units;
         the encoding of what is sent): the first ``rank`` ranks of ``self.sent``."""
         start = truncate(self.sent, rank, self.global_rank)
-        return start, codec.encode({n: start[n] for n in self.roles.download_names(start)})
+        sent, blob = self.encode_download({n: start[n]
+                                           for n in self.roles.download_names(start)})
+        return {**start, **sent}, blob
 
     def download_for(self, plan: Plan) -> tuple[State, bytes]:
         """(the full adapter ``plan``'s node starts from, in its units; the
@@ -431,7 +450,8 @@ class LoraStrategy(FedAvg, ABC):
     def _decode(self, plan: Plan, reply: TrainReply) -> ClientUpdate:
         """Validate one reply against what its node was asked; raises
         ``PayloadError`` with the reason."""
-        tensors = codec.decode(reply.payload, shapes_at(self.upload_shapes, plan.rank))
+        tensors = codec.decode(reply.payload, shapes_at(self.upload_shapes, plan.rank),
+                               self.config["payload-dtype-up"])
         return ClientUpdate(plan.node_id, plan.partition_id, plan.rank,
                             float(reply.num_examples), tensors, reply.train_loss,
                             reply.compute_seconds)
@@ -458,6 +478,7 @@ class LoraStrategy(FedAvg, ABC):
                 LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
                                node, err)
                 counts["rejected"] += 1
+                self.on_rejected()
                 continue
             finally:
                 counts["decode_s"] += time.perf_counter() - started
@@ -498,6 +519,7 @@ class LoraStrategy(FedAvg, ABC):
             LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
                            update.node_id, err)
             counts["rejected"] += 1
+            self.on_rejected()
 
     def _fold_screened(self, server_round: int, replies: Iterable[Message],
                        counts: dict[str, float], sums: RoundSums) -> RoundSums:
@@ -510,6 +532,7 @@ class LoraStrategy(FedAvg, ABC):
         for candidate, reason in screened.excluded:
             LOGGER.warning("round %d: reply from node %d rejected: %s", server_round,
                            candidate.update.node_id, reason)
+            self.on_rejected()
         counts["rejected"] += len(screened.excluded)
         counts["clipped"] = screened.clipped
         for candidate in screened.kept:

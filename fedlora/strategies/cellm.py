@@ -4,7 +4,10 @@ Download: one global top-k mask over |θ| at ``cellm-down-density`` (all LoRA
 tensors and the head flattened together); clients start from θ ⊙ mask.
 Local training is dense. Upload: δ_k = θ_received − θ_k, global top-k at
 ``cellm-up-density``; with ``cellm-error-feedback`` the dropped remainder is
-kept in the client's persistent state and added to the next δ. Server: the
+kept in the client's persistent state and added to the next δ. With a
+quantised payload (``payload-dtype-up``, ``payload-dtype-down``) the
+remainder includes the quantisation error of what was sent, and both sides
+take the decoded download as θ_received. Server: the
 weighted average Δ of the sparse δ_k applied by SGD (θ − lr·Δ) or used as the
 pseudo-gradient of a server Adam (``cellm-server-optimizer``,
 ``cellm-server-lr``), whose moments are strategy state.
@@ -40,9 +43,10 @@ class CellmClient(FedAvgClient):
             kept = memory.array_records[RESIDUAL_KEY]
             delta = {n: delta[n] + kept[n].numpy() for n in delta}
         sent = top_k(delta, self.config["cellm-up-density"])
-        if feedback:
+        if feedback:  # the remainder: what was meant minus what the server will decode
+            received, _ = codec.round_trip(sent, self.config["payload-dtype-up"])
             memory.array_records[RESIDUAL_KEY] = ArrayRecord(
-                {n: Array(delta[n] - sent[n].to_dense()) for n in delta})
+                {n: Array(delta[n] - received[n]) for n in delta})
         return sent
 
 
@@ -73,8 +77,7 @@ class Cellm(LoraStrategy):
         density = self.config["cellm-down-density"]
         if density >= 1.0:
             return super().download(state)
-        kept = top_k(state, density)
-        return {n: t.to_dense() for n, t in kept.items()}, codec.encode(kept)
+        return self.encode_download(top_k(state, density))
 
     def client_factors(self, update: ClientUpdate) -> State:
         return {n: self.sent[n] - update.tensors[n] for n in self.sent}

@@ -39,7 +39,6 @@ The paper gives no closed form and runs a few hundred gradient steps from
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from fedlora.adapters import State, lora_pairs
 from fedlora.config import Key, non_negative, positive
@@ -55,6 +54,8 @@ def correct_b(ideal: np.ndarray, b_bar: np.ndarray, a_bar: np.ndarray, lam: floa
     """ΔB (float32, d×r) lowering f(ΔB) = 1 − cos(ideal, (B̄ + ΔB)Ā) + λ‖ΔB‖² as far as
     the stationarity fixed point and ``steps`` Adam steps of relative size ``lr``
     get, and never above f(0) (module docstring)."""
+    import torch  # here: resolving a config imports every strategy, before Ray starts
+
     ideal_norm = float(np.linalg.norm(ideal.astype(np.float64)))
     if ideal_norm == 0:
         return np.zeros_like(b_bar, dtype=np.float32)

@@ -32,11 +32,13 @@ class ClientUpdate:
     compute_s: float = 0.0  # the client's reported training time (timing only)
 
 
-def _add(sums: dict[str, ExactSum], name: str, term: np.ndarray) -> None:
-    """sums[name] += term (exactly; a new sum on first use)."""
+def _add(sums: dict[str, ExactSum], name: str, term: np.ndarray,
+         peak: float | None = None) -> None:
+    """sums[name] += term (exactly; a new sum on first use). ``peak``: the
+    term was checked (``check_bounded``) and is not needed afterwards."""
     if name not in sums:
         sums[name] = ExactSum(np.shape(term))
-    sums[name].add(term)
+    sums[name].add(term, peak, consume=peak is not None)
 
 
 def _weighted(value: np.ndarray, weight: float) -> np.ndarray:
@@ -82,16 +84,17 @@ class RoundSums:
             products = {pair: _weighted(factors[pair[1]] @ factors[pair[0]], weight)
                         for pair in (lora_pairs(list(factors)) if self.products else ())}
         loss = _weighted(np.float64(update.loss), update.weight)
-        for term in (*terms.values(), *factor_terms.values(), *products.values(), loss,
-                     np.float64(weight)):
-            check_bounded(term)
+        peaks = {id(term): check_bounded(term) for term in (
+            *terms.values(), *factor_terms.values(), *products.values())}
+        check_bounded(loss)
+        check_bounded(np.float64(weight))
         self._count(update, loss, weight)
         for name, term in terms.items():
-            _add(self._uploads, name, term)
+            _add(self._uploads, name, term, peaks[id(term)])
         for name, term in factor_terms.items():
-            _add(self._factors, name, term)
+            _add(self._factors, name, term, peaks[id(term)])
         for pair, term in products.items():
-            _add(self._ideal, pair, term)
+            _add(self._ideal, pair, term, peaks[id(term)])
 
     def _count(self, update: ClientUpdate, loss: np.ndarray, weight: float) -> None:
         self._weight.add(np.float64(weight))

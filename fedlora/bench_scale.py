@@ -214,11 +214,11 @@ class TreeRss:
                 "gpu_mem_mb_used": self.gpu.used_mb()}
 
 
-def measure(mode: str, overrides: dict, work_dir: Path) -> dict:
+def measure(mode: str, overrides: dict, work_dir: Path, work: str = "default") -> dict:
     """Run one child simulation and measure it from outside."""
     out_dir = work_dir / f"{mode}-{overrides['num-clients']}"
-    if all(overrides.get(k) == v for k, v in SMALL_WORK.items()):
-        out_dir = out_dir.with_name(out_dir.name + "-small")
+    if work != "default":
+        out_dir = out_dir.with_name(f"{out_dir.name}-{work}")
     command = [sys.executable, "-m", "fedlora.cli", "bench-scale", "--child", mode,
                "--out", str(out_dir), "--overrides", json.dumps(overrides)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             clients = max(args.clients)
             small = {**base, **SMALL_WORK, "num-clients": clients,
                      "clients-per-round": clients}
-            ours, stock = measure("fedlora", small, work_dir), measure("stock", small, work_dir)
+            ours = measure("fedlora", small, work_dir, "small")
+            stock = measure("stock", small, work_dir, "small")
             rows.append(summarise(clients, resolve(small)["rounds"], ours, stock, "small"))
             print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"floors": floors(rows)}), flush=True)

@@ -48,6 +48,11 @@ these rows can judge (``FLOORS``: value, limit, whether it holds):
 * ``aggregate_s``: Σ over rounds of the server's aggregation time.
 * ``peak_rss_mb``: the peak of the summed RSS of the child process and all
   its descendants (Ray's GCS, raylet and workers), sampled every 0.5 s.
+* ``cpu_s_driver``, ``cpu_s_workers``, ``cpu_s_ray``: CPU seconds (user and
+  system) of the child, of the Ray workers and of Ray's other processes,
+  each as last sampled; ``cpu_busy`` is their sum over (CPUs × ``wall_s``):
+  how busy the machine was (above 0.9, the run is short of CPU, and every
+  non-compute CPU-second is taken from the clients).
 * ``gpu_mem_mb_per_worker``, only when a GPU was seen (through NVML,
   ``fedlora.gpu_memory``): the largest peak GPU memory of one process of the
   tree other than the child itself, i.e. of one Ray worker (CUDA context,
@@ -63,6 +68,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -165,8 +171,9 @@ def run_child(mode: str, overrides: dict, out_dir: str) -> dict:
 
 # --------------------------------------------------------------- parent process
 class TreeRss:
-    """Peak summed RSS of a process and its descendants, sampled in a thread,
-    and (``gpu``) the peak GPU memory of each of them where there is a GPU."""
+    """Peak summed RSS of a process and its descendants, sampled in a thread;
+    the CPU time each of them had used when last seen (``cpu_fields``); and
+    (``gpu``) the peak GPU memory of each of them where there is a GPU."""
 
     def __init__(self, pid: int) -> None:
         import psutil
@@ -176,6 +183,7 @@ class TreeRss:
         self._root = psutil.Process(pid)
         self._done = threading.Event()
         self.peak_bytes = 0
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid: (role, CPU seconds)
         self.gpu = GpuMemory()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -192,6 +200,9 @@ class TreeRss:
             for process in processes:
                 try:
                     total += process.memory_info().rss
+                    times = process.cpu_times()
+                    role = self._cpu.get(process.pid, (None,))[0] or self._role(process)
+                    self._cpu[process.pid] = (role, times.user + times.system)
                 except psutil.Error:
                     pass  # exited between listing and reading
             self.peak_bytes = max(self.peak_bytes, total)
@@ -203,6 +214,25 @@ class TreeRss:
         self._thread.join()
         self.gpu.close()
         return self.peak_bytes / 2**20
+
+    def _role(self, process) -> str:
+        """driver (the child), worker (a Ray worker: Flower's actors) or ray
+        (GCS, raylet and Ray's helper processes)."""
+        if process.pid == self._root.pid:
+            return "driver"
+        command = " ".join(process.cmdline())
+        return "worker" if "default_worker.py" in command or command.startswith("ray::") \
+            else "ray"
+
+    def cpu_fields(self) -> dict:
+        """``cpu_s_driver``, ``cpu_s_workers``, ``cpu_s_ray``: CPU seconds by
+        role, each process as last sampled (up to ``RSS_SAMPLE_S`` of a
+        process's last CPU is missed when it exits between samples)."""
+        totals = {"driver": 0.0, "worker": 0.0, "ray": 0.0}
+        for role, seconds in self._cpu.values():
+            totals[role] += seconds
+        return {"cpu_s_driver": totals["driver"], "cpu_s_workers": totals["worker"],
+                "cpu_s_ray": totals["ray"]}
 
     def gpu_fields(self) -> dict:
         """``gpu_mem_mb_*`` (see the module docstring); empty without a GPU."""
@@ -234,6 +264,7 @@ def measure(mode: str, overrides: dict, work_dir: Path, work: str = "default") -
                           f"(exit {child.returncode}); its output is above")
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_rss_mb"] = peak
+    result.update(rss.cpu_fields())
     result.update(rss.gpu_fields())
     return result
 
@@ -260,6 +291,10 @@ def summarise(clients: int, rounds: int, ours: dict, stock: dict | None,
            if ours["rounds_s"] > 0 else None,
            "aggregate_s": round(ours["aggregate_s"], 3),
            "peak_rss_mb": round(ours["peak_rss_mb"], 1)}
+    if "cpu_s_driver" in ours:
+        cpu = {key: round(ours[key], 1)
+               for key in ("cpu_s_driver", "cpu_s_workers", "cpu_s_ray")}
+        row.update(cpu, cpu_busy=round(sum(cpu.values()) / (os.cpu_count() * wall), 3))
     gpu_keys = ("gpu_mem_mb_per_worker", "gpu_mem_mb_driver", "gpu_mem_mb_used")
     row.update({key: _mb(ours[key]) for key in gpu_keys if key in ours})
     if stock is not None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 import warnings
@@ -55,6 +56,7 @@ CONNECT_TIMEOUT_S = 5.0
 # (see fedlora.replies for why not all of a round's at once)
 IN_FLIGHT_PER_WORKER = 4
 ENGINE_POLL_S = 0.05  # how soon Flower's engine threads see the run end
+RAY_STOP_GRACE_S = 1.0  # what Ray gives each of its processes to exit on SIGTERM
 
 
 def backend_config(config: RunConfig) -> dict:
@@ -119,6 +121,8 @@ def start_ray(config: RunConfig, verbose: bool = False) -> int:
             raise ConfigError(f"config key 'ray-address': {str(err).splitlines()[0]}"
                               ) from None
         reclaim_signals()
+        if not address:
+            stop_together_at_shutdown()
         if not address and config["client-gpus"] > 0 and not ray.cluster_resources().get(
                 "GPU"):
             ray.shutdown()
@@ -136,6 +140,64 @@ def start_ray(config: RunConfig, verbose: bool = False) -> int:
                           f"a client with {config['client-cpus']:g} CPU and "
                           f"{config['client-gpus']:g} GPU (nodes: {nodes or 'none'})")
     return workers
+
+
+def stop_together_at_shutdown() -> None:
+    """Have ``ray.shutdown`` end this process's local Ray in about 0.35 s
+    instead of 1.1–1.3 s.
+
+    Ray ends a local head's processes in turn (``Node.kill_all_processes``):
+    SIGTERM, then up to 1 s for that process to exit. Here they go in three
+    steps, each step's processes asked together: the raylet (first, as in
+    Ray: it ends its workers), then the helpers that talk to the GCS, then
+    the GCS (about 0.1 s in all). The autoscaler monitor is killed outright:
+    its SIGTERM handler spends about 0.6 s publishing "the autoscaler failed"
+    to a cluster that is being taken down. Ray's own method then finds the
+    processes gone and ends the reaper, its safety net, last; the rest of
+    ``ray.shutdown`` is the driver's own disconnect. Ray comes pinned with flwr;
+    ``tests/test_warmup.py`` fails if an upgrade changes what this relies on."""
+    from ray._private import ray_constants as kinds
+    from ray._private import worker
+
+    node = worker._global_node
+    if node is None or not node.is_head():
+        return
+    ray_kill_all = node.kill_all_processes
+    first, last = kinds.PROCESS_TYPE_RAYLET, kinds.PROCESS_TYPE_GCS_SERVER
+
+    def kill_all_processes(check_alive: bool = True, allow_graceful: bool = False,
+                           wait: bool = False) -> None:
+        if allow_graceful and not check_alive:  # what ray.shutdown asks
+            running = node.all_processes
+            helpers = [kind for kind in running
+                       if kind not in (first, last, kinds.PROCESS_TYPE_REAPER)]
+            for step in ([first], helpers, [last]):
+                _stop_together({kind: [info.process for info in running[kind]]
+                                for kind in step if kind in running},
+                               killed=(kinds.PROCESS_TYPE_MONITOR,))
+        ray_kill_all(check_alive=check_alive, allow_graceful=allow_graceful, wait=wait)
+
+    node.kill_all_processes = kill_all_processes
+
+
+def _stop_together(processes: dict[str, list[subprocess.Popen]],
+                   killed: tuple[str, ...]) -> None:
+    """SIGTERM to every running process at once (SIGKILL to the ``killed``
+    kinds); SIGKILL to those still running ``RAY_STOP_GRACE_S`` later."""
+    running = [(kind, process) for kind, group in processes.items() for process in group
+               if process.poll() is None]
+    for kind, process in running:
+        if kind in killed:
+            process.kill()
+        else:
+            process.terminate()
+    deadline = time.monotonic() + RAY_STOP_GRACE_S
+    for _, process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def project_client_app() -> ClientApp:

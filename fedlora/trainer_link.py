@@ -41,6 +41,8 @@ from flwr.common import MessageType
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 
 from fedlora import codec
 from fedlora.messages import CONFIG, PAYLOAD
@@ -99,10 +101,20 @@ def split_payload(content: RecordDict) -> tuple[bytes, bytes | None]:
     return recorddict_to_proto(rest).SerializeToString(), payload
 
 
+def _parse(proto: ProtoMessage, data: bytes, what: str) -> None:
+    """``proto.ParseFromString(data)``; ``TrainerError`` naming ``what`` when
+    the bytes are not that message (protobuf's ``DecodeError`` says neither
+    which message nor where it came from)."""
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as err:
+        raise TrainerError(f"{what} is not a valid {proto.DESCRIPTOR.name} ({err})") from None
+
+
 def join_payload(content: bytes, payload: bytes | None) -> RecordDict:
     """The inverse of ``split_payload``."""
     proto = RecordDictProto()
-    proto.ParseFromString(content)
+    _parse(proto, content, "the message's content")
     records = recorddict_from_proto(proto)
     if payload is not None:
         records[PAYLOAD] = codec.to_record(payload)
@@ -114,7 +126,7 @@ def to_request(message: Message, context: Context) -> trainer_pb2.TaskRequest:
     request = trainer_pb2.TaskRequest(run_id=context.run_id, node_id=context.node_id,
                                       content=content)
     if payload is not None:
-        request.download.ParseFromString(payload)
+        _parse(request.download, payload, f"the server's {PAYLOAD!r} record")
     return request
 
 
@@ -127,7 +139,7 @@ def to_reply(reply: Message) -> trainer_pb2.TaskReply:
     content, payload = split_payload(reply.content)
     answer = trainer_pb2.TaskReply(content=content)
     if payload is not None:
-        answer.upload.ParseFromString(payload)
+        _parse(answer.upload, payload, f"the reply's {PAYLOAD!r} record")
     return answer
 
 

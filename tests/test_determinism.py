@@ -131,8 +131,11 @@ class PlainSum:
     def __init__(self, shape) -> None:
         self.value = np.zeros(shape, np.float32)
 
-    def add(self, term, peak=None, consume=False) -> None:
+    def add(self, term) -> None:
         self.value += np.float32(term)
+
+    def add_weighted(self, values, weight, peak=None) -> None:
+        self.add(np.multiply(values, weight, dtype=np.float64))
 
     def total(self) -> np.ndarray:
         return self.value.astype(np.float64)
@@ -164,6 +167,55 @@ def test_exact_sum_matches_fsum_and_refuses_what_it_cannot_add():
             total.add(bad)
     np.testing.assert_allclose(total.total(), reference, rtol=1e-15, atol=1e-20)
 
+
+
+def test_exact_sum_cut_in_chunks_changes_no_bit(monkeypatch):
+    """A term longer than a chunk (``exactsum.CHUNK``) is cut piece by piece
+    in scratch arrays; the sum is bit for bit the one cut whole, and it is
+    the correctly rounded sum of the weighted terms."""
+    import math
+
+    from fedlora import exactsum
+
+    rng = np.random.default_rng(5)
+    terms = [(rng.standard_normal((3, 37)) * 10.0 ** rng.integers(-9, 6, (3, 37)))
+             .astype(np.float32) for _ in range(30)]
+    weights = rng.integers(1, 500, 30).astype(float)
+
+    def summed() -> np.ndarray:
+        total = ExactSum((3, 37))
+        for term, weight in zip(terms, weights):
+            total.add_weighted(term, weight)
+        return total.total()
+
+    whole = summed()
+    monkeypatch.setattr(exactsum, "CHUNK", 16)
+    monkeypatch.setattr(exactsum, "_SCRATCH", __import__("threading").local())
+    assert summed().tobytes() == whole.tobytes()
+    reference = [[math.fsum(float(w) * float(t[i, j]) for t, w in zip(terms, weights))
+                  for j in range(37)] for i in range(3)]
+    np.testing.assert_array_equal(whole, reference)
+
+
+def test_weighted_peak_is_the_peak_of_the_rounded_product():
+    """The bound check reads |w| × max|x| instead of forming w × x: rounding
+    is monotonic, so it is exactly the largest entry of the product; a NaN
+    or an infinity anywhere is refused."""
+    from fedlora.exactsum import weighted_peak
+
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        values = (rng.standard_normal(50) * 10.0 ** rng.integers(-20, 7)).astype(np.float32)
+        weight = float(rng.uniform(0.1, 1e4))
+        product = np.multiply(values, weight, dtype=np.float64)
+        assert weighted_peak(values, weight) == float(np.max(np.abs(product)))
+    for bad in (np.nan, np.inf, -np.inf):
+        values = np.ones(5, np.float32)
+        values[3] = bad
+        with pytest.raises(OverflowError):
+            weighted_peak(values, 2.0)
+    with pytest.raises(OverflowError):
+        weighted_peak(np.ones(3, np.float32), float("nan"))
 
 # -- the client -------------------------------------------------------------------
 def _client_message(config, partition: int, server_round: int) -> Message:

@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 BENCH_FIELDS = {"clients", "work", "rounds", "updates", "workers", "wall_s", "compute_s",
                 "efficiency", "startup_s", "ray_ready_s", "rounds_start_s", "first_round_s",
                 "end_s", "overhead_ms_per_client", "clients_per_s", "aggregate_s",
-                "peak_rss_mb"}
+                "peak_rss_mb", "cpu_s_driver", "cpu_s_workers", "cpu_s_ray", "cpu_busy"}
 STOCK_FIELDS = {"stock_wall_s", "stock_peak_rss_mb", "speedup_vs_stock"}
 
 
@@ -65,6 +65,10 @@ def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
         assert 0 < row["ray_ready_s"] < row["rounds_start_s"] <= row["startup_s"] + 0.01
         assert row["startup_s"] == pytest.approx(row["rounds_start_s"] + row["end_s"], abs=0.02)
         assert row["peak_rss_mb"] > 100  # Ray's tree counted
+        # CPU by role: the driver and the workers imported the training stack,
+        # Ray's GCS, raylet and helpers ran; no more than the machine had
+        assert row["cpu_s_driver"] > 1 and row["cpu_s_workers"] > 1 and row["cpu_s_ray"] > 0
+        assert 0 < row["cpu_busy"] <= 1.05
     assert (default["work"], small["work"]) == ("default", "small")
     assert not STOCK_FIELDS & set(default) and STOCK_FIELDS <= set(small)
     assert small["speedup_vs_stock"] == pytest.approx(small["stock_wall_s"] / small["wall_s"],

@@ -272,6 +272,25 @@ def test_a_trainer_that_is_down_is_an_error_reply_naming_it(tiny_bert, tmp_path,
         messages.TrainReply.from_message(reply)
 
 
+def test_a_download_that_is_not_a_payload_is_an_error_reply_naming_the_trainer(
+        tiny_bert, tmp_path):
+    """Bytes in the server's payload record that are not an AdapterPayload are
+    refused before any call, in one line naming the trainer and the record
+    (protobuf's own DecodeError names neither)."""
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 40)
+    address = f"127.0.0.1:{free_port()}"  # never called: the request cannot be built
+    content = _content(_config(tiny_bert))
+    content[messages.PAYLOAD] = codec.to_record(b"\x0a\xff\xff\xff\xff\x0f")  # truncated
+    reply = trainer_link.forward(_train_message(content), _context(
+        {trainer_link.ADDRESS_KEY: address, trainer_link.SECRET_FILE_KEY: str(secret)}))
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert reason.startswith(f"trainer at {address}: the server's 'payload' record is not "
+                             "a valid AdapterPayload"), reason
+    assert len(reason.splitlines()) == 1
+
+
 def test_a_node_that_does_not_wait_still_reaches_a_listening_trainer(trainer, tiny_bert):
     """``trainer-wait=0``: no patience for a trainer that is down, but one
     that listens is reached (the connection itself takes a moment)."""

@@ -1,4 +1,5 @@
-"""Fast starts (``fedlora.warmup``, ``fedlora.partitioners``, lazy imports).
+"""Fast starts and stops (``fedlora.warmup``, ``fedlora.partitioners``, lazy
+imports, ``fedlora.simulation.stop_together_at_shutdown``).
 
 A local Ray's workers import the training stack and build the run's model as
 they start, before Flower gives them an actor; the driver resolves a config
@@ -68,7 +69,9 @@ def test_local_ray_workers_are_warm_before_their_first_task(tmp_path, tiny_bert,
                                                               topic_dataset):
     """``start_ray`` hands the hook to the raylet's environment: the workers it
     prestarts import the stack and build the run's model, and an actor created
-    afterwards runs in one of them, with the model already in its cache."""
+    afterwards runs in one of them, with the model already in its cache. At
+    ``ray.shutdown`` the local Ray's processes are asked to stop together
+    before Ray's own one-at-a-time loop reaches them."""
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"))
     code = f"""
 import json, os, sys, time
@@ -88,11 +91,25 @@ class Probe:
         return {{"stack": 'peft' in sys.modules, "models": lora_model.cache_info().currsize,
                  "pid": os.getpid()}}
 
+# the stop: which of Ray's processes are still running when ray.shutdown's own
+# loop reaches them (fedlora.simulation.stop_together_at_shutdown asks first)
+node = ray._private.worker._global_node
+processes = {{kind: [info.process for info in infos]
+             for kind, infos in node.all_processes.items()}}
+reached = {{}}
+ray_kill_one = type(node)._kill_process_type
+
+def kill_one(self, kind, **flags):
+    reached[kind] = [process.poll() is None for process in processes[kind]]
+    return ray_kill_one(self, kind, **flags)
+
+type(node)._kill_process_type = kill_one
 try:
     seen = ray.get(Probe.remote().look.remote())
 finally:
     ray.shutdown()
-print(json.dumps({{"workers": workers, **seen}}))
+ended = all(process.poll() is not None for group in processes.values() for process in group)
+print(json.dumps({{"workers": workers, **seen, "reached": reached, "ended": ended}}))
 """
     try:
         seen = _python(code, env=env)
@@ -100,6 +117,12 @@ print(json.dumps({{"workers": workers, **seen}}))
         stop(ours(env["FLWR_HOME"]))
     assert seen["workers"] >= 1
     assert seen["stack"] and seen["models"] == 1, seen
+    # Ray's sequential stop found every process (but a reaper, if any) gone
+    # already: each one it finds running costs up to a second. All ended.
+    running = {kind for kind, alive in seen["reached"].items() if any(alive)}
+    assert running <= {"reaper"} and {"raylet", "gcs_server", "monitor"} <= set(
+        seen["reached"]), seen["reached"]
+    assert seen["ended"]
 
 
 def test_the_hook_never_fails_a_worker(monkeypatch, tmp_path, caplog):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedlora.adapters import State, lora_pairs
-from fedlora.exactsum import ExactSum, check_bounded
+from fedlora.exactsum import ExactSum, check_bounded, weighted_peak
 from fedlora.privacy import CentralPrivacy
 
 
@@ -32,13 +32,13 @@ class ClientUpdate:
     compute_s: float = 0.0  # the client's reported training time (timing only)
 
 
-def _add(sums: dict[str, ExactSum], name: str, term: np.ndarray,
-         peak: float | None = None) -> None:
-    """sums[name] += term (exactly; a new sum on first use). ``peak``: the
-    term was checked (``check_bounded``) and is not needed afterwards."""
+def _add(sums: dict, name: str | tuple[str, str], values: np.ndarray, weight: float,
+         peak: float) -> None:
+    """sums[name] += weight × values (exactly; a new sum on first use).
+    ``peak``: ``weighted_peak(values, weight)``, checked by the caller."""
     if name not in sums:
-        sums[name] = ExactSum(np.shape(term))
-    sums[name].add(term, peak, consume=peak is not None)
+        sums[name] = ExactSum(np.shape(values))
+    sums[name].add_weighted(values, weight, peak)
 
 
 def _weighted(value: np.ndarray, weight: float) -> np.ndarray:
@@ -52,8 +52,9 @@ class RoundSums:
     it, so the server's memory for a round is a few adapters (Σ p_k x_k of the
     uploads and of the clients' full factors) plus, when ``products`` is on,
     one d×k matrix per LoRA module (Σ p_k B_k A_k, the ideal update LoRA-FAIR
-    aligns to and the residual metrics compare with) — independent of the
-    number of clients. Each sum is an ``ExactSum`` (three float64 arrays), so
+    aligns to and the residual metrics compare with, and a float32 one that
+    each reply's B_k A_k is computed into) — independent of the number of
+    clients. Each sum is an ``ExactSum`` (three float64 arrays), so
     the sums do not depend on the order the updates arrive in.
     """
 
@@ -69,6 +70,7 @@ class RoundSums:
         self._uploads: dict[str, ExactSum] = {}
         self._factors: dict[str, ExactSum] = {}
         self._ideal: dict[tuple[str, str], ExactSum] = {}
+        self._product_arrays: dict[tuple[str, str], np.ndarray] = {}
 
     def add(self, update: ClientUpdate, factors: State, weight: float | None = None) -> None:
         """Fold in one update: ``factors`` is the client's full adapter after
@@ -78,23 +80,37 @@ class RoundSums:
         by examples). Raises ``OverflowError`` before changing anything when a
         weighted value is too large to add exactly (``fedlora.exactsum.LIMIT``)."""
         weight = update.weight if weight is None else weight
-        terms = {name: _weighted(value, weight) for name, value in update.tensors.items()}
-        factor_terms = {name: _weighted(value, weight) for name, value in factors.items()}
         with np.errstate(over="ignore", invalid="ignore"):  # refused just below
-            products = {pair: _weighted(factors[pair[1]] @ factors[pair[0]], weight)
-                        for pair in (lora_pairs(list(factors)) if self.products else ())}
+            products = self._products(factors)
+        peaks = {id(values): weighted_peak(values, weight) for values in (
+            *update.tensors.values(), *factors.values(), *products.values())}
         loss = _weighted(np.float64(update.loss), update.weight)
-        peaks = {id(term): check_bounded(term) for term in (
-            *terms.values(), *factor_terms.values(), *products.values())}
         check_bounded(loss)
         check_bounded(np.float64(weight))
         self._count(update, loss, weight)
-        for name, term in terms.items():
-            _add(self._uploads, name, term, peaks[id(term)])
-        for name, term in factor_terms.items():
-            _add(self._factors, name, term, peaks[id(term)])
-        for pair, term in products.items():
-            _add(self._ideal, pair, term, peaks[id(term)])
+        for name, values in update.tensors.items():
+            _add(self._uploads, name, values, weight, peaks[id(values)])
+        for name, values in factors.items():
+            _add(self._factors, name, values, weight, peaks[id(values)])
+        for pair, values in products.items():
+            _add(self._ideal, pair, values, weight, peaks[id(values)])
+
+    def _products(self, factors: State) -> dict[tuple[str, str], np.ndarray]:
+        """B_k A_k of each LoRA module (when ``products`` is on), each into an
+        array of this round's kept for the next update: at d×k per module
+        they are the largest terms, and fresh arrays that size cost page
+        faults on every reply (``fedlora.exactsum``)."""
+        if not self.products:
+            return {}
+        products = {}
+        for pair in lora_pairs(list(factors)):
+            a, b = factors[pair[0]], factors[pair[1]]
+            shape, dtype = (b.shape[0], a.shape[1]), np.result_type(a, b)
+            out = self._product_arrays.get(pair)
+            if out is None or out.shape != shape or out.dtype != dtype:
+                out = self._product_arrays[pair] = np.empty(shape, dtype)
+            products[pair] = np.matmul(b, a, out=out)
+        return products
 
     def _count(self, update: ClientUpdate, loss: np.ndarray, weight: float) -> None:
         self._weight.add(np.float64(weight))

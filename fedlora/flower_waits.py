@@ -15,10 +15,14 @@ Flower 1.41 waits in fixed steps that no flag or variable sets:
 - the simulation engine's threads wait for work on queues in 1 s steps and
   look at the stop flag only between them
   (``flwr.server.superlink.fleet.vce.vce_api``): every simulation ended up
-  to a second after its ServerApp had finished.
+  to a second after its ServerApp had finished;
+- the same engine's message thread asks every virtual node for a message
+  every 0.1 s, and each ask checks every stored message: at 500 nodes that
+  thread was half of the driver's CPU mid-round (BENCHMARKS.md, "Scale").
 
 Each function below changes one Flower module's own reference (its ``time``,
-its ``pull_objects``, its ``Queue``) and leaves the rest of Flower alone. flwr is pinned
+its ``pull_objects``, its ``Queue``, its ``add_messages_to_queue``) and
+leaves the rest of Flower alone. flwr is pinned
 (pyproject.toml); ``tests/test_flower_waits.py`` fails if an upgrade moves
 these waits.
 """
@@ -29,6 +33,7 @@ import functools
 import queue
 import time
 import types
+from collections.abc import Callable
 
 from flwr.supercore.constant import PULL_INITIAL_BACKOFF as FLOWER_OBJECT_BACKOFF_S
 from flwr.supercore.inflatable import inflatable_utils
@@ -84,3 +89,47 @@ def shorten_simulation_waits(poll_s: float) -> None:
     from flwr.server.superlink.fleet.vce import vce_api
 
     vce_api.Queue = capped_queue(poll_s)
+
+
+def waiting_nodes_sweep(poll_s: float) -> Callable:
+    """A stand-in for Flower's ``vce_api.add_messages_to_queue`` (the thread
+    that hands each virtual node its next message) that asks only the nodes
+    with a message waiting, every ``poll_s``.
+
+    Flower asks every node in turn, and each ask
+    (``InMemoryLinkState.get_message_ins``) checks every stored message: K
+    nodes × the messages in flight per sweep. Here the nodes to ask are read
+    once per sweep from the in-memory state's store, under its lock, and
+    each is asked, in Flower's order, with Flower's own ``get_message_ins``
+    (its checks and its marking as delivered unchanged). A state without
+    that store gets Flower's loop."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    flower_loop = getattr(vce_api.add_messages_to_queue, "flower_loop",
+                          vce_api.add_messages_to_queue)
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
+        store = getattr(state, "message_ins_store", None)
+        if not isinstance(store, dict) or not hasattr(state, "lock"):
+            flower_loop(state, queue, nodes_mapping, f_stop)
+            return
+        while not f_stop.is_set():
+            with state.lock:
+                waiting = {message.metadata.dst_node_id for message in store.values()
+                           if message.metadata.delivered_at == ""}
+            for node_id in nodes_mapping:
+                if node_id in waiting:
+                    for message in state.get_message_ins(node_id=node_id, limit=1):
+                        queue.put(message)
+            f_stop.wait(poll_s)
+
+    add_messages_to_queue.flower_loop = flower_loop
+    return add_messages_to_queue
+
+
+def lighten_simulation_polling(poll_s: float) -> None:
+    """In this process's simulation engine: only virtual nodes with a
+    message waiting are asked for it, every ``poll_s``."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    vce_api.add_messages_to_queue = waiting_nodes_sweep(poll_s)

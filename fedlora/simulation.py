@@ -46,7 +46,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import warmup
 from fedlora.config import ConfigError, RunConfig
-from fedlora.flower_waits import shorten_simulation_waits
+from fedlora.flower_waits import lighten_simulation_polling, shorten_simulation_waits
 from fedlora.progress import Lines
 from fedlora.stopping import reclaim_signals
 
@@ -307,6 +307,7 @@ def simulate(config: RunConfig, verbose: bool = False,
     from flwr.simulation import run_simulation
 
     shorten_simulation_waits(ENGINE_POLL_S)
+    lighten_simulation_polling(ENGINE_POLL_S)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(server_app=server_app, client_app=client_app,

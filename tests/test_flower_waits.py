@@ -11,7 +11,9 @@ import inspect
 import queue
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import pytest
 from flwr.server.superlink.fleet.vce import vce_api
@@ -21,9 +23,11 @@ from flwr.supernode import start_client_internal as node_loop
 
 from fedlora.flower_waits import (
     capped_time,
+    lighten_simulation_polling,
     shorten_node_waits,
     shorten_server_waits,
     shorten_simulation_waits,
+    waiting_nodes_sweep,
 )
 
 
@@ -31,7 +35,8 @@ from fedlora.flower_waits import (
 def flower_restored(monkeypatch):
     """Whatever a test patches in Flower's modules is put back afterwards."""
     for module, name in ((node_loop, "time"), (node_loop, "pull_objects"),
-                         (http_grid, "pull_objects"), (vce_api, "Queue")):
+                         (http_grid, "pull_objects"), (vce_api, "Queue"),
+                         (vce_api, "add_messages_to_queue")):
         monkeypatch.setattr(module, name, getattr(module, name))
 
 
@@ -60,6 +65,66 @@ def test_the_simulation_engine_still_waits_on_its_module_queues():
     assert issubclass(vce_api.Queue, queue.Queue)
     assert source.count("Queue()") == 2 and source.count("get(timeout=1.0)") == 2
     assert "while not f_stop.is_set():" in inspect.getsource(vce_api.worker)
+
+
+def test_the_engine_still_asks_every_node_through_its_module_function():
+    """Flower's engine starts its message thread with its module's
+    ``add_messages_to_queue``, which asks every node for one message with
+    the in-memory state's ``get_message_ins``; that state keeps its messages
+    in ``message_ins_store`` behind ``lock``. The sweep relies on all four."""
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    assert "target=add_messages_to_queue" in inspect.getsource(vce_api.run_api)
+    loop = inspect.getsource(vce_api.add_messages_to_queue)
+    assert "for node_id in nodes_mapping.keys():" in loop
+    assert "state.get_message_ins(node_id=node_id, limit=1)" in loop
+    init = inspect.getsource(InMemoryLinkState.__init__)
+    assert "self.message_ins_store: dict[str, Message] = {}" in init
+    assert "self.lock = " in init
+    assert 'msg_ins.metadata.delivered_at == ""' in inspect.getsource(
+        InMemoryLinkState.get_message_ins)
+
+
+class _State:
+    """The part of Flower's in-memory state the sweep reads: messages by id,
+    a lock, and ``get_message_ins`` (here: the node's first undelivered
+    message, marked delivered, and the run stopped once none is left)."""
+
+    def __init__(self, destinations: dict[str, int], stop: threading.Event) -> None:
+        self.lock = threading.RLock()
+        self.message_ins_store = {
+            message_id: types.SimpleNamespace(message_id=message_id, metadata=types.SimpleNamespace(
+                dst_node_id=node, delivered_at="")) for message_id, node in destinations.items()}
+        self.asked: list[int] = []
+        self._stop = stop
+
+    def get_message_ins(self, node_id: int, limit: int) -> list:
+        self.asked.append(node_id)
+        found = [m for m in self.message_ins_store.values()
+                 if m.metadata.dst_node_id == node_id and m.metadata.delivered_at == ""][:limit]
+        for message in found:
+            message.metadata.delivered_at = "now"
+        if all(m.metadata.delivered_at for m in self.message_ins_store.values()):
+            self._stop.set()
+        return found
+
+
+def test_the_sweep_asks_only_the_nodes_with_a_message_waiting(flower_restored):
+    """Of 500 virtual nodes, only those with an undelivered message are
+    asked, in Flower's node order, one message each per sweep, until every
+    message is in the engine's queue."""
+    stop = threading.Event()
+    state = _State({"a": 7, "b": 300, "c": 7, "d": 42}, stop)
+    nodes = {node: node for node in range(500)}
+    handed = queue.Queue()
+    waiting_nodes_sweep(0.01)(state, handed, nodes, stop)
+    assert state.asked == [7, 42, 300, 7]  # sweep 1: each waiting node once; sweep 2: node 7
+    assert [handed.get_nowait().message_id for _ in range(4)] == ["a", "d", "b", "c"]
+    lighten_simulation_polling(0.05)
+    assert vce_api.add_messages_to_queue.flower_loop is not vce_api.add_messages_to_queue
+    lighten_simulation_polling(0.05)  # again (a second simulation): still Flower's loop below
+    assert "get_message_ins(node_id=node_id, limit=1)" in inspect.getsource(
+        vce_api.add_messages_to_queue.flower_loop)
 
 
 def test_a_capped_queue_gives_up_early_and_still_delivers(flower_restored):

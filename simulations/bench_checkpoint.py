@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedlora import checkpoint
 from fedlora.client_state import ClientStore, Lineage
+from fedlora.config import ConfigError
 from fedlora.features import model_for
 from fedlora.strategies import resolve, strategy_class
 
@@ -77,4 +79,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a dataset or model that is not there: one line
+        print(f"bench_checkpoint.py: {err}", file=sys.stderr)
+        sys.exit(2)

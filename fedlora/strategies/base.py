@@ -8,9 +8,9 @@ adapter (and, for some strategies, a change to the frozen base weights).
 Client half (``ClientHalf``): what a client starts from (seeing its
 persistent memory), which tensor kinds it trains and what it uploads (and
 keeps). Both halves of one strategy live in one module under
-``fedlora/strategies/``; the client loop (``fedlora.client_loop``) and the
-round loop (``fedlora.federation``) never change when a strategy is added.
-Messages are typed in ``fedlora.messages``.
+``fedlora/strategies/``; the client loop (``fedlora.node.client_loop``) and the
+round loop (``fedlora.federation.loop``) never change when a strategy is added.
+Messages are typed in ``fedlora.wire.messages``.
 
 Sampling: each round takes ``clients-per-round`` of the connected nodes, or
 all of them when fewer are connected. The first round waits until
@@ -18,11 +18,11 @@ all of them when fewer are connected. The first round waits until
 Flower's sampler); later rounds wait only until ``min-clients`` are, so a node
 that died does not stall the rest of the run (Flower's sampler would wait for
 it forever). Which ones is a function of (seed, round) over positions in the
-sorted node ids (``fedlora.seeding``), never of Flower's random node ids: the
+sorted node ids (``fedlora.core.seeding``), never of Flower's random node ids: the
 message to the node at position p names partition p, and a simulated client
 trains that partition, so the same seed asks the same data in every run.
 
-Every payload goes through ``fedlora.codec``: downloads at
+Every payload goes through ``fedlora.wire.codec``: downloads at
 ``payload-dtype-down``, uploads at ``payload-dtype-up``. What the server keeps
 as sent (``sent``, each plan's start) is what the node decodes from the
 bytes, not the unquantised adapter, so both judge a reply against the same
@@ -50,19 +50,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from threadpoolctl import threadpool_limits
 
-from fedlora import codec
-from fedlora.adapters import State, lora_pairs
-from fedlora.attacks import attackers
-from fedlora.basedelta import BaseLedger, Increment, base_weight_name
-from fedlora.checkpoint import Checkpoint
-from fedlora.config import ConfigError, Key, RunConfig
-from fedlora.messages import EvaluateReply, Request, Task, TrainReply
-from fedlora.privacy import CentralPrivacy
-from fedlora.seeding import sample_positions
-from fedlora.stopping import wait
+from fedlora.core.adapters import State, lora_pairs
+from fedlora.core.config import ConfigError, Key, RunConfig
+from fedlora.core.seeding import sample_positions
+from fedlora.federation.checkpoint import Checkpoint
+from fedlora.learning.attacks import attackers
+from fedlora.learning.privacy import CentralPrivacy
+from fedlora.runtime.stopping import wait
 from fedlora.strategies.ranks import check_client_ranks, pad, rank_of, shapes_at, truncate
 from fedlora.strategies.robust import Candidate, RobustAggregation
 from fedlora.strategies.sums import ClientUpdate, ClippedRoundSums, RoundSums
+from fedlora.wire import codec
+from fedlora.wire.basedelta import BaseLedger, Increment, base_weight_name
+from fedlora.wire.messages import EvaluateReply, Request, Task, TrainReply
 
 LOGGER = logging.getLogger(__name__)
 WAIT_FOR_NODES_S = 1.0  # how often the connected nodes are counted while too few are
@@ -136,7 +136,7 @@ class LoraStrategy(FedAvg, ABC):
     * ``new_sums``/``fold``: what replies fold into (``fold`` may choose a
       reply's aggregation weight); ``merge``: the next
       global adapter; ``base_change``: factors to fold into the frozen base
-      weights (``fedlora.basedelta``), which every node is then told about.
+      weights (``fedlora.wire.basedelta``), which every node is then told about.
     * ``personal``: clients keep parts of the adapter, so each round that is
       evaluated ends with federated evaluation (``personal_accuracy``).
     """
@@ -151,7 +151,7 @@ class LoraStrategy(FedAvg, ABC):
     # central DP clips each client's change to what it was sent and noises the
     # average; a strategy whose merge reads more of the clients than that sets False
     central_dp: ClassVar[bool] = True
-    # called as each reply is rejected (the round loop sets it: fedlora.progress)
+    # called as each reply is rejected (the round loop sets it: fedlora.runtime.progress)
     on_rejected: Callable[[], None] = staticmethod(lambda: None)
 
     @classmethod
@@ -305,7 +305,7 @@ class LoraStrategy(FedAvg, ABC):
     def checkpoint(self, completed: int, run_id: str, lineage: str,
                    wall_seconds: float) -> Checkpoint:
         """Everything the server half needs to go on after round ``completed``
-        (``fedlora.checkpoint`` says what is left out, and why)."""
+        (``fedlora.federation.checkpoint`` says what is left out, and why)."""
         return Checkpoint(
             completed, run_id, lineage, {n: v.copy() for n, v in self.state.items()},
             self.state_dict(), list(self.base.log) if self.base is not None else [],
@@ -487,7 +487,7 @@ class LoraStrategy(FedAvg, ABC):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         """Fold the replies in as they come (``replies`` may be a generator
-        that yields each as it arrives: see fedlora.replies), then merge.
+        that yields each as it arrives: see fedlora.federation.replies), then merge.
 
         NumPy's BLAS runs single-threaded here: the matrices are small (rank-r
         factors, one module at a time), and OpenBLAS's spinning worker threads
@@ -499,7 +499,7 @@ class LoraStrategy(FedAvg, ABC):
     def _fold(self, server_round: int, replies: Iterable[Message],
               counts: dict[str, float]) -> RoundSums:
         """The round's sums over the valid replies; an update too large to add
-        exactly (``fedlora.exactsum``) is rejected like an invalid one. Under a
+        exactly (``fedlora.core.exactsum``) is rejected like an invalid one. Under a
         robust mode the round is screened first (``fedlora.strategies.robust``)."""
         sums = self.new_sums()
         if self.robust is not None:

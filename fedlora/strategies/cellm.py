@@ -20,12 +20,12 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedlora import codec
-from fedlora.adapters import State
-from fedlora.config import Key, density, one_of, positive
-from fedlora.sparsity import top_k
+from fedlora.core.adapters import State
+from fedlora.core.config import Key, density, one_of, positive
 from fedlora.strategies.base import ClientUpdate, LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
+from fedlora.wire import codec
+from fedlora.wire.sparsity import top_k
 
 RESIDUAL_KEY = "cellm-residual"  # the client's error-feedback remainder in context.state
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedlora.adapters import State
+from fedlora.core.adapters import State
 from fedlora.strategies.base import ClientHalf, LoraStrategy, RoundSums
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlora.adapters import State, lora_pairs
-from fedlora.basedelta import Increment, base_weight_name
+from fedlora.core.adapters import State, lora_pairs
 from fedlora.strategies.base import LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
 from fedlora.strategies.sums import StackedRoundSums
+from fedlora.wire.basedelta import Increment, base_weight_name
 
 
 class FedExLoRA(LoraStrategy):

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedlora.adapters import State, tensor_kind
+from fedlora.core.adapters import State, tensor_kind
 from fedlora.strategies.base import ClientHalf, LoraStrategy, RoundSums
 
 PERSONAL_KEY = "fedsa-personal"  # the client's own B and head in context.state

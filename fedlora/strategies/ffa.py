@@ -2,7 +2,7 @@
 
 A is drawn once from the run seed (``ffa-a-init``: PEFT's kaiming-uniform or
 gaussian), identically in every process because the adapter is built under
-that seed (``fedlora.models``), so it never travels. B (from 0) and the head
+that seed (``fedlora.learning.models``), so it never travels. B (from 0) and the head
 are trained, sent and averaged. Aggregation is exact: Σ p_k B_k A = B̄ A, and
 the LoRA bytes are half of FedAvg's.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedlora.adapters import State, tensor_kind
-from fedlora.config import Key, one_of
+from fedlora.core.adapters import State, tensor_kind
+from fedlora.core.config import Key, one_of
 from fedlora.strategies.base import ClientHalf, LoraStrategy, RoundSums
 
 

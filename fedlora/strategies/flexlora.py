@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlora.adapters import State, lora_pairs
+from fedlora.core.adapters import State, lora_pairs
 from fedlora.strategies.base import LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
 from fedlora.strategies.ranks import CLIENT_RANKS

@@ -7,7 +7,7 @@ so B_stack·A_stack = Σ p_k B'_k A'_k exactly, whatever the ranks. It folds
 s·B_stack·A_stack into the base weight and every client starts the next round
 from a fresh LoRA: A drawn with PEFT's kaiming-uniform bound (1/√k) from
 (seed, round), B = 0. The head is averaged by examples. The base change goes
-to every node as those stacked factors (``fedlora.basedelta``): K·r_k rows a
+to every node as those stacked factors (``fedlora.wire.basedelta``): K·r_k rows a
 round, so the download grows with the clients per round.
 """
 
@@ -17,13 +17,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedlora.adapters import State, lora_pairs
-from fedlora.basedelta import Increment, base_weight_name
-from fedlora.seeding import fresh_adapter_rng
+from fedlora.core.adapters import State, lora_pairs
+from fedlora.core.seeding import fresh_adapter_rng
 from fedlora.strategies.base import LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
 from fedlora.strategies.ranks import CLIENT_RANKS
 from fedlora.strategies.sums import StackedRoundSums
+from fedlora.wire.basedelta import Increment, base_weight_name
 
 
 class FLoRA(LoraStrategy):

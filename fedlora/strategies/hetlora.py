@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from fedlora.adapters import State, lora_pairs
+from fedlora.core.adapters import State, lora_pairs
 from fedlora.strategies.base import ClientUpdate, LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
 from fedlora.strategies.ranks import CLIENT_RANKS

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlora.adapters import State, lora_pairs
-from fedlora.config import Key, non_negative, positive
+from fedlora.core.adapters import State, lora_pairs
+from fedlora.core.config import Key, non_negative, positive
 from fedlora.strategies.base import LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
 

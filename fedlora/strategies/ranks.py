@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedlora.adapters import State, tensor_kind
-from fedlora.config import Key, RunConfig
+from fedlora.core.adapters import State, tensor_kind
+from fedlora.core.config import Key, RunConfig
 
 
 def _check_ranks(text: str) -> str | None:

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from fedlora.config import ConfigError, Key, RunConfig
-from fedlora.config import resolve as resolve_keys
+from fedlora.core.config import ConfigError, Key, RunConfig
+from fedlora.core.config import resolve as resolve_keys
 from fedlora.strategies.base import LoraStrategy
 
 ENTRY_POINT_GROUP = "fedlora.strategies"

@@ -51,8 +51,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.server.strategy.aggregate import aggregate_median
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from fedlora.adapters import State
-from fedlora.config import RunConfig
+from fedlora.core.adapters import State
+from fedlora.core.config import RunConfig
 from fedlora.strategies.sums import ClientUpdate
 
 

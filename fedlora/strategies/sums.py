@@ -3,7 +3,7 @@
 ``aggregate_train`` (``fedlora.strategies.base``) adds each reply as soon as it
 is decoded and drops it; a strategy's ``merge`` then reads the sums. Memory
 for a round is therefore independent of the number of clients, and, because
-every sum is exact (``fedlora.exactsum``), so is the result of the order in
+every sum is exact (``fedlora.core.exactsum``), so is the result of the order in
 which the replies arrived.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedlora.adapters import State, lora_pairs
-from fedlora.exactsum import ExactSum, check_bounded, weighted_peak
-from fedlora.privacy import CentralPrivacy
+from fedlora.core.adapters import State, lora_pairs
+from fedlora.core.exactsum import ExactSum, check_bounded, weighted_peak
+from fedlora.learning.privacy import CentralPrivacy
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class RoundSums:
         (``LoraStrategy.client_factors``). ``weight`` is its aggregation
         weight (default: its examples; the training loss is always weighted
         by examples). Raises ``OverflowError`` before changing anything when a
-        weighted value is too large to add exactly (``fedlora.exactsum.LIMIT``)."""
+        weighted value is too large to add exactly (``fedlora.core.exactsum.LIMIT``)."""
         weight = update.weight if weight is None else weight
         with np.errstate(over="ignore", invalid="ignore"):  # refused just below
             products = self._products(factors)
@@ -99,7 +99,7 @@ class RoundSums:
         """B_k A_k of each LoRA module (when ``products`` is on), each into an
         array of this round's kept for the next update: at d×k per module
         they are the largest terms, and fresh arrays that size cost page
-        faults on every reply (``fedlora.exactsum``)."""
+        faults on every reply (``fedlora.core.exactsum``)."""
         if not self.products:
             return {}
         products = {}
@@ -167,7 +167,7 @@ class RoundSums:
 
 
 class ClippedRoundSums(RoundSums):
-    """Round sums under central DP (``fedlora.privacy.CentralPrivacy``): each
+    """Round sums under central DP (``fedlora.learning.privacy.CentralPrivacy``): each
     client's change to the trained tensors, factors − ``sent``, is clipped
     and added with equal weight; ``mean`` is then the noisy average change
     applied to ``sent`` and expressed as an upload (``to_upload``), so every

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedlora.adapters import State
-from fedlora.config import Key, RunConfig, probability
+from fedlora.core.adapters import State
+from fedlora.core.config import Key, RunConfig, probability
 from fedlora.strategies.base import LoraStrategy
 from fedlora.strategies.fedavg import FedAvgClient
 from fedlora.strategies.sums import RoundSums

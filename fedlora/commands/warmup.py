@@ -1,0 +1,117 @@
+"""Ray workers that are ready before their first message.
+
+A Ray worker is a fresh Python process. Left alone, the first message each
+one runs pays for importing the training stack (torch, transformers, PEFT,
+datasets: about 5 s of CPU) and building the run's base model, after the
+driver has done the same: on a small machine that was most of a short run.
+
+``prepare_worker`` is Ray's worker setup hook: Ray runs it in each worker
+process as the process starts, before the worker takes its actor. It imports
+the stack and builds the run's base model into the process-wide cache the
+client loop reads (``fedlora.learning.features.model_for``), so the first message
+finds it (a message that asks for another model or rank builds its own, as
+before). On a GPU run it only imports: the GPU a worker may use is known
+when Ray gives it its actor.
+
+How the hook reaches the workers:
+- a local Ray whose every CPU hosts a client (``client-cpus`` ≤ 1, no GPU):
+  through the environment the raylet inherits from ``ray.init``
+  (``inherited``). The raylet starts one worker per CPU before anyone asks,
+  and Flower's actors take those, so the warm-up runs while Ray is still
+  starting. The variable that names the hook is Ray's own
+  (``WORKER_PROCESS_SETUP_HOOK_ENV_VAR``, read by every Python worker at
+  start); ``tests/test_warmup.py`` fails if a Ray upgrade stops honouring it.
+- otherwise (a Ray cluster, fewer clients than CPUs, GPU clients): through
+  the job's ``runtime_env``, which reaches only the workers started for
+  Flower's actors, when Flower creates them (while the driver prepares its
+  own data). Warming every prestarted worker there would import the stack in
+  processes that never serve: on a 16-core GPU machine with 4 GPU clients
+  that slowed the driver's own start by several seconds.
+
+The hook must never fail a worker: Ray would end the process and Flower would
+lose the actor. Whatever goes wrong here (a dataset the driver has not yet
+checked, say) is logged at debug level; the first message meets it again and
+reports it as any message does.
+
+The same hook keeps the workers quiet unless the run is verbose: no model
+loading bars, no library deprecation notices, and none of Flower's
+"Manually terminating ClientAppActor" warnings when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fedlora.core.config import RunConfig
+from fedlora.runtime import quiet
+
+CONFIG_ENV = "FEDLORA_WARMUP_CONFIG"  # the run's resolved config, as JSON
+VERBOSE_ENV = "FEDLORA_VERBOSE"
+HOOK = "fedlora.commands.warmup.prepare_worker"
+
+LOGGER = logging.getLogger(__name__)
+
+
+def worker_environment(config: RunConfig, verbose: bool) -> dict[str, str]:
+    """What a worker of this run needs in its environment to warm up."""
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    return {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: HOOK,
+            CONFIG_ENV: json.dumps(config.to_dict()),
+            VERBOSE_ENV: "1" if verbose else ""}
+
+
+def every_prestarted_worker_serves(config: RunConfig) -> bool:
+    """Whether a local Ray's prestarted workers (one per CPU) all become
+    client actors: only then is warming them all worth it."""
+    return config["client-cpus"] <= 1 and config["client-gpus"] == 0
+
+
+def runtime_env(environment: dict[str, str]) -> dict:
+    """The same as a job's ``runtime_env`` (the workers started for it)."""
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    return {"worker_process_setup_hook": HOOK,
+            "env_vars": {k: v for k, v in environment.items()
+                         if k != WORKER_PROCESS_SETUP_HOOK_ENV_VAR}}
+
+
+@contextmanager
+def inherited(environment: dict[str, str]) -> Iterator[None]:
+    """``environment`` in ``os.environ`` while the block starts a local Ray
+    (its processes inherit it), and gone again after: nothing else this
+    process starts later should warm up a run."""
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def prepare_worker() -> None:
+    """Ray's worker setup hook (see the module docstring). Never raises."""
+    verbose = bool(os.environ.get(VERBOSE_ENV))
+    if not verbose:
+        quiet.environment()
+    try:
+        from fedlora.learning.features import model_for
+        from fedlora.strategies import from_message
+
+        if not verbose:
+            quiet.libraries()
+            # after the imports: importing flwr sets its logger to DEBUG
+            logging.getLogger("flwr").setLevel(logging.ERROR)
+        config = from_message(json.loads(os.environ[CONFIG_ENV]))
+        if config["client-gpus"] == 0:
+            model_for(config)
+    except Exception:  # noqa: BLE001  (the first message reports it; see above)
+        LOGGER.debug("worker warm-up skipped", exc_info=True)

@@ -1,0 +1,132 @@
+"""The outputs contract of a run directory.
+
+``config.json`` (resolved config), ``metrics.jsonl`` (one object per round),
+``adapter/`` (PEFT ``save_pretrained``, head included) and ``summary.json``.
+Files are written to a temporary name and renamed, and ``summary.json`` is
+written last: a directory without it is not a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedlora.core.config import ConfigError, RunConfig
+
+# federated evaluation's mean accuracy (personal models, or the global one)
+CLIENT_ACCURACY = ("personal_accuracy", "fed_accuracy")
+ROUND_FIELDS = ("round", "accuracy", "loss", "train_loss", "clients", "rejected",
+                "uplink_bytes", "downlink_bytes", "epsilon", "seconds")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/Inf become null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def check_out_dir(path: str | Path) -> Path:
+    """The run directory as an absolute path; refuse one that already holds files."""
+    out = Path(path).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        hint = ("; it is an unfinished run: continue it with `fedlora simulate --resume "
+                f"{out}`" if (out / "config.json").is_file()
+                and not (out / "summary.json").is_file() else "")
+        raise ConfigError(f"output directory {path}: exists and is not empty{hint}")
+    return out
+
+
+def prepare_out_dir(path: str | Path) -> Path:
+    """Create the (empty) run directory."""
+    out = check_out_dir(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class RunWriter:
+    """Writes one run's outputs as the rounds go."""
+
+    def __init__(self, out_dir: Path, config: RunConfig | None,
+                 rounds: list[dict[str, Any]] | None = None) -> None:
+        """A new run's writer (writes ``config``), or with ``config`` None a
+        resumed one's, whose metrics.jsonl is rewritten to ``rounds``."""
+        self.out_dir = out_dir
+        self.rounds: list[dict[str, Any]] = list(rounds or [])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            _atomic_write(out_dir / "config.json", config.to_json() + "\n")
+        self._metrics = out_dir / "metrics.jsonl"
+        _atomic_write(self._metrics, "".join(json.dumps(row) + "\n" for row in self.rounds))
+
+    @classmethod
+    def resume(cls, out_dir: Path, completed: int) -> RunWriter:
+        """The writer of a run going on after round ``completed``: the rounds
+        metrics.jsonl holds beyond it (written before a crash cut the round's
+        checkpoint short, or a half-written last line) are dropped."""
+        path = out_dir / "metrics.jsonl"
+        rows = []
+        for line in (path.read_text().splitlines() if path.is_file() else []):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the line a crash cut short
+                continue
+            if isinstance(row, dict) and isinstance(row.get("round"), int) \
+                    and row["round"] <= completed:
+                rows.append(row)
+        if [row["round"] for row in rows] != list(range(1, completed + 1)):
+            raise ConfigError(f"{path}: does not hold rounds 1..{completed} once each, "
+                              "as its checkpoint says; the run cannot be resumed")
+        return cls(out_dir, None, rows)
+
+    def add_round(self, record: dict[str, Any]) -> None:
+        row = {key: _jsonable(record.get(key)) for key in ROUND_FIELDS}
+        row.update({k: _jsonable(v) for k, v in record.items() if k not in row})
+        self.rounds.append(row)
+        with self._metrics.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the round's checkpoint
+
+    def save_adapter(self, peft_model) -> Path:
+        """``save_pretrained`` into a temporary folder, then rename into place."""
+        final = self.out_dir / "adapter"
+        tmp = self.out_dir / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        peft_model.save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write summary.json (last, marking the run finished) and return it."""
+        evaluated = [r for r in self.rounds if r["accuracy"] is not None]
+        final = evaluated[-1] if evaluated else {}
+        client = next((final[k] for k in CLIENT_ACCURACY if final.get(k) is not None), None)
+        summary = {
+            "rounds": len(self.rounds),
+            "final_round": final.get("round"),
+            "final_accuracy": final.get("accuracy"),
+            "final_loss": final.get("loss"),
+            "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+            "uplink_bytes": sum(r["uplink_bytes"] or 0 for r in self.rounds),
+            "downlink_bytes": sum(r["downlink_bytes"] or 0 for r in self.rounds),
+            "client_updates": sum(r["clients"] or 0 for r in self.rounds),
+            "rejected_updates": sum(r["rejected"] or 0 for r in self.rounds),
+            "seconds": sum(r["seconds"] or 0 for r in self.rounds),
+            "epsilon": self.rounds[-1]["epsilon"] if self.rounds else None,
+            "final_client_accuracy": client,
+            **{k: _jsonable(v) for k, v in extra.items()},
+        }
+        _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary

@@ -1,0 +1,195 @@
+"""Robust aggregation (``robust`` key): the hostile replies of the robustness
+issue, sent through each strategy's own client half, never leak into the
+global adapter under any robust mode, and never move it further than the
+mode's bound on honest clients."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from fakes import WIDE_SHAPES as SHAPES
+from fakes import start_round, train_reply
+from flwr.app import RecordDict
+
+from fedlora.core.config import ConfigError
+from fedlora.strategies import resolve, strategies
+
+pytestmark = pytest.mark.usefixtures("run_identity")
+
+MODES = ("norm-bound", "trimmed-mean", "median", "krum")
+HONEST = (101, 102, 103, 104, 105)
+HOSTILE = 106
+# strategies whose next global is a convex combination of what clients sent
+AVERAGING = ("fedavg", "ffa", "fedsa", "hetlora", "cellm")
+BUILT_IN = ("fedavg", "ffa", "lora-fair", "cellm", "fedsa", "hetlora", "flexlora", "flora",
+            "fedex")
+
+
+def _strategy(name: str, mode: str, per_round: int = len(HONEST) + 1, **extra):
+    overrides = {"num-clients": 10, "clients-per-round": per_round, "lora-rank": 3,
+                 "strategy": name, "robust": mode, **extra}
+    if name == "cellm":
+        overrides["cellm-up-density"] = 1.0  # every entry sent: the bound is exact
+    config = resolve(overrides)
+    rng = np.random.default_rng(7)
+    state = {n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in SHAPES.items()}
+    return strategies()[name](config, state)
+
+
+def _reply(strategy, node: int, trained_from, examples: float, rng):
+    """``node``'s reply, made by the strategy's client half from the adapter
+    ``trained_from(start)`` returns (a hostile client does exactly this)."""
+    plan = strategy.plans[node]
+    start = strategy.download_for(plan)[0]
+    trained = {n: np.asarray(v, np.float32) for n, v in trained_from(start, rng).items()}
+    upload = strategy.roles.upload(start, trained, RecordDict())
+    return train_reply(node, upload, examples, 1.0, plan.partition_id)
+
+
+def _honest(start, rng):
+    return {n: v + 0.01 * rng.standard_normal(v.shape) for n, v in start.items()}
+
+
+def _filled(value):
+    return lambda start, rng: {n: np.full_like(v, value) for n, v in start.items()}
+
+
+HOSTILE_REPLIES = {  # (trained adapter, claimed examples): the issue's list
+    "values 1e30": (_filled(1e30), 100),
+    "values 3e38": (_filled(3e38), 100),
+    # 1e12 is refused by the message schema (> 2^31 - 1); 2e9 is a valid claim
+    "2e9 examples": (lambda start, rng: {n: v + 5.0 for n, v in start.items()}, 2e9),
+}
+
+
+def _round(strategy, hostile=None, order=None, seed=3):
+    rng = np.random.default_rng(seed)
+    nodes = HONEST + ((HOSTILE,) if hostile else ())
+    start_round(strategy, nodes)
+    replies = [_reply(strategy, node, _honest, 100 + 10 * i, rng)
+               for i, node in enumerate(HONEST)]
+    if hostile:
+        replies.append(_reply(strategy, HOSTILE, *hostile, rng))
+    if order is not None:
+        replies = [replies[i] for i in order]
+    return strategy.aggregate_train(1, replies)
+
+
+def _changes(strategy, arrays) -> dict[str, np.ndarray]:
+    return {n: arrays[n].numpy().astype(np.float64) - strategy.sent[n]
+            for n in strategy.upload_shapes}
+
+
+@pytest.mark.parametrize("attack", HOSTILE_REPLIES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_hostile_replies_never_reach_the_global(name, mode, attack):
+    strategy = _strategy(name, mode)
+    arrays, metrics = _round(strategy, HOSTILE_REPLIES[attack])
+    assert arrays is not None, "the honest clients' round must still change the global"
+    values = np.concatenate([a.numpy().ravel() for a in arrays.values()])
+    assert np.all(np.isfinite(values)) and np.max(np.abs(values)) < 10.0
+    if strategy.base is not None:
+        assert all(np.all(np.isfinite(w)) and np.max(np.abs(w)) < 10.0
+                   for w in strategy.base.cumulative.values())
+    assert metrics["clients"] + metrics["rejected"] == len(HONEST) + 1
+
+
+@pytest.mark.parametrize("attack", HOSTILE_REPLIES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", AVERAGING)
+def test_the_global_moves_no_further_than_the_modes_bound_on_honest_steps(name, mode,
+                                                                          attack):
+    """Median and trimmed mean: every coordinate of the move within the honest
+    clients' range of it; Krum: within their convex hull (so no longer than the
+    longest honest step); norm-bound: no longer than robust-norm-factor × the
+    median step."""
+    strategy = _strategy(name, mode)
+    arrays, _ = _round(strategy, HOSTILE_REPLIES[attack])
+    steps = _honest_steps(name)
+    move = _changes(strategy, arrays)
+    norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in move.values()))
+    step_norms = [math.sqrt(sum(float(np.sum(v ** 2)) for v in s.values())) for s in steps]
+    if mode in ("median", "trimmed-mean"):
+        for n, value in move.items():
+            low = np.min([s[n] for s in steps], axis=0)
+            high = np.max([s[n] for s in steps], axis=0)
+            assert np.all(value >= low - 1e-6) and np.all(value <= high + 1e-6), n
+    elif mode == "krum":
+        assert norm <= max(step_norms) + 1e-6
+    else:
+        assert norm <= 3.0 * float(np.median(step_norms)) + 1e-6
+
+
+def _honest_steps(name: str) -> list[dict[str, np.ndarray]]:
+    """The honest clients' changes in a round like ``_round``'s (same draws)."""
+    strategy = _strategy(name, "none", per_round=len(HONEST))
+    rng = np.random.default_rng(3)
+    start_round(strategy, HONEST)
+    steps = []
+    for node in HONEST:
+        start = strategy.download_for(strategy.plans[node])[0]
+        trained = {n: np.asarray(v, np.float32) for n, v in _honest(start, rng).items()}
+        steps.append({n: trained[n].astype(np.float64) - start[n]
+                      for n in strategy.upload_shapes})
+    return steps
+
+
+def test_an_inflated_weight_buys_no_more_than_the_cap():
+    """norm-bound: 2e9 claimed examples weigh as robust-weight-factor × the
+    median claim, and the round reports the client as clipped."""
+    strategy = _strategy("fedavg", "norm-bound", per_round=3)
+    start_round(strategy, (101, 102, 103))
+    rng = np.random.default_rng(0)
+    same = {n: strategy.sent[n] + 0.01 for n in strategy.upload_shapes}
+    other = {n: strategy.sent[n] - 0.01 for n in strategy.upload_shapes}
+    replies = [_reply(strategy, 101, lambda s, r: {**s, **same}, 100, rng),
+               _reply(strategy, 102, lambda s, r: {**s, **same}, 100, rng),
+               _reply(strategy, 103, lambda s, r: {**s, **other}, 2e9, rng)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    share = 300 / (100 + 100 + 300)  # the claim cut to 3 × the median (100)
+    expected = 0.01 * (1 - share) - 0.01 * share
+    got = _changes(strategy, arrays)
+    assert all(np.allclose(v, expected, atol=1e-6) for v in got.values())
+    assert metrics["clipped"] == 1
+
+
+def test_krum_rejects_the_outlier_and_says_so(caplog):
+    strategy = _strategy("fedavg", "krum")
+    with caplog.at_level("WARNING"):
+        arrays, metrics = _round(strategy, (lambda s, r: {n: v + 5.0 for n, v in s.items()},
+                                            100))
+    assert metrics["rejected"] == 2  # f = ceil(0.2 × 6) = 2 excluded: the outlier and one
+    assert f"reply from node {HOSTILE} rejected: excluded by krum" in caplog.text
+    assert metrics["clients"] == len(HONEST) - 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_screening_does_not_depend_on_arrival_order(mode):
+    first, _ = _round(_strategy("fedavg", mode), HOSTILE_REPLIES["values 1e30"])
+    second, _ = _round(_strategy("fedavg", mode), HOSTILE_REPLIES["values 1e30"],
+                       order=[5, 3, 0, 4, 1, 2])
+    assert all(first[n].numpy().tobytes() == second[n].numpy().tobytes() for n in first)
+
+
+def test_without_a_robust_mode_the_hostile_weight_wins():
+    """The harness bites: with robust=none the 2e9 claim makes the global the
+    attacker's adapter (what the robust modes are for)."""
+    strategy = _strategy("fedavg", "none")
+    arrays, _ = _round(strategy, HOSTILE_REPLIES["2e9 examples"])
+    assert all(np.allclose(v, 5.0, atol=1e-3) for v in _changes(strategy, arrays).values())
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"robust": "median", "dp": "central", "dp-noise-multiplier": 1.0}, "'robust'"),
+    ({"robust": "krum", "robust-fraction": 0.5}, "'robust-fraction'"),
+    ({"robust-norm-factor": 2.0}, "'robust-norm-factor' applies to robust norm-bound"),
+    ({"robust": "median", "robust-norm-factor": 2.0}, "'robust-norm-factor'"),
+    ({"robust": "mean"}, "'robust'"),
+])
+def test_a_robust_config_that_makes_no_sense_is_refused_in_one_line(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        resolve(overrides)
+    assert key in str(err.value) and "\n" not in str(err.value)

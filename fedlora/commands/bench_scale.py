@@ -80,6 +80,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlora.core.config import ConfigError, RunConfig, cached_by, parse_set_option
+from fedlora.core.fields import Round
 from fedlora.strategies import resolve
 
 DEFAULT_CLIENTS = (10, 100, 500)
@@ -161,12 +162,12 @@ def run_child(mode: str, overrides: dict, out_dir: str) -> dict:
     return {"wall_s": wall, "workers": workers,
             "ray_ready_s": phases["ray_ready"] - started,
             "rounds_start_s": phases["rounds_start"] - started,
-            "compute_s": sum(r["compute_s"] for r in rounds),
-            "rounds_s": sum(r["seconds"] for r in rounds),
-            "first_round_s": rounds[0]["seconds"],
-            "aggregate_s": sum(r.get("aggregate_s") or 0.0 for r in rounds),
-            "updates": sum(r["clients"] for r in rounds),
-            "rejected": sum(r["rejected"] for r in rounds)}
+            "compute_s": sum(r[Round.COMPUTE_S] for r in rounds),
+            "rounds_s": sum(r[Round.SECONDS] for r in rounds),
+            "first_round_s": rounds[0][Round.SECONDS],
+            "aggregate_s": sum(r.get(Round.AGGREGATE_S) or 0.0 for r in rounds),
+            "updates": sum(r[Round.CLIENTS] for r in rounds),
+            "rejected": sum(r[Round.REJECTED] for r in rounds)}
 
 
 # --------------------------------------------------------------- parent process

@@ -120,8 +120,8 @@ def _raw_partitioner(config: RunConfig):
     from fedlora.learning.data import make_partitioner
     from fedlora.learning.features import splits_for
 
-    train = splits_for(config).train.shuffle(seed=config["seed"]).flatten_indices()
-    partitioner = make_partitioner(config, len(train), seed=config["seed"])
+    train = splits_for(config).train.shuffle(seed=config.seed).flatten_indices()
+    partitioner = make_partitioner(config, len(train), seed=config.seed)
     partitioner.dataset = train
     return partitioner
 
@@ -140,7 +140,7 @@ def _stock_train(message: Message, context: Context) -> Message:
     label_names = splits_for(config).label_names
     model = build_lora_model(ModelSpec.from_config(config, label_names, request.task.rank))
     raw = _raw_partitioner(config).load_partition(request.task.partition_id)
-    data = raw.map(encoder_for(model, config["max-seq-len"], label_names), batched=True,
+    data = raw.map(encoder_for(model, config.max_seq_len, label_names), batched=True,
                    remove_columns=["text"])
     return local_update(message, context, open_session(message, context, model, data))
 

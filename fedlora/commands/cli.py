@@ -73,7 +73,7 @@ def _new_run_config(args: argparse.Namespace) -> RunConfig:
     check_out_dir(out)
     _check_out_creatable(Path(out))
     config = _config_from_args(args)
-    if config["resume-from"]:
+    if config.resume_from:
         raise ConfigError("config key 'resume-from': use `fedlora simulate --resume DIR`")
     return RunConfig({**config.to_dict(), "out-dir": out})
 
@@ -104,7 +104,7 @@ def _farewell(config: RunConfig, progress: Lines) -> Callable[[int], str]:
         from fedlora.federation import checkpoint
 
         progress.close()
-        out, name = Path(config["out-dir"]), signal.Signals(signum).name
+        out, name = Path(config.out_dir), signal.Signals(signum).name
         if not (out / "config.json").is_file():
             return f"fedlora: stopped by {name} before the run started; nothing was written"
         if (out / "summary.json").is_file():
@@ -115,7 +115,7 @@ def _farewell(config: RunConfig, progress: Lines) -> Callable[[int], str]:
             saved = None
         done = saved.round if saved is not None else 0
         return (f"fedlora: stopped by {name}: {done} of "
-                f"{config['rounds']} rounds complete in {out} (no summary.json: not a "
+                f"{config.rounds} rounds complete in {out} (no summary.json: not a "
                 f"finished run); continue with: fedlora simulate --resume {out}")
 
     return line
@@ -139,7 +139,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # starting Ray take seconds (fedlora.runtime.progress)
     with for_command(quiet=args.quiet) as progress:
         config = _resumed_config(args) if args.resume else _new_run_config(args)
-        overrides_out = config["out-dir"]
+        overrides_out = config.out_dir
         server_done = threading.Event()
         server_done.set()  # the round loop is not running yet
         with stop_on_signals(_farewell(config, progress), server_done):
@@ -194,7 +194,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # --dataset's test split is mapped onto the run's classes by name
     test = evaluation_set(config, model, whole=args.all)
     accuracy, loss = evaluate(model, test)
-    print(json.dumps({"run_dir": str(run_dir), "dataset": config["dataset"],
+    print(json.dumps({"run_dir": str(run_dir), "dataset": config.dataset,
                       "examples": len(test), "accuracy": accuracy, "loss": loss}))
     return 0
 

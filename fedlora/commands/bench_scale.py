@@ -80,6 +80,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlora.core.config import ConfigError, RunConfig, cached_by, parse_set_option
+from fedlora.core.fields import Round
 from fedlora.strategies import resolve
 
 DEFAULT_CLIENTS = (10, 100, 500)
@@ -119,8 +120,8 @@ def _raw_partitioner(config: RunConfig):
     from fedlora.learning.data import make_partitioner
     from fedlora.learning.features import splits_for
 
-    train = splits_for(config).train.shuffle(seed=config["seed"]).flatten_indices()
-    partitioner = make_partitioner(config, len(train), seed=config["seed"])
+    train = splits_for(config).train.shuffle(seed=config.seed).flatten_indices()
+    partitioner = make_partitioner(config, len(train), seed=config.seed)
     partitioner.dataset = train
     return partitioner
 
@@ -139,7 +140,7 @@ def _stock_train(message: Message, context: Context) -> Message:
     label_names = splits_for(config).label_names
     model = build_lora_model(ModelSpec.from_config(config, label_names, request.task.rank))
     raw = _raw_partitioner(config).load_partition(request.task.partition_id)
-    data = raw.map(encoder_for(model, config["max-seq-len"], label_names), batched=True,
+    data = raw.map(encoder_for(model, config.max_seq_len, label_names), batched=True,
                    remove_columns=["text"])
     return local_update(message, context, open_session(message, context, model, data))
 
@@ -161,12 +162,12 @@ def run_child(mode: str, overrides: dict, out_dir: str) -> dict:
     return {"wall_s": wall, "workers": workers,
             "ray_ready_s": phases["ray_ready"] - started,
             "rounds_start_s": phases["rounds_start"] - started,
-            "compute_s": sum(r["compute_s"] for r in rounds),
-            "rounds_s": sum(r["seconds"] for r in rounds),
-            "first_round_s": rounds[0]["seconds"],
-            "aggregate_s": sum(r.get("aggregate_s") or 0.0 for r in rounds),
-            "updates": sum(r["clients"] for r in rounds),
-            "rejected": sum(r["rejected"] for r in rounds)}
+            "compute_s": sum(r[Round.COMPUTE_S] for r in rounds),
+            "rounds_s": sum(r[Round.SECONDS] for r in rounds),
+            "first_round_s": rounds[0][Round.SECONDS],
+            "aggregate_s": sum(r.get(Round.AGGREGATE_S) or 0.0 for r in rounds),
+            "updates": sum(r[Round.CLIENTS] for r in rounds),
+            "rejected": sum(r[Round.REJECTED] for r in rounds)}
 
 
 # --------------------------------------------------------------- parent process

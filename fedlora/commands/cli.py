@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedlora.core.config import ConfigError, RunConfig, load_toml, parse_set_option
+from fedlora.core.fields import Summary
 from fedlora.runtime import quiet
 from fedlora.runtime.progress import Lines, for_command
 
@@ -72,7 +73,7 @@ def _new_run_config(args: argparse.Namespace) -> RunConfig:
     check_out_dir(out)
     _check_out_creatable(Path(out))
     config = _config_from_args(args)
-    if config["resume-from"]:
+    if config.resume_from:
         raise ConfigError("config key 'resume-from': use `fedlora simulate --resume DIR`")
     return RunConfig({**config.to_dict(), "out-dir": out})
 
@@ -103,7 +104,7 @@ def _farewell(config: RunConfig, progress: Lines) -> Callable[[int], str]:
         from fedlora.federation import checkpoint
 
         progress.close()
-        out, name = Path(config["out-dir"]), signal.Signals(signum).name
+        out, name = Path(config.out_dir), signal.Signals(signum).name
         if not (out / "config.json").is_file():
             return f"fedlora: stopped by {name} before the run started; nothing was written"
         if (out / "summary.json").is_file():
@@ -114,7 +115,7 @@ def _farewell(config: RunConfig, progress: Lines) -> Callable[[int], str]:
             saved = None
         done = saved.round if saved is not None else 0
         return (f"fedlora: stopped by {name}: {done} of "
-                f"{config['rounds']} rounds complete in {out} (no summary.json: not a "
+                f"{config.rounds} rounds complete in {out} (no summary.json: not a "
                 f"finished run); continue with: fedlora simulate --resume {out}")
 
     return line
@@ -138,7 +139,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # starting Ray take seconds (fedlora.runtime.progress)
     with for_command(quiet=args.quiet) as progress:
         config = _resumed_config(args) if args.resume else _new_run_config(args)
-        overrides_out = config["out-dir"]
+        overrides_out = config.out_dir
         server_done = threading.Event()
         server_done.set()  # the round loop is not running yet
         with stop_on_signals(_farewell(config, progress), server_done):
@@ -151,10 +152,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not summary_path.is_file():
         raise RuntimeError("the simulation ended without writing summary.json")
     summary = json.loads(summary_path.read_text())
-    print(f"done: final accuracy {summary['final_accuracy']:.4f} after "
-          f"{summary['rounds']} rounds ({summary['client_updates']} client updates, "
-          f"{summary['rejected_updates']} rejected); results in {overrides_out}")
-    if summary["client_updates"] == 0:
+    print(f"done: final accuracy {summary[Summary.FINAL_ACCURACY]:.4f} after "
+          f"{summary[Summary.ROUNDS]} rounds ({summary[Summary.CLIENT_UPDATES]} client "
+          f"updates, {summary[Summary.REJECTED_UPDATES]} rejected); results in {overrides_out}")
+    if summary[Summary.CLIENT_UPDATES] == 0:
         print("fedlora: error: no client update was accepted in any round (see the "
               "'rejected' lines above)", file=sys.stderr)
         return 1
@@ -180,7 +181,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     saved = json.loads(config_path.read_text())
     # the classes the adapter was trained on: recorded in summary.json, or for
     # runs from before that, those of the run's own dataset
-    classes = tuple(json.loads(summary_path.read_text()).get("label_names")
+    classes = tuple(json.loads(summary_path.read_text()).get(Summary.LABEL_NAMES)
                     or splits_for(resolve(saved)).label_names)
     if args.dataset:
         saved["dataset"] = absolute_paths({"dataset": args.dataset})["dataset"]
@@ -193,7 +194,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # --dataset's test split is mapped onto the run's classes by name
     test = evaluation_set(config, model, whole=args.all)
     accuracy, loss = evaluate(model, test)
-    print(json.dumps({"run_dir": str(run_dir), "dataset": config["dataset"],
+    print(json.dumps({"run_dir": str(run_dir), "dataset": config.dataset,
                       "examples": len(test), "accuracy": accuracy, "loss": loss}))
     return 0
 
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "label, group and differing keys) once per seed, each as `fedlora "
                     "simulate` into OUT/<label>/seed-<s> (finished runs are reused), then "
                     "write OUT/summary.csv, summary.md and accuracy plots (mean and 95% "
-                    "CI over seeds). See fedlora/commands/compare.py.")
+                    "CI over seeds). See fedlora/commands/compare/.")
     cmp.add_argument("comparison", metavar="CONFIG.toml", help="comparison file")
     cmp.add_argument("--seeds", metavar="N|LIST",
                      help="N = seeds 1..N, or a comma list such as 1,5,9 (default: one "

@@ -12,6 +12,7 @@ names the offending key, so the CLI can print it and exit non-zero.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -253,14 +254,41 @@ def _coerce(key: str, value: Any, spec: Key) -> Any:
     raise ConfigError(f"config key '{key}': expected {name}, got {value!r}")
 
 
+def attribute_name(key: str) -> str:
+    """The attribute a key is read by: ``lora-rank`` → ``config.lora_rank``."""
+    return key.replace("-", "_")
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """A validated, fully resolved run configuration (hyphenated keys)."""
+    """A validated, fully resolved run configuration (hyphenated keys).
+
+    Every key, the core's and the strategies', reads as an attribute with its
+    hyphens as underscores, ``config.lora_rank`` for ``config["lora-rank"]``,
+    so that a misspelt key fails where it is read, naming it."""
 
     values: Mapping[str, Any]
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
+
+    def __getattr__(self, name: str) -> Any:
+        """Only called for what is not a real attribute: a key's value, or an
+        AttributeError naming the key (dunder names too: copy and pickle
+        look those up on an instance whose ``values`` may not be set yet)."""
+        if name.startswith("__") or name == "values":
+            raise AttributeError(name)
+        key = name.replace("_", "-")
+        try:
+            return self.values[key]
+        except KeyError:
+            close = difflib.get_close_matches(key, self.values, n=1)
+            hint = f"did you mean config.{attribute_name(close[0])}? " if close else ""
+            raise AttributeError(f"run config has no key '{key}' (read as config.{name}); "
+                                 f"{hint}`fedlora keys` lists them") from None
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *map(attribute_name, self.values)})
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.values)
@@ -270,7 +298,7 @@ class RunConfig:
 
     @property
     def target_modules(self) -> list[str] | None:
-        names = [m.strip() for m in self["lora-target-modules"].split(",") if m.strip()]
+        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         return names or None
 
 

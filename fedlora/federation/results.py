@@ -16,11 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError, RunConfig
-
-# federated evaluation's mean accuracy (personal models, or the global one)
-CLIENT_ACCURACY = ("personal_accuracy", "fed_accuracy")
-ROUND_FIELDS = ("round", "accuracy", "loss", "train_loss", "clients", "rejected",
-                "uplink_bytes", "downlink_bytes", "epsilon", "seconds")
+from fedlora.core.fields import CLIENT_ACCURACY, Round, Summary
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -81,16 +77,16 @@ class RunWriter:
                 row = json.loads(line)
             except json.JSONDecodeError:  # the line a crash cut short
                 continue
-            if isinstance(row, dict) and isinstance(row.get("round"), int) \
-                    and row["round"] <= completed:
+            if isinstance(row, dict) and isinstance(row.get(Round.ROUND), int) \
+                    and row[Round.ROUND] <= completed:
                 rows.append(row)
-        if [row["round"] for row in rows] != list(range(1, completed + 1)):
+        if [row[Round.ROUND] for row in rows] != list(range(1, completed + 1)):
             raise ConfigError(f"{path}: does not hold rounds 1..{completed} once each, "
                               "as its checkpoint says; the run cannot be resumed")
         return cls(out_dir, None, rows)
 
     def add_round(self, record: dict[str, Any]) -> None:
-        row = {key: _jsonable(record.get(key)) for key in ROUND_FIELDS}
+        row = {key: _jsonable(record.get(key)) for key in Round.FIXED}
         row.update({k: _jsonable(v) for k, v in record.items() if k not in row})
         self.rounds.append(row)
         with self._metrics.open("a") as handle:
@@ -110,22 +106,27 @@ class RunWriter:
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Write summary.json (last, marking the run finished) and return it."""
-        evaluated = [r for r in self.rounds if r["accuracy"] is not None]
+        evaluated = [r for r in self.rounds if r[Round.ACCURACY] is not None]
         final = evaluated[-1] if evaluated else {}
         client = next((final[k] for k in CLIENT_ACCURACY if final.get(k) is not None), None)
+        rounds = self.rounds
+
+        def total(field: str) -> float:  # over every round (null counts as 0)
+            return sum(r[field] or 0 for r in rounds)
+
         summary = {
-            "rounds": len(self.rounds),
-            "final_round": final.get("round"),
-            "final_accuracy": final.get("accuracy"),
-            "final_loss": final.get("loss"),
-            "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
-            "uplink_bytes": sum(r["uplink_bytes"] or 0 for r in self.rounds),
-            "downlink_bytes": sum(r["downlink_bytes"] or 0 for r in self.rounds),
-            "client_updates": sum(r["clients"] or 0 for r in self.rounds),
-            "rejected_updates": sum(r["rejected"] or 0 for r in self.rounds),
-            "seconds": sum(r["seconds"] or 0 for r in self.rounds),
-            "epsilon": self.rounds[-1]["epsilon"] if self.rounds else None,
-            "final_client_accuracy": client,
+            Summary.ROUNDS: len(rounds),
+            Summary.FINAL_ROUND: final.get(Round.ROUND),
+            Summary.FINAL_ACCURACY: final.get(Round.ACCURACY),
+            Summary.FINAL_LOSS: final.get(Round.LOSS),
+            Summary.BEST_ACCURACY: max((r[Round.ACCURACY] for r in evaluated), default=None),
+            Summary.UPLINK_BYTES: total(Round.UPLINK_BYTES),
+            Summary.DOWNLINK_BYTES: total(Round.DOWNLINK_BYTES),
+            Summary.CLIENT_UPDATES: total(Round.CLIENTS),
+            Summary.REJECTED_UPDATES: total(Round.REJECTED),
+            Summary.SECONDS: total(Round.SECONDS),
+            Summary.EPSILON: rounds[-1][Round.EPSILON] if rounds else None,
+            Summary.FINAL_CLIENT_ACCURACY: client,
             **{k: _jsonable(v) for k, v in extra.items()},
         }
         _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

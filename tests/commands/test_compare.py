@@ -85,7 +85,7 @@ def no_child(monkeypatch):
     def forbidden(command, log, append=False):
         raise AssertionError(f"a simulation was started: {command}")
 
-    monkeypatch.setattr(cmp, "run_child", forbidden)
+    monkeypatch.setattr(cmp.runs, "run_child", forbidden)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -326,7 +326,7 @@ def test_unfinished_runs_resume_if_their_settings_match(tmp_path, capsys, monkey
     (edited / "config.json").write_text(json.dumps(config | {"lr": 0.02}))
     (_unfinish(out, "ffa", 3) / "config.json").unlink()  # stopped before it was written
     calls = []
-    monkeypatch.setattr(cmp, "run_child", _fake_child(calls))
+    monkeypatch.setattr(cmp.runs, "run_child", _fake_child(calls))
     code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
     assert code == 0, err
     assert calls == [("avg", 2, "resume"), ("ffa", 1, "fresh"), ("ffa", 3, "fresh")]
@@ -347,7 +347,7 @@ def test_a_refused_resume_runs_again_from_round_1(tmp_path, capsys, monkeypatch)
     path, out = _finished_comparison(tmp_path)
     directory = _unfinish(out, "avg", 2)
     calls = []
-    monkeypatch.setattr(cmp, "run_child", _fake_child(calls, resume_code=2))
+    monkeypatch.setattr(cmp.runs, "run_child", _fake_child(calls, resume_code=2))
     code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
     assert code == 0, err
     assert calls == [("avg", 2, "resume"), ("avg", 2, "fresh")]
@@ -365,7 +365,7 @@ def test_failed_run_stops_the_comparison(tmp_path, capsys, monkeypatch):
     (out / "summary.csv").write_text("from an earlier comparison")
     (out / "ffa" / "seed-1" / "summary.json").unlink()
     calls = []
-    monkeypatch.setattr(cmp, "run_child", _fake_child(calls, exit_code=1))
+    monkeypatch.setattr(cmp.runs, "run_child", _fake_child(calls, exit_code=1))
     code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
     assert code == 1 and calls == [("ffa", 1, "resume")]
     assert err.count("\n") == 1 and err.startswith(

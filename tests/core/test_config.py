@@ -3,7 +3,9 @@ how the CLI reports bad input (one line, exit code 2, nothing written)."""
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,15 @@ import pytest
 import tomllib
 
 from fedlora.commands import cli
-from fedlora.core.config import KEYS, ConfigError, Key, load_toml, parse_set_option
+from fedlora.core.config import (
+    KEYS,
+    ConfigError,
+    Key,
+    RunConfig,
+    attribute_name,
+    load_toml,
+    parse_set_option,
+)
 from fedlora.strategies import registry, resolve, strategies, strategy_keys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +64,50 @@ def test_every_default_is_valid():
     for key, spec in _table(built_in_only=False).items():
         assert config[key] == spec.default
         assert isinstance(config[key], spec.type), key
+
+
+# ----------------------------------------------------------------- attributes
+
+
+def test_every_key_reads_as_an_attribute():
+    """``config.lora_rank`` is ``config["lora-rank"]``, for the core keys and
+    every strategy's; a distinct value per key shows that no attribute
+    reads another key or a method of its own (``to_dict``, ``target_modules``)."""
+    table = _table(built_in_only=False)
+    assert set(KEYS) < set(table)
+    marks = {key: object() for key in table}
+    config = RunConfig(marks)
+    for key, mark in marks.items():
+        assert getattr(config, attribute_name(key)) is mark, key
+
+
+def test_resolved_values_read_as_attributes():
+    config = resolve({"lora-rank": 4, "strategy": "cellm", "cellm-up-density": 0.25})
+    assert (config.lora_rank, config.strategy, config.cellm_up_density) == (4, "cellm", 0.25)
+    assert config.dp == "off" and config.client_ranks == config.values["client-ranks"]
+    assert {"lora_rank", "cellm_up_density"} <= set(dir(config))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("lora_rnk", "run config has no key 'lora-rnk' (read as config.lora_rnk); did you mean "
+                 "config.lora_rank? `fedlora keys` lists them"),
+    ("no_such_thing", "run config has no key 'no-such-thing' (read as "
+                      "config.no_such_thing); `fedlora keys` lists them"),
+])
+def test_a_misspelt_attribute_names_the_key(name, message):
+    config = resolve({})
+    with pytest.raises(AttributeError) as raised:
+        getattr(config, name)
+    assert str(raised.value) == message
+    assert not hasattr(config, name)
+
+
+def test_a_config_survives_pickle_and_copy():
+    """pickle and copy look up dunder methods on a config whose ``values``
+    is not set yet: they must not reach the keys."""
+    config = resolve({"lora-rank": 4})
+    for clone in (pickle.loads(pickle.dumps(config)), copy.copy(config), copy.deepcopy(config)):
+        assert clone == config and clone.lora_rank == 4
 
 
 # ----------------------------------------------------------------- resolve()

@@ -16,6 +16,7 @@ checks), a child that ``fedlora compare`` starts
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -69,6 +70,7 @@ class Module:
         if self.pytestmark is not None:
             self.everywhere |= _usefixtures(list(ast.walk(self.pytestmark)))
 
+    @cache
     def refs(self, name: str) -> set[str]:
         """The names a definition uses: bare, ``module.attr``, its arguments
         (fixtures), ``usefixtures`` strings; a test also its module's autouse
@@ -105,6 +107,7 @@ class Finder:
             self._modules[path] = Module(path)
         return self._modules[path]
 
+    @cache
     def _helper(self, name: str) -> Module | None:
         path = TESTS / f"{name}.py"
         return self.module(path) if path.is_file() else None

@@ -173,6 +173,7 @@ def _evaluate(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_evaluate_maps_classes_by_name(capsys, tmp_path, topic_dataset, finished_run,
                                        quiet_datasets):  # noqa: F811
     """The same examples with the classes listed in another order score the
@@ -202,6 +203,7 @@ def test_evaluate_maps_classes_by_name(capsys, tmp_path, topic_dataset, finished
             f"({', '.join(LABEL_WORDS)}; or integers 0..3)") in line
 
 
+@pytest.mark.slow
 def test_evaluate_sample_whole_split_and_unfinished_run(capsys, finished_run):
     run, accuracy = finished_run
     sample = _evaluate(capsys, str(run))
@@ -217,6 +219,7 @@ def test_evaluate_sample_whole_split_and_unfinished_run(capsys, finished_run):
 # ------------------------------------------------------------------ 7. Ray left behind
 
 
+@pytest.mark.e2e
 def test_simulate_starts_its_own_ray_despite_a_stale_cluster(tmp_path, tiny_bert,
                                                              topic_dataset):
     """A cluster file left by a `ray start` never stopped, and RAY_ADDRESS,

@@ -429,6 +429,7 @@ def _ctrl_c_after_round_1(tmp_path: Path, run: Path, *args: str
     return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
+@pytest.mark.e2e
 def test_real_comparison_stops_on_ctrl_c_and_resumes(tmp_path, tiny_bert, topic_dataset):
     """Ctrl-C after the first run's round 1 (SIGINT to the whole process
     group, as a terminal sends it; 8 rounds, as later ones take a fraction of

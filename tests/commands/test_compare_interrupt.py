@@ -23,6 +23,8 @@ import pytest
 from fedlora.commands import cli
 from fedlora.commands import compare as cmp
 
+pytestmark = pytest.mark.e2e
+
 COMPARISON = """[base]
 num-clients = 4
 clients-per-round = 2

@@ -213,6 +213,7 @@ def test_without_matplotlib_the_table_is_written(tmp_path, capsys, runs, monkeyp
     assert [p.name for p in out.iterdir()] == ["report.md"]
 
 
+@pytest.mark.e2e
 def test_no_command_imports_matplotlib():
     """It is slow to import; only drawing needs it."""
     code = ("import sys, fedlora.commands.cli, fedlora.commands.report, fedlora.commands.compare; "

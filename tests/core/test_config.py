@@ -324,6 +324,7 @@ def test_cli_unknown_strategy(capsys, tmp_path, tiny_bert, topic_dataset, quiet_
     assert "fedmagic" in err
 
 
+@pytest.mark.e2e
 def test_cli_missing_dataset(capsys, tmp_path, tiny_bert, topic_dataset, quiet_datasets):
     out = tmp_path / "run"
     missing = tmp_path / "no" / "such" / "data"
@@ -331,6 +332,7 @@ def test_cli_missing_dataset(capsys, tmp_path, tiny_bert, topic_dataset, quiet_d
     _assert_one_line_error(code, err, out, str(missing))
 
 
+@pytest.mark.e2e
 def test_cli_missing_text_column(capsys, tmp_path, tiny_bert, topic_dataset, quiet_datasets):
     out = tmp_path / "run"
     code, err = _run_cli(capsys, out, *_base(tiny_bert, topic_dataset), "text-column=nope")
@@ -338,6 +340,7 @@ def test_cli_missing_text_column(capsys, tmp_path, tiny_bert, topic_dataset, qui
     assert "nope" in err
 
 
+@pytest.mark.e2e
 def test_cli_model_dir_not_a_model(capsys, tmp_path, tiny_bert, topic_dataset,
                                    quiet_datasets):
     out = tmp_path / "run"
@@ -348,6 +351,7 @@ def test_cli_model_dir_not_a_model(capsys, tmp_path, tiny_bert, topic_dataset,
     assert "model" in err
 
 
+@pytest.mark.e2e
 def test_cli_more_clients_than_examples(capsys, tmp_path, tiny_bert, topic_dataset,
                                         quiet_datasets):
     out = tmp_path / "run"
@@ -374,6 +378,7 @@ def test_cli_config_path_is_directory(capsys, tmp_path, quiet_datasets):
     _assert_one_line_error(code, err, out, str(folder))
 
 
+@pytest.mark.e2e
 def test_console_script_bad_value(tmp_path):
     script = Path(sys.executable).with_name("fedlora")
     assert script.is_file(), "the fedlora console script is not installed"

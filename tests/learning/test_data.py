@@ -50,6 +50,7 @@ def test_ag_news_directory():
     assert set(splits.train["label"]) == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_sst2_directory_uses_dev_as_test():
     splits = load_splits(str(SHARED_DATA / "sst2"))
     assert len(splits.test) == 872
@@ -206,6 +207,7 @@ def _examples(ds: Dataset) -> list[tuple[tuple[int, ...], int]]:
     return [(tuple(ids), label) for ids, label in zip(ds["input_ids"], ds["label"])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("partition", ["iid", "dirichlet", "pathological"])
 def test_partitions_deterministic_for_seed(partition, tiny_bert, topic_dataset):
     config = _config(tiny_bert, topic_dataset, partition=partition, seed=21)
@@ -245,6 +247,7 @@ def _mean_top_label_share(config) -> float:
     return float(np.mean(shares))
 
 
+@pytest.mark.slow
 def test_dirichlet_skews_labels(tiny_bert, topic_dataset):
     iid = np.mean([_mean_top_label_share(_config(tiny_bert, topic_dataset,
                                                   partition="iid", seed=s))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
 from processes import ours, stop
 from rich.console import Console
 from runs import _env, run_fedlora
@@ -108,6 +109,7 @@ def test_quiet_and_verbose_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_a_quiet_run_prints_fedlora_lines_only(tmp_path, tiny_bert, topic_dataset):
     settings = {"model": tiny_bert, "dataset": topic_dataset, "num-clients": 4,
                 "clients-per-round": 2, "rounds": 2, "batch-size": 8, "partition": "iid",

@@ -121,6 +121,7 @@ def test_a_value_float16_cannot_carry_is_not_sent():
 # ----------------------------------------------------------------- bytes as sent
 
 
+@pytest.mark.slow
 def test_float16_and_int8_cut_the_bytes_to_a_half_and_a_quarter(topic_dataset):
     """The default model (all-MiniLM-L6-v2, whose adapter dwarfs the framing),
     one round of FedAvg at each precision; the metrics are the encoded sizes."""

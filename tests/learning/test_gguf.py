@@ -214,6 +214,14 @@ def test_a_failed_conversion_leaves_no_cache_entry(tiny_gguf, tmp_path, monkeypa
             if not p.name.endswith(".lock")] == []
 
 
+def test_a_cache_that_cannot_be_written_is_one_line_naming_the_key(tiny_gguf, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    with pytest.raises(ConfigError, match=rf"^config key 'model-cache': cannot write in "
+                       rf"{blocked}"):
+        gguf.converted(tiny_gguf[0], blocked)
+
+
 def test_a_file_that_is_not_gguf_is_one_line(tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"not a gguf file at all")

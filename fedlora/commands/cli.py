@@ -1,5 +1,5 @@
-"""The ``fedlora`` command: simulate | evaluate | compare | report | keys | bench-scale |
-trainer | supernode.
+"""The ``fedlora`` command: simulate | evaluate | export | generate | compare | report |
+keys | bench-scale | trainer | supernode.
 
 Bad input of any kind (unknown key, bad value, missing file or column, model
 that does not load) ends with one ``fedlora: error: …`` line and exit code 2,
@@ -215,6 +215,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report(args.run_dirs, args.out)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedlora.commands.export import export_merged
+
+    out = export_merged(args.run_dir, args.merge, args.round)
+    print(f"exported the merged model of {args.run_dir} to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedlora.commands.generate import generate
+
+    print(generate(args.run_dir, args.prompt, args.max_new_tokens, args.round))
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """The core keys, then each strategy's own; ``--markdown``: README's table."""
     from fedlora.commands import keytable
@@ -271,6 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directory")
     rep.add_argument("--out", required=True, help="report directory (created if missing)")
     rep.set_defaults(run=cmd_report)
+    exp = sub.add_parser("export", help="a run's model merged into one Hugging Face model",
+                         description="Add the run's base change (FLoRA, FedEx-LoRA), merge its "
+                                     "LoRA adapter (PEFT merge_and_unload) and save the model "
+                                     "and tokenizer to OUT, loadable with from_pretrained. "
+                                     "See fedlora/commands/export.py.")
+    exp.add_argument("run_dir")
+    exp.add_argument("--merge", required=True, metavar="OUT",
+                     help="directory to write (must not exist, or be empty)")
+    exp.add_argument("--round", type=int, metavar="T",
+                     help="export the round-T snapshot (save-every) instead")
+    exp.set_defaults(run=cmd_export)
+    gen = sub.add_parser("generate", help="a reply from a decoder run's model (greedy)")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", required=True, help="the user's message")
+    gen.add_argument("--max-new-tokens", type=int, default=64,
+                     help="longest reply in tokens (default 64)")
+    gen.add_argument("--round", type=int, metavar="T",
+                     help="answer with the round-T snapshot (save-every)")
+    gen.set_defaults(run=cmd_generate)
     keys = sub.add_parser("keys", help="list the run-config keys, defaults and choices")
     keys.add_argument("--markdown", action="store_true",
                       help="as the markdown table in README.md (built-in strategies)")

@@ -16,6 +16,8 @@ def absolute_paths(overrides: dict) -> dict:
         value = overrides.get(key)
         if isinstance(value, str) and value and Path(value).expanduser().exists():
             overrides[key] = str(Path(value).expanduser().resolve())
+    if overrides.get("model-cache"):  # made by the first run: absolute before it exists
+        overrides["model-cache"] = str(Path(overrides["model-cache"]).expanduser().resolve())
     return overrides
 
 

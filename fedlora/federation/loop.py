@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from fedlora.core.adapters import load_adapter_state
 from fedlora.core.config import KEYS, RunConfig
-from fedlora.federation import checkpoint
+from fedlora.federation import checkpoint, snapshots
 from fedlora.federation.replies import replies_as_they_arrive
 from fedlora.federation.resume import start_run
 from fedlora.learning.features import central_test_set, model_for, partitioner_for
@@ -119,6 +119,10 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
                     prefix))
         record["seconds"] = time.perf_counter() - round_start
         writer.add_round(record)
+        if snapshots.due(config["save-every"], server_round):  # before the checkpoint:
+            # a crash between them runs the round again, and writes it again
+            snapshots.save(out_dir, server_round, model.peft, from_arrayrecord(arrays),
+                           strategy.base.cumulative if strategy.base else None)
         checkpoint.save(out_dir, strategy.checkpoint(
             server_round, start.run_id, str(start.lineage),
             earlier_s + time.perf_counter() - started))

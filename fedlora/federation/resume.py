@@ -7,7 +7,8 @@ run keeps its own config (``DIR/config.json``): ``fedlora simulate`` refuses a
 ``--set`` that would change it (``check_unchanged``); under ``flwr run``,
 whose run config always carries every key, keys that differ from the saved
 run are named in a warning and ignored. Only ``RESUME_FREE_KEYS`` may
-differ: where the run sits and how long a round may wait change no result.
+differ: where the run (and its converted GGUF model) sits, how long a round
+may wait and how often it is snapshotted change no result.
 
 A finished run (``summary.json``) has nothing to resume and is refused. A
 run stopped before its first checkpoint starts again at round 1, as a new
@@ -31,7 +32,8 @@ from fedlora.node.client_state import Lineage
 from fedlora.strategies import resolve
 
 LOGGER = logging.getLogger(__name__)
-RESUME_FREE_KEYS = ("out-dir", "resume-from", "round-timeout", "ray-address")
+RESUME_FREE_KEYS = ("out-dir", "resume-from", "round-timeout", "ray-address", "model-cache",
+                    "save-every")
 SUMMARY = "summary.json"
 
 

@@ -63,6 +63,7 @@ from fedlora.learning.features import (
 )
 from fedlora.learning.models import LoraModel
 from fedlora.learning.privacy import PrivateTraining
+from fedlora.learning.schedule import round_lr
 from fedlora.learning.training import evaluate, train_local
 from fedlora.node.client_state import ClientStore, Lineage, store_for
 from fedlora.strategies import from_message, strategy_class
@@ -159,7 +160,8 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
     result = train_local(
         session.model, params, train,
         epochs=config["local-epochs"], max_steps=config["local-steps"],
-        batch_size=config["batch-size"], lr=config["lr"], optimizer=config["optimizer"],
+        batch_size=config["batch-size"], lr=round_lr(config, task.server_round),
+        optimizer=config["optimizer"],
         seed=client_seed(config["seed"], task.server_round, session.identity),
         private=private,
     )

@@ -49,12 +49,13 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
     saved to its store before the reply goes)."""
     config, task = session.config, session.request.task
     torch.set_num_threads(max(1, int(config["client-cpus"])))
-    private = local_privacy(session, context.state)
-    if private is not None and private.exceeds_budget():
+    private = _local_dp(session, context.state)  # None unless dp=local
+    if private is not None and private.exceeds_budget():  # decline, spend nothing
         return TrainReply(session.identity, base_version=session.base_version,
                           epsilon=private.epsilon(),
                           epsilon_after_round=private.epsilon_after_round()
                           ).to_message(message)
+    # an honest client's mod is the identity; an attacker's wraps the honest step
     train = attack_for(config, session.identity)(partial(train_step, private=private))
     trained = train(session)
     upload = session.role.upload(session.start, trained.state, context.state)
@@ -68,7 +69,7 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
                       ).to_message(message)
 
 
-def local_privacy(session: Session, memory: RecordDict) -> PrivateTraining | None:
+def _local_dp(session: Session, memory: RecordDict) -> PrivateTraining | None:
     """This client's DP-SGD for the round under ``dp=local`` (its ledger
     restored from ``memory``), else None."""
     config = session.config

@@ -131,7 +131,8 @@ def _stock_train(message: Message, context: Context) -> Message:
     """Model from disk and partition tokenised for this message alone."""
     from fedlora.learning.features import encoder_for, splits_for
     from fedlora.learning.models import ModelSpec, build_lora_model
-    from fedlora.node.client_loop import local_update, open_session
+    from fedlora.node.client_loop import local_update
+    from fedlora.node.session import open_session
     from fedlora.strategies import from_message
     from fedlora.wire.messages import Request
 

@@ -21,7 +21,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedlora.core.adapters import adapter_state
 from fedlora.core.config import KEYS, ConfigError
 from fedlora.learning.features import model_for
-from fedlora.node.client_loop import handle_train, local_update, open_session
+from fedlora.node.client_loop import handle_train, local_update
+from fedlora.node.session import open_session
 from fedlora.strategies import resolve, strategies
 from fedlora.strategies.base import to_arrayrecord
 from fedlora.strategies.cellm import RESIDUAL_KEY

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from fedlora.runtime.stopping import end_processes
+from fedlora.runtime.stopping import stop_tree, tree_of
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHILD_STOP_S = 15.0  # how long a signalled child gets (it needs a few seconds) before SIGKILL
@@ -42,21 +42,12 @@ class _Forward:
 
     def send(self, signum: int) -> None:
         if not self.tree:
-            self.tree = _tree(self.child.pid)
+            self.tree = tree_of(self.child.pid)
         self.child.send_signal(signum)  # a no-op once it has exited
 
     def kill(self) -> None:
         """The child took too long: kill it and every process of its tree."""
-        end_processes(list({*self.tree, *_tree(self.child.pid)}))
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    """``pid`` and its descendants (empty once it is gone)."""
-    try:
-        proc = psutil.Process(pid)
-        return [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return []
+        stop_tree({*self.tree, *tree_of(self.child.pid)})
 
 
 def run_child(command: list[str], log: Path, append: bool = False) -> int:

@@ -9,8 +9,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from fedlora.runtime.stopping import stop_tree, tree_of
+
+pytestmark = pytest.mark.e2e  # each test starts real processes
 
 STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
 POLITE = "import time; time.sleep(60)"

@@ -349,6 +349,20 @@ def _check_robust(values: Mapping[str, Any]) -> None:
                           "dp=central (one client could change how much of the others "
                           "gets through, which the central noise does not cover); use "
                           "dp=local or robust=none")
+    if values["robust"] == "krum":
+        count = values["clients-per-round"]
+        if hostile_count(values["robust-fraction"], count) == 0:
+            raise ConfigError(
+                f"config key 'robust-fraction': krum with {count} clients per round and "
+                f"robust-fraction={values['robust-fraction']} assumes f = 0 hostile "
+                "clients and would screen nobody; it needs clients-per-round >= 3 and "
+                "robust-fraction > 0 (f = min(ceil(fraction × n), (n − 1) // 2))")
+
+
+def hostile_count(fraction: float, count: int) -> int:
+    """⌈β·n⌉ clients of ``count`` assumed hostile (β = ``robust-fraction``),
+    leaving a majority: at most (n−1)//2."""
+    return min(math.ceil(fraction * count - 1e-9), (count - 1) // 2)
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:

@@ -47,6 +47,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ from fedlora.commands.report import (
     render_plots,
     write_atomically,
 )
-from fedlora.core.config import ConfigError
+from fedlora.core.config import ConfigError, check_file_types
 from fedlora.federation.results import CLIENT_ACCURACY
 from fedlora.runtime.stopping import end_processes
 
@@ -180,7 +181,7 @@ def load_plan(path: str | Path, seeds_text: str | None) -> tuple[list[Run], list
     as ``fedlora simulate`` will resolve it, so that a typo in the last run
     fails before the first one starts."""
     from fedlora.commands.prepare import absolute_paths
-    from fedlora.strategies import resolve
+    from fedlora.strategies import resolve, strategy_keys
 
     seeds = parse_seeds(seeds_text)
     data = _read_comparison(Path(path))
@@ -210,6 +211,8 @@ def load_plan(path: str | Path, seeds_text: str | None) -> tuple[list[Run], list
     for number, table in enumerate(tables, start=1):
         label, group = _check_run_table(number, table, {r.label for r in runs})
         own = {k: v for k, v in table.items() if k not in ("label", "group")}
+        check_file_types({**base, **own}, strategy_keys(),
+                         f"comparison file {path}, run '{label}'")
         run = Run(label, group, absolute_paths({**base, **own}))
         for seed in seeds:
             try:
@@ -556,9 +559,13 @@ def compare(config_path: str | Path, seeds_text: str | None, out: str | Path) ->
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output directory {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
-        (out / name).unlink(missing_ok=True)
+    try:  # a real try: os.access says yes to root everywhere
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out).cleanup()
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write there ({err.strerror or err})") from None
     print(f"comparing {len(runs)} runs × {len(seeds)} seeds "
           f"({', '.join(map(str, seeds))}) in {out}", flush=True)
     try:

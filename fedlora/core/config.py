@@ -395,6 +395,40 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return dict(table) if table is not None else data
 
 
+_TOML_KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def _toml_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a float", str: "a string", list: "an array",
+            dict: "a table"}.get(type(value), f"a {type(value).__name__}")
+
+
+def check_file_types(values: Mapping[str, Any], strategies: Mapping[str, Mapping[str, Key]],
+                     where: str) -> None:
+    """A TOML file's values have TOML types: each must be the key's own (an
+    integer also does for a float). ``--set rounds=3`` reads 3 as an integer;
+    ``rounds = "3"`` or ``rounds = 3.0`` in a file is refused, not converted,
+    so a file never runs with a value other than the one it spells. Unknown
+    keys are left to ``resolve``, which names them."""
+    table = dict(KEYS)
+    for keys in strategies.values():
+        table.update(keys)
+    for key, value in values.items():
+        spec = table.get(key)
+        if spec is None:
+            continue
+        if isinstance(value, bool) == (spec.type is bool) and isinstance(
+                value, _TOML_KINDS[spec.type]):
+            continue
+        want = {int: "an integer", float: "a number", str: "a string",
+                bool: "true or false"}[spec.type]
+        hint = "; write it without quotes" if isinstance(value, str) else ""
+        raise ConfigError(f"{where}: key '{key}': expected {want}, got {value!r} "
+                          f"({_toml_kind(value)}){hint}")
+
+
 def cached_by(*keys: str) -> Callable:
     """Memoise a ``f(config)`` per process on the values of ``keys`` only, so
     that runs differing in, say, ``lr`` share the same tokenised data."""

@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federated LoRA simulation on Ray",
                          epilog="Run-config keys: `fedlora keys` lists every key with its "
                                 "default and choices (`fedlora keys --markdown`: as a table).")
-    sim.add_argument("--config", help="TOML file with run-config keys")
+    sim.add_argument("--config", help="TOML file with run-config keys, each value of its "
+                                      "key's type (rounds = 3, not \"3\")")
     sim.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                      help="override run-config keys (see `fedlora keys`)")
     sim.add_argument("--out", help="run directory to create")

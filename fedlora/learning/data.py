@@ -13,8 +13,11 @@ first row contains an integer field has no header (AG News): its columns are
 then named ``text``/``label`` by content.
 
 A bad file is one ``ConfigError`` line naming it: a byte that is not UTF-8 (with
-its line), an empty label cell (with its row, counted as a spreadsheet counts
-them: a header is row 1), fewer than two classes in the train split.
+its line), a header and no examples, a row that does not parse (the parser's
+reason, with its line), an empty label cell (with its row, counted as a
+spreadsheet counts them: a header is row 1), labels that are names in one
+place and integers in another, fewer than two classes in the train split, a
+test class the train split lacks (with its count).
 """
 
 from __future__ import annotations

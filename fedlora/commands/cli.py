@@ -20,7 +20,13 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.core.config import ConfigError, RunConfig, load_toml, parse_set_option
+from fedlora.core.config import (
+    ConfigError,
+    RunConfig,
+    check_file_types,
+    load_toml,
+    parse_set_option,
+)
 from fedlora.core.fields import Summary
 from fedlora.runtime import quiet
 from fedlora.runtime.progress import Lines, for_command
@@ -38,9 +44,10 @@ def _quiet_environment() -> None:
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from fedlora.commands.prepare import absolute_paths
-    from fedlora.strategies import resolve
+    from fedlora.strategies import resolve, strategy_keys
 
     overrides = load_toml(args.config) if args.config else {}
+    check_file_types(overrides, strategy_keys(), f"config file {args.config}")
     for item in args.set or []:
         key, value = parse_set_option(item)
         overrides[key] = value
@@ -162,6 +169,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(path: Path) -> dict:
+    """A run file that must hold a JSON object, or one line saying it does not."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_label_map(text: str | None) -> dict[str, str]:
+    """``--label-map 0=world,1=sports`` → {"0": "world", "1": "sports"}."""
+    mapping: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        source, sep, target = (part.strip() for part in item.partition("="))
+        if not sep or not source or not target:
+            raise ConfigError(f"--label-map {text!r}: expected CLASS=RUN_CLASS pairs "
+                              "separated by commas, e.g. 0=world,1=sports")
+        if source in mapping:
+            raise ConfigError(f"--label-map {text!r}: class {source!r} is mapped twice")
+        mapping[source] = target
+    return mapping
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.commands.prepare import absolute_paths
     from fedlora.learning.features import evaluation_set, splits_for
@@ -171,6 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.wire.basedelta import BASE_DELTA_FILE
 
     quiet.libraries()
+    label_map = parse_label_map(args.label_map)
     run_dir = Path(args.run_dir)
     config_path, adapter_dir = run_dir / "config.json", run_dir / "adapter"
     summary_path = run_dir / "summary.json"
@@ -178,21 +215,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      summary_path)):
         raise ConfigError(f"{run_dir}: not a finished run (needs config.json, adapter/ "
                           "and summary.json)")
-    saved = json.loads(config_path.read_text())
+    saved = _json_object(config_path)
+    try:
+        resolve(saved)
+    except ConfigError as err:
+        raise ConfigError(f"{config_path}: {err}") from None
     # the classes the adapter was trained on: recorded in summary.json, or for
     # runs from before that, those of the run's own dataset
-    classes = tuple(json.loads(summary_path.read_text()).get(Summary.LABEL_NAMES)
+    classes = tuple(_json_object(summary_path).get(Summary.LABEL_NAMES)
                     or splits_for(resolve(saved)).label_names)
     if args.dataset:
         saved["dataset"] = absolute_paths({"dataset": args.dataset})["dataset"]
     config = resolve(saved)
     spec = ModelSpec.from_config(config, classes)
     base_delta = run_dir / BASE_DELTA_FILE
-    model = load_trained(spec, adapter_dir, base_delta if base_delta.is_file() else None)
+    try:
+        model = load_trained(spec, adapter_dir, base_delta if base_delta.is_file() else None)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged file is bad input, one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"{run_dir}: the trained adapter cannot be loaded "
+                          f"({type(err).__name__}: {reason}); is adapter/ or "
+                          f"{BASE_DELTA_FILE} damaged?") from None
     # the run's own evaluation set (its seeded eval-examples sample), so the
     # number matches the run's final accuracy; --all for the whole test split;
     # --dataset's test split is mapped onto the run's classes by name
-    test = evaluation_set(config, model, whole=args.all)
+    test = evaluation_set(config, model, whole=args.all, label_map=label_map)
     accuracy, loss = evaluate(model, test)
     print(json.dumps({"run_dir": str(run_dir), "dataset": config.dataset,
                       "examples": len(test), "accuracy": accuracy, "loss": loss}))
@@ -244,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federated LoRA simulation on Ray",
                          epilog="Run-config keys: `fedlora keys` lists every key with its "
                                 "default and choices (`fedlora keys --markdown`: as a table).")
-    sim.add_argument("--config", help="TOML file with run-config keys")
+    sim.add_argument("--config", help="TOML file with run-config keys, each value of its "
+                                      "key's type (rounds = 3, not \"3\")")
     sim.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                      help="override run-config keys (see `fedlora keys`)")
     sim.add_argument("--out", help="run directory to create")
@@ -262,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="evaluate on this dataset's test split instead")
     ev.add_argument("--all", action="store_true",
                     help="the whole test split, not the run's eval-examples sample")
+    ev.add_argument("--label-map", metavar="CLASS=RUN_CLASS,...",
+                    help="--dataset's classes by the run's names, e.g. 0=world,1=sports "
+                         "(classes are matched by name; bare integers need this)")
     ev.set_defaults(run=cmd_evaluate)
     cmp = sub.add_parser(
         "compare", help="run a set of simulations over several seeds and compare them",

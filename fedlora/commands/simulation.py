@@ -92,6 +92,28 @@ def _check_reachable(address: str) -> None:
         raise ConfigError(f"config key 'ray-address': cannot reach a Ray head at {address} "
                           f"({err.strerror or err}); start one with `ray start --head`"
                           ) from None
+    if not address.startswith("ray://"):
+        _check_answers_as_gcs(address)
+
+
+def _check_answers_as_gcs(address: str) -> None:
+    """Something listens at ``address``: fail in one line unless it answers as
+    a Ray head's GCS does (its cluster id) within ``CONNECT_TIMEOUT_S``.
+    Otherwise (another server on the port, a head that hangs) ``ray.init``
+    retries for minutes, its C++ client logging a line every few seconds."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+            gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S)
+    except grpc.RpcError as err:
+        raise ConfigError(f"config key 'ray-address': {address} does not answer as a Ray "
+                          f"head ({err.code().name} after {CONNECT_TIMEOUT_S:g} s); is it "
+                          "the head's GCS port (`ray start --head --port`)?") from None
+    finally:
+        channel.close()
 
 
 def start_ray(config: RunConfig, verbose: bool = False) -> int:

@@ -404,6 +404,20 @@ def _check_robust(values: Mapping[str, Any]) -> None:
                           "dp=central (one client could change how much of the others "
                           "gets through, which the central noise does not cover); use "
                           "dp=local or robust=none")
+    if values["robust"] == "krum":
+        count = values["clients-per-round"]
+        if hostile_count(values["robust-fraction"], count) == 0:
+            raise ConfigError(
+                f"config key 'robust-fraction': krum with {count} clients per round and "
+                f"robust-fraction={values['robust-fraction']} assumes f = 0 hostile "
+                "clients and would screen nobody; it needs clients-per-round >= 3 and "
+                "robust-fraction > 0 (f = min(ceil(fraction × n), (n − 1) // 2))")
+
+
+def hostile_count(fraction: float, count: int) -> int:
+    """⌈β·n⌉ clients of ``count`` assumed hostile (β = ``robust-fraction``),
+    leaving a majority: at most (n−1)//2."""
+    return min(math.ceil(fraction * count - 1e-9), (count - 1) // 2)
 
 
 def _check_schedule(values: Mapping[str, Any]) -> None:
@@ -441,6 +455,40 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not valid TOML ({err})") from None
     table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
     return dict(table) if table is not None else data
+
+
+_TOML_KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def _toml_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a float", str: "a string", list: "an array",
+            dict: "a table"}.get(type(value), f"a {type(value).__name__}")
+
+
+def check_file_types(values: Mapping[str, Any], strategies: Mapping[str, Mapping[str, Key]],
+                     where: str) -> None:
+    """A TOML file's values have TOML types: each must be the key's own (an
+    integer also does for a float). ``--set rounds=3`` reads 3 as an integer;
+    ``rounds = "3"`` or ``rounds = 3.0`` in a file is refused, not converted,
+    so a file never runs with a value other than the one it spells. Unknown
+    keys are left to ``resolve``, which names them."""
+    table = dict(KEYS)
+    for keys in strategies.values():
+        table.update(keys)
+    for key, value in values.items():
+        spec = table.get(key)
+        if spec is None:
+            continue
+        if isinstance(value, bool) == (spec.type is bool) and isinstance(
+                value, _TOML_KINDS[spec.type]):
+            continue
+        want = {int: "an integer", float: "a number", str: "a string",
+                bool: "true or false"}[spec.type]
+        hint = "; write it without quotes" if isinstance(value, str) else ""
+        raise ConfigError(f"{where}: key '{key}': expected {want}, got {value!r} "
+                          f"({_toml_kind(value)}){hint}")
 
 
 def cached_by(*keys: str) -> Callable:

@@ -13,14 +13,21 @@ first row contains an integer field has no header (AG News): its columns are
 then named ``text``/``label`` by content.
 
 A bad file is one ``ConfigError`` line naming it: a byte that is not UTF-8 (with
-its line), an empty label cell (with its row, counted as a spreadsheet counts
-them: a header is row 1), fewer than two classes in the train split.
+its line), a header and no examples, a row that does not parse (the parser's
+reason, with its line), an empty label cell (with its row, counted as a
+spreadsheet counts them: a header is row 1), labels that are names in one
+place and integers in another, fewer than two classes in the train split, a
+test class the train split lacks (with its count).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import logging
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,32 +104,91 @@ def _read_local(files: dict[str, Path]) -> tuple[DatasetDict, int]:
     if _FORMATS[suffix] == "csv":
         delimiter = "\t" if suffix == ".tsv" else ","
         kwargs["delimiter"] = delimiter
-        first = files["train"]
-        try:
-            with open(first, newline="", encoding="utf-8") as handle:
-                row = next(csv.reader(handle, delimiter=delimiter), None)
-        except UnicodeDecodeError:
-            raise _not_utf8(first) from None
-        if row is None:
-            raise ConfigError(f"dataset: file is empty: {first}")
+        if delimiter == "\t":
+            kwargs["quoting"] = csv.QUOTE_NONE  # SST-2 text contains bare quotes
+        rows = {split: _first_rows(path, delimiter) for split, path in files.items()}
+        row = rows["train"][0]
         if any(_is_int(field) for field in row):
             kwargs["column_names"] = _headerless_names(row)
         else:
             first_row = 2
-        if delimiter == "\t":
-            kwargs["quoting"] = csv.QUOTE_NONE  # SST-2 text contains bare quotes
+            for split, path in files.items():
+                if len(rows[split]) < 2:
+                    raise ConfigError(f"dataset: {path} has a header but no examples")
     try:
-        return datasets.load_dataset(
-            _FORMATS[suffix], data_files={k: str(v) for k, v in files.items()}, **kwargs
-        ), first_row
-    except Exception as err:  # noqa: BLE001 - any parser failure is a bad file
+        return _load_files(_FORMATS[suffix], files, kwargs), first_row
+    except _Unreadable as err:  # noqa: BLE001 - any parser failure is a bad file
         if _FORMATS[suffix] != "parquet":  # the usual cause, worth naming file and line
             encoding = next(filter(None, map(_not_utf8, files.values())), None)
             if encoding is not None:
                 raise encoding from None
-        raise ConfigError(f"dataset: cannot read {files['train'].parent}: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-                          ) from None
+        raise ConfigError(f"dataset: cannot read {err.path}: {err.reason}") from None
+
+
+class _Unreadable(Exception):
+    """A file HF ``datasets`` could not read, and the innermost reason why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.reason = path, reason
+
+
+def _load_files(builder: str, files: dict[str, Path], kwargs: dict) -> DatasetDict:
+    """The splits, read by HF ``datasets`` in one go. When that fails, each file
+    alone: the file that fails is named with the innermost reason (pandas'
+    "Expected 2 fields in line 32, saw 3", not "An error occurred while
+    generating the dataset"); when each reads alone, the files only disagree on
+    a column's type (integer labels in one, names in another), which
+    ``load_splits`` reports in terms of the labels. HF's own log line about the
+    failure is held back: the one line is ours."""
+    with _datasets_silenced():
+        try:
+            return datasets.load_dataset(builder, data_files={k: str(v) for k, v in files.items()},
+                                         **kwargs)
+        except Exception:  # noqa: BLE001 - narrowed down file by file below
+            pass
+        splits = {}
+        for split, path in files.items():
+            try:
+                splits[split] = datasets.load_dataset(builder, data_files=str(path),
+                                                      **kwargs)["train"]
+            except Exception as err:  # noqa: BLE001 - any parser failure is a bad file
+                raise _Unreadable(path, _reason(err)) from None
+        return DatasetDict(splits)
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of the innermost cause of ``err`` (HF wraps the parser's)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip()
+    if "corresponds to no data" in text:
+        return "no examples"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _datasets_silenced() -> Iterator[None]:
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_rows(path: Path, delimiter: str) -> list[list[str]]:
+    """The first two rows of a CSV/TSV file (fewer if it has fewer)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            rows = [row for _, row in zip(range(2), reader)]
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    if not rows:
+        raise ConfigError(f"dataset: file is empty: {path}")
+    return rows
 
 
 def _is_int(field: str) -> bool:
@@ -210,6 +276,46 @@ def _check_classes(train: Dataset, column: str, source: str) -> None:
                           "classification needs at least 2")
 
 
+def _label_kind(value: object) -> str:
+    """``integer`` for 3, 3.0 and "3"; ``name`` for anything else."""
+    if isinstance(value, bool):
+        return "name"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return "integer"
+    return "integer" if isinstance(value, str) and _is_int(value) else "name"
+
+
+def _check_label_kinds(raw: DatasetDict, column: str, sources: Mapping[str, str]) -> None:
+    """Labels are class names in every split or integers in every split: a
+    file of ``0``/``1`` next to one of ``negative``/``positive`` would make
+    four classes, two of which no test example can be right about."""
+    seen: dict[str, tuple[object, str]] = {}  # kind → (a value of it, its file)
+    for split, ds in raw.items():
+        if isinstance(ds.features[column], ClassLabel):
+            continue
+        for value in ds.unique(column):
+            seen.setdefault(_label_kind(value), (value, sources[split]))
+    if len(seen) > 1:
+        (name, name_file), (number, number_file) = seen["name"], seen["integer"]
+        raise ConfigError(f"dataset: labels mix class names and integers ({name!r} in "
+                          f"{name_file}, {number!r} in {number_file}); use names in every "
+                          "split or integers in every split")
+
+
+def _check_test_classes(splits: Mapping[str, Dataset], names: list[str], where: str) -> None:
+    """A test class the train split lacks: no model trained there can predict
+    it, so every such example would count as wrong. Refused, with its count."""
+    trained = set(splits["train"].unique("label"))
+    counts = Counter(splits["test"]["label"])
+    unseen = sorted(set(counts) - trained)
+    if unseen:
+        listed = ", ".join(f"{names[c]!r} ({counts[c]} example{'s' * (counts[c] != 1)})"
+                           for c in unseen)
+        raise ConfigError(f"dataset {where}: test class{'es' * (len(unseen) > 1)} {listed} "
+                          "not in the train split; a model trained on it cannot predict "
+                          f"{'them' if len(unseen) > 1 else 'it'}")
+
+
 def _pick_column(ds: Dataset, wanted: str, candidates: tuple[str, ...], role: str,
                  key: str, source: str) -> str:
     if wanted:
@@ -267,6 +373,7 @@ def load_splits(source: str, text_column: str = "", label_column: str = "",
                               f"{text!r} or {label!r}")
         _check_labels_present(ds, label, f"dataset: {loaded.sources[split]}",
                               loaded.first_row)
+    _check_label_kinds(raw, label, loaded.sources)
     if "test" not in raw:  # rows are checked above: they are the file's in order there
         held_out = raw["train"].train_test_split(test_size=HELD_OUT_FRACTION, seed=seed)
         raw = DatasetDict(train=held_out["train"], test=held_out["test"])
@@ -289,31 +396,42 @@ def load_splits(source: str, text_column: str = "", label_column: str = "",
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise ConfigError(f"dataset {source}: train or test split is empty")
     _check_classes(splits["train"], "label", source)
+    _check_test_classes(splits, names, loaded.sources.get("test", loaded.sources["train"]))
     return LabeledSplits(splits["train"], splits["test"], tuple(names),
                          loaded.sources.get("test", loaded.sources["train"]))
 
 
-def onto_classes(ds: Dataset, classes: tuple[str, ...], where: str) -> Dataset:
+def onto_classes(ds: Dataset, classes: tuple[str, ...], where: str,
+                 label_map: Mapping[str, str] | None = None) -> Dataset:
     """``ds`` (a ``LabeledSplits`` split) with its labels re-indexed onto
     ``classes``, a trained model's, by name: the same classes in another order
-    score the same. An integer class (a file's bare 0..C-1) is taken as the
-    index, if in range. A class the model does not know is refused, naming it
-    and ``where`` the data came from: the model cannot predict it."""
+    score the same. ``label_map`` renames ``ds``'s classes first (``0`` →
+    ``world``). A class the model does not know by name is refused, naming it
+    and ``where`` the data came from — bare integers too: ``0``/``1`` of
+    another dataset say nothing about which of the run's classes they are."""
     names = ds.features["label"].names
+    label_map = dict(label_map or {})
+    strays = sorted(set(label_map) - set(names))
+    if strays:
+        raise ConfigError(f"--label-map: {strays[0]!r} is not a class of dataset {where} "
+                          f"(its classes: {', '.join(names)})")
+    wrong = sorted(set(label_map.values()) - set(classes))
+    if wrong:
+        raise ConfigError(f"--label-map: {wrong[0]!r} is not one of the run's classes "
+                          f"({', '.join(classes)})")
     index = {name: i for i, name in enumerate(classes)}
     mapping, unknown = {}, []
     for value in sorted(ds.unique("label")):
-        name = names[value]
+        name = label_map.get(names[value], names[value])
         if name in index:
             mapping[value] = index[name]
-        elif name.isdigit() and int(name) < len(classes):
-            mapping[value] = int(name)
         else:
-            unknown.append(name)
+            unknown.append(names[value])
     if unknown:
         raise ConfigError(f"dataset {where}: class{'es' if len(unknown) > 1 else ''} "
                           f"{', '.join(map(repr, unknown))} not among the run's "
-                          f"({', '.join(classes)}; or integers 0..{len(classes) - 1})")
+                          f"({', '.join(classes)}); map them with --label-map, e.g. "
+                          f"--label-map {unknown[0]}={classes[0]}")
     features = ds.features.copy()
     features["label"] = ClassLabel(names=list(classes))
     return ds.map(lambda batch: {"label": [mapping[v] for v in batch["label"]]},

@@ -17,6 +17,7 @@ tokens at the last prompt position).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,14 +156,16 @@ def _eval_sample(config: RunConfig, test: Dataset) -> Dataset:
     return test.shuffle(seed=config["seed"]).select(range(wanted)).flatten_indices()
 
 
-def evaluation_set(config: RunConfig, model: LoraModel, whole: bool = False) -> Dataset:
+def evaluation_set(config: RunConfig, model: LoraModel, whole: bool = False,
+                   label_map: Mapping[str, str] | None = None) -> Dataset:
     """``config``'s test split as a trained ``model`` (``fedlora evaluate``) is
-    scored on: labels mapped onto the model's classes by name, the run's
+    scored on: labels mapped onto the model's classes by name (after
+    ``label_map``, the user's renaming of the dataset's classes), the run's
     ``eval-examples`` sample unless ``whole``, tokenised for the model. On the
     run's own dataset these are the rows of ``central_test_set``, in its order,
     so the run's final accuracy is reproduced."""
     splits = splits_for(config)
-    test = onto_classes(splits.test, model.spec.label_names, splits.test_source)
+    test = onto_classes(splits.test, model.spec.label_names, splits.test_source, label_map)
     if not whole:
         test = _eval_sample(config, test)
     encode = encoder_for(model, config["max-seq-len"], model.spec.label_names)

@@ -370,6 +370,32 @@ def test_cli_bad_value_in_config_file(capsys, tmp_path, tiny_bert, topic_dataset
     _assert_one_line_error(code, err, out, "rounds")
 
 
+@pytest.mark.parametrize("line, needle", [
+    ('rounds = "3"', "key 'rounds': expected an integer, got '3' (a string); write it "
+                     "without quotes"),
+    ("rounds = 3.0", "key 'rounds': expected an integer, got 3.0 (a float)"),
+    ('lr = "0.1"', "key 'lr': expected a number, got '0.1' (a string)"),
+    ('agg-residual = "false"', "key 'agg-residual': expected true or false, got 'false'"),
+    ("client-ranks = 4", "key 'client-ranks': expected a string, got 4 (an integer)"),
+])
+def test_cli_config_file_values_have_their_keys_types(capsys, tmp_path, line, needle):
+    """A TOML value of another type than its key's is refused, not converted
+    (``--set`` values are TOML literals too: ``rounds=3`` is an integer)."""
+    out = tmp_path / "run"
+    config = tmp_path / "run.toml"
+    config.write_text(line + "\n")
+    code, err = _run_cli(capsys, out, extra=("--config", str(config)))
+    _assert_one_line_error(code, err, out, f"config file {config}: {needle}")
+
+
+def test_config_file_accepts_an_integer_for_a_float_key(tmp_path):
+    from fedlora.core.config import check_file_types
+    from fedlora.strategies import strategy_keys
+
+    check_file_types({"lr": 1, "rounds": 3, "robust": "median", "agg-residual": False,
+                      "client-ranks": "2,4"}, strategy_keys(), "here")
+
+
 def test_cli_config_path_is_directory(capsys, tmp_path, quiet_datasets):
     out = tmp_path / "run"
     folder = tmp_path / "conf.d"

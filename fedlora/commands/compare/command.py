@@ -7,6 +7,7 @@ import json
 import math
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from fedlora.commands.compare.child import CompareInterrupted
@@ -56,9 +57,13 @@ def compare(config_path: str | Path, seeds_text: str | None, out: str | Path) ->
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output directory {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
-        (out / name).unlink(missing_ok=True)
+    try:  # a real try: os.access says yes to root everywhere
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out).cleanup()
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write there ({err.strerror or err})") from None
     print(f"comparing {len(runs)} runs × {len(seeds)} seeds "
           f"({', '.join(map(str, seeds))}) in {out}", flush=True)
     try:

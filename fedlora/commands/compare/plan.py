@@ -10,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from fedlora.core.config import ConfigError
+from fedlora.core.config import ConfigError, check_file_types
 
 SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -90,7 +90,7 @@ def load_plan(path: str | Path, seeds_text: str | None) -> tuple[list[Run], list
     as ``fedlora simulate`` will resolve it, so that a typo in the last run
     fails before the first one starts."""
     from fedlora.commands.prepare import absolute_paths
-    from fedlora.strategies import resolve
+    from fedlora.strategies import resolve, strategy_keys
 
     seeds = parse_seeds(seeds_text)
     data = _read_comparison(Path(path))
@@ -120,6 +120,8 @@ def load_plan(path: str | Path, seeds_text: str | None) -> tuple[list[Run], list
     for number, table in enumerate(tables, start=1):
         label, group = _check_run_table(number, table, {r.label for r in runs})
         own = {k: v for k, v in table.items() if k not in ("label", "group")}
+        check_file_types({**base, **own}, strategy_keys(),
+                         f"comparison file {path}, run '{label}'")
         run = Run(label, group, absolute_paths({**base, **own}))
         for seed in seeds:
             try:

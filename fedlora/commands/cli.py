@@ -280,7 +280,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """The core keys, then each strategy's own; ``--markdown``: README's table."""
+    """The core keys, then each strategy's own; ``--markdown``: docs/cli.md's table."""
     from fedlora.commands import keytable
 
     print(keytable.markdown() if args.markdown else keytable.plain(), end="")
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=cmd_generate)
     keys = sub.add_parser("keys", help="list the run-config keys, defaults and choices")
     keys.add_argument("--markdown", action="store_true",
-                      help="as the markdown table in README.md (built-in strategies)")
+                      help="as the markdown table in docs/cli.md (built-in strategies)")
     keys.set_defaults(run=cmd_keys)
     # parsed by fedlora.commands.bench_scale itself (main() hands it the rest of the line)
     sub.add_parser("bench-scale", add_help=False,

@@ -143,8 +143,7 @@ KEYS: dict[str, Key] = {
     # --- robust aggregation (fedlora.strategies.robust) ---------------------------
     "robust": Key(str, "none", "robust aggregation; a robust mode screens a whole "
                   "round at once, so the "
-                  "server's memory grows with the round's clients (README 'Robust "
-                  "aggregation')", one_of("none", "norm-bound", "trimmed-mean", "median",
+                  "server's memory grows with the round's clients (docs/robustness.md)", one_of("none", "norm-bound", "trimmed-mean", "median",
                                           "krum")),
     "robust-norm-factor": Key(float, 3.0, "norm-bound: each client's change is clipped to "
                               "this multiple of the round's median change norm", positive,

@@ -25,6 +25,13 @@ already reached the child through the process group: a second signal only
 makes the child skip the grace its round loop gets, and a ``kill`` aimed at
 ``fedlora compare`` alone must reach the child too.
 
+Trackers: with a ``tracker`` key in ``[base]`` each run × seed is logged as
+its own tracker run, all under one experiment (``tracker-project``) in one
+store (``tracker-dir``, by default ``OUT/tracker``), tagged with its label,
+group and seed (``tracker-tags``). The tracker keys change no result: a
+finished run is reused whatever they say (``fedlora report --tracker``
+uploads it).
+
 Seeds: ``--seeds 3`` means seeds 1, 2, 3 and ``--seeds 1,5,9`` exactly those.
 Without ``--seeds`` the comparison runs one seed: ``[base]``'s ``seed`` key if
 it has one, else seed 1. A ``seed`` key together with ``--seeds`` (or in a
@@ -63,7 +70,7 @@ from fedlora.commands.report import (
     render_plots,
     write_atomically,
 )
-from fedlora.core.config import ConfigError
+from fedlora.core.config import TRACKER_KEYS, ConfigError, key_values
 from fedlora.federation.results import CLIENT_ACCURACY
 from fedlora.runtime.stopping import end_processes
 
@@ -102,6 +109,18 @@ class Run:
 
     def settings(self, seed: int) -> dict[str, Any]:
         return {**self.overrides, "seed": seed}
+
+    def tracked(self, seed: int, out: Path) -> dict[str, Any]:
+        """``settings`` with what the child logs its run under (see the
+        module docstring): its tags always, so a later upload has them too
+        (a comma, which would split the tag list, becomes ';')."""
+        tags = {**key_values(self.overrides.get("tracker-tags", "")), "label": self.label,
+                "group": self.group.replace(",", ";"), "seed": str(seed)}
+        tracked = {**self.settings(seed),
+                   "tracker-tags": ",".join(f"{k}={v}" for k, v in tags.items())}
+        if self.overrides.get("tracker", "none") != "none" and not tracked.get("tracker-dir"):
+            tracked["tracker-dir"] = str(out / "tracker")
+        return tracked
 
 
 # --- statistics ---------------------------------------------------------------
@@ -180,6 +199,7 @@ def load_plan(path: str | Path, seeds_text: str | None) -> tuple[list[Run], list
     as ``fedlora simulate`` will resolve it, so that a typo in the last run
     fails before the first one starts."""
     from fedlora.commands.prepare import absolute_paths
+    from fedlora.federation import trackers
     from fedlora.strategies import resolve
 
     seeds = parse_seeds(seeds_text)
@@ -213,7 +233,7 @@ def load_plan(path: str | Path, seeds_text: str | None) -> tuple[list[Run], list
         run = Run(label, group, absolute_paths({**base, **own}))
         for seed in seeds:
             try:
-                resolve(run.settings(seed))
+                trackers.check(resolve(run.settings(seed)))
             except ConfigError as err:
                 raise ConfigError(f"run '{label}': {err}") from None
         runs.append(run)
@@ -322,13 +342,14 @@ def _last_line(log: Path) -> str:
 
 def _difference(directory: Path, settings: dict[str, Any]) -> tuple[str, Any, Any] | None:
     """The first setting the run in ``directory`` was started with otherwise
-    than this comparison says: (key, its value, the comparison's), or None."""
+    than this comparison says: (key, its value, the comparison's), or None.
+    The tracker keys change no result: they are not compared."""
     from fedlora.strategies import resolve
 
     saved = json.loads((directory / "config.json").read_text())
     wanted = resolve(settings)
     for key in settings:
-        if saved.get(key) != wanted[key]:
+        if key not in TRACKER_KEYS and saved.get(key) != wanted[key]:
             return key, saved.get(key), wanted[key]
     return None
 
@@ -362,7 +383,7 @@ def simulate(run: Run, seed: int, out: Path) -> tuple[float, bool]:
     finished (a run that accepted no update writes summary.json and then
     exits 1)."""
     directory = run_dir(out, run, seed)
-    settings = run.settings(seed)
+    settings = run.tracked(seed, out)
     log = directory.parent / f"seed-{seed}.log"
     started = time.perf_counter()
     resumed = refused = False

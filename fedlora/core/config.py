@@ -77,6 +77,47 @@ def density(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
+@dataclass(frozen=True)
+class SomeOf:
+    """The check of a key whose value is one or a comma list of fixed values
+    (``none`` alone means none); ``fedlora keys`` lists them."""
+
+    choices: tuple[str, ...]
+
+    def __call__(self, value: str) -> str | None:
+        names = comma_list(value)
+        if not names or any(name not in self.choices for name in names):
+            return f"must be one or a comma list of {', '.join(self.choices)}"
+        if len(set(names)) < len(names):
+            return "lists one twice"
+        return "lists none with others" if "none" in names and len(names) > 1 else None
+
+
+def comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def key_values(value: str) -> dict[str, str]:
+    """``"a=1,b=x"`` → {"a": "1", "b": "x"}; a ValueError names a bad item."""
+    pairs = {}
+    for item in comma_list(value):
+        key, equals, text = (part.strip() for part in item.partition("="))
+        if not key or not equals:
+            raise ValueError(f"{item!r} is not key=value")
+        if key in pairs:
+            raise ValueError(f"{key!r} is given twice")
+        pairs[key] = text
+    return pairs
+
+
+def tag_list(value: str) -> str | None:
+    try:
+        key_values(value)
+    except ValueError as err:
+        return f"expected key=value,... ({err})"
+    return None
+
+
 KEYS: dict[str, Key] = {
     # --- model ---------------------------------------------------------------
     "model": Key(str, "sentence-transformers/all-MiniLM-L6-v2",
@@ -213,7 +254,22 @@ KEYS: dict[str, Key] = {
     "resume-from": Key(str, "", "continue the run in this directory after its last "
                        "checkpointed round, with its own config (flwr run; `fedlora "
                        "simulate --resume DIR` sets it); empty = a new run"),
+    # --- experiment trackers (fedlora.federation.trackers; the server logs) ---------
+    "tracker": Key(str, "none", "also log each round at step = round, the config and the "
+                   "summary to these trackers (one or a comma list; docs/trackers.md)",
+                   SomeOf(("none", "tensorboard", "mlflow", "wandb"))),
+    "tracker-dir": Key(str, "", "where the trackers write locally: TensorBoard's event "
+                       "files, MLflow's SQLite store, W&B's run files; empty = tracker/ "
+                       "in the run directory (`fedlora compare`: OUT/tracker)"),
+    "tracker-uri": Key(str, "", "MLflow tracking URI (http://host:port, "
+                       "sqlite:///path.db); empty = mlflow.db in tracker-dir"),
+    "tracker-project": Key(str, "fedlora", "MLflow experiment and W&B project the run "
+                           "is logged under"),
+    "tracker-tags": Key(str, "", "tags of the tracker run, as key=value,... (`fedlora "
+                        "compare` adds label, group and seed)", tag_list),
 }
+# where a run is logged changes no result: a resumed run may change them
+TRACKER_KEYS = ("tracker", "tracker-dir", "tracker-uri", "tracker-project", "tracker-tags")
 
 
 def _coerce(key: str, value: Any, spec: Key) -> Any:

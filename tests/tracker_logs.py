@@ -1,10 +1,8 @@
 """What each tracker holds, read back with the tracker's own reader, as
 {step: {metric: value}} (shared by the tracker tests).
 
-- TensorBoard: its event accumulator, the one its UI reads through
-  (``plugin_event_accumulator``: it applies a resumed writer's purge to the
-  double-precision scalars fedlora writes, which the older
-  ``event_accumulator`` keeps only for float32 ones).
+- TensorBoard: its event reader (``event_accumulator.EventAccumulator``,
+  which applies a resumed writer's purge); its scalars are float32.
 - MLflow: ``MlflowClient`` on the store.
 - W&B: its offline transaction log (``run-<id>.wandb``), whose records are
   W&B's own protobuf (``wandb.proto.wandb_internal_pb2.Record``). wandb 0.31
@@ -19,6 +17,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedlora.federation.trackers.wandb_files import records, run_files
 
@@ -35,27 +35,28 @@ def jsonl_rounds(run_dir: Path) -> Rounds:
 
 # --- TensorBoard ----------------------------------------------------------------------
 
+def float32(rounds: Rounds) -> Rounds:
+    """``rounds`` as TensorBoard keeps them: float32 scalars."""
+    return {step: {k: float(np.float32(v)) for k, v in values.items()}
+            for step, values in rounds.items()}
+
+
 def tensorboard_run(folder: Path) -> tuple[Rounds, dict[str, Any], dict[str, Any]]:
     """(rounds, config, summary) of one run's event folder."""
-    from tensorboard.backend.event_processing.plugin_event_accumulator import (
-        EventAccumulator,
-    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util import tensor_util
 
-    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     rounds: Rounds = defaultdict(dict)
-    texts = {}
-    for tag in events.Tags()["tensors"]:
-        for event in events.Tensors(tag):
-            value = tensor_util.make_ndarray(event.tensor_proto)
-            if tag.endswith("/text_summary"):
-                texts[tag.split("/")[0]] = value.item().decode()
-            elif not tag.startswith("summary/"):
+    for tag in events.Tags()["scalars"]:
+        for event in events.Scalars(tag):
+            if not tag.startswith("summary/"):
                 assert tag not in rounds[event.step], f"{tag} twice at step {event.step}"
-                rounds[event.step][tag] = float(value.item())
-    config, summary = (json.loads(texts[name].strip("`").removeprefix("json"))
-                       for name in ("config", "summary"))
+                rounds[event.step][tag] = event.value
+    config, summary = (json.loads(tensor_util.make_ndarray(events.Tensors(
+        f"{name}/text_summary")[-1].tensor_proto).item().decode().strip("`")
+        .removeprefix("json")) for name in ("config", "summary"))
     return dict(rounds), config, summary
 
 

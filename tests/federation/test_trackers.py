@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from tracker_logs import tensorboard_run, wandb_run
+from tracker_logs import float32, tensorboard_run, wandb_run
 
 from fedlora.commands.cli import main
 from fedlora.core.config import ConfigError
@@ -260,7 +260,7 @@ def test_tensorboard_drops_what_an_earlier_attempt_logged_past_tracker_json(tmp_
     resumed.finish({"rounds": 3, "final_accuracy": 0.33})
     rounds, logged_config, summary = tensorboard_run(
         tmp_path / "tracker" / "tensorboard" / tmp_path.name)
-    assert rounds == {1: {"accuracy": 0.1}, 2: {"accuracy": 0.2}, 3: {"accuracy": 0.33}}
+    assert rounds == float32({1: {"accuracy": 0.1}, 2: {"accuracy": 0.2}, 3: {"accuracy": 0.33}})
     assert logged_config == config and summary == {"rounds": 3, "final_accuracy": 0.33}
 
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from processes import describe, ours, stop
 from runs import FEDLORA, _env, run_fedlora
-from tracker_logs import jsonl_rounds, mlflow_run, tensorboard_run, wandb_run
+from tracker_logs import float32, jsonl_rounds, mlflow_run, tensorboard_run, wandb_run
 
 from fedlora.federation import checkpoint
 from fedlora.federation.trackers.base import numbers
@@ -68,7 +68,7 @@ def check_logged(out: Path, tracker_dir: Path) -> dict:
 
     rounds, logged_config, logged_summary = tensorboard_run(
         tracker_dir / "tensorboard" / state["tensorboard"]["id"])
-    assert rounds == expected
+    assert rounds == float32(expected)  # TensorBoard's scalars are float32
     assert logged_config == config and logged_summary == summary
 
     rounds, params, logged_summary, run = mlflow_run(
@@ -179,7 +179,7 @@ def test_a_comparison_logs_every_run_under_one_experiment_then_uploads(
         rounds, params, _, _ = mlflow_run(client.tracking_uri, run.info.run_id)
         assert rounds == jsonl_rounds(run_dir) and params["strategy"] == strategy
         tb_rounds, _, _ = tensorboard_run(out / "tracker" / "tensorboard" / label / "seed-1")
-        assert tb_rounds == jsonl_rounds(run_dir)
+        assert tb_rounds == float32(jsonl_rounds(run_dir))
 
     # the same finished runs, uploaded after the fact to a tracker they never saw
     dirs = [str(out / label / "seed-1") for label in ("avg", "ffa")]

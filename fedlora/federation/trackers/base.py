@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from fedlora.core.config import ConfigError, key_values
 
@@ -86,8 +87,6 @@ def check_creatable(key: str, path: Path) -> None:
 
 def check_reachable(key: str, url: str, what: str) -> None:
     """One line now if nothing listens at ``url``'s host and port."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -102,13 +101,13 @@ class Tracker(ABC):
     the run goes on without this tracker."""
 
     kind: ClassVar[str]
-    module: ClassVar[str]  # its library, imported in start; the pip extra has the kind's name
+    module: ClassVar[str]  # its library (imported in start), in the extra named ``kind``
 
     @classmethod
     def check(cls, config: Mapping[str, Any]) -> None:
         """Raise a one-line ConfigError if this tracker cannot start: before
         the run directory exists, so a refused run leaves nothing behind."""
-        if importlib.util.find_spec(cls.module.split(".")[0]) is None:
+        if importlib.util.find_spec(cls.module) is None:
             raise ConfigError(f"config key 'tracker': {cls.kind} needs its library: "
                               f"pip install 'fedlora[{cls.kind}]'")
         if config["tracker-dir"]:

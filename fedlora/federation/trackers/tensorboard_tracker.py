@@ -2,8 +2,9 @@
 
 A run is the folder ``<tracker-dir>/tensorboard/<name>``, so ``tensorboard
 --logdir <tracker-dir>/tensorboard`` shows every run logged there (all of a
-``fedlora compare``'s). Numbers are written in double precision (the
-default float32 would round byte counts above 2**24). Every writer starts
+``fedlora compare``'s). Numbers are TensorBoard's plain float32 scalars:
+its default (fast) loader shows no other kind, so byte counts above 2**24
+are rounded there (metrics.jsonl keeps them exact). Every writer starts
 with a session-start event at the first step it will write (``purge_step``):
 when a run goes on after a stop, TensorBoard drops whatever an earlier
 attempt logged from that step on, so no step shows twice. (Each round is
@@ -57,7 +58,7 @@ class TensorBoardTracker(Tracker):
 
     def _scalars(self, values: Mapping[str, float], step: int) -> None:
         for key, value in values.items():
-            self._writer.add_scalar(key, value, step, new_style=True, double_precision=True)
+            self._writer.add_scalar(key, value, step)
         self._writer.flush()
 
     def log_round(self, record: Mapping[str, Any]) -> None:

@@ -139,6 +139,7 @@ def _output(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedlora.federation import trackers
     from fedlora.runtime.stopping import stop_on_signals
 
     _output(args)
@@ -146,6 +147,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # starting Ray take seconds (fedlora.runtime.progress)
     with for_command(quiet=args.quiet) as progress:
         config = _resumed_config(args) if args.resume else _new_run_config(args)
+        trackers.check(config)  # before Ray starts; the round loop checks again (flwr run)
         overrides_out = config.out_dir
         server_done = threading.Event()
         server_done.set()  # the round loop is not running yet
@@ -259,9 +261,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """The report (``--out``), the upload to trackers (``--tracker``), or both."""
     from fedlora.commands.report import report
+    from fedlora.commands.upload import plan, upload
 
-    return report(args.run_dirs, args.out)
+    if args.out is None and args.tracker is None:
+        raise ConfigError("report needs --out DIR, --tracker KIND or both")
+    if args.tracker is None and (args.tracker_dir or args.tracker_uri):
+        raise ConfigError("--tracker-dir and --tracker-uri go with --tracker KIND")
+    if args.tracker is not None and args.tracker.strip() == "none":
+        raise ConfigError("--tracker none: name the trackers to log the runs to")
+    uploads = []
+    if args.tracker is not None:  # checked before the report is written
+        directory = Path(args.tracker_dir or Path(args.out or ".") / "tracker").resolve()
+        uploads = plan(args.run_dirs, {
+            "tracker": args.tracker, "tracker-dir": str(directory),
+            "tracker-uri": args.tracker_uri or "", "tracker-project": args.tracker_project})
+    code = report(args.run_dirs, args.out) if args.out is not None else 0
+    return (upload(uploads) if uploads else 0) or code
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -337,7 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "round) and DIR/accuracy_vs_round.png, accuracy_vs_uplink.png. See "
                     "fedlora/commands/report.py.")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directory")
-    rep.add_argument("--out", required=True, help="report directory (created if missing)")
+    rep.add_argument("--out", help="report directory (created if missing)")
+    rep.add_argument("--tracker", metavar="KIND[,KIND]",
+                     help="also log each run to these trackers (tensorboard, mlflow, wandb), "
+                          "as if logged while it ran (docs/trackers.md)")
+    rep.add_argument("--tracker-dir", metavar="DIR",
+                     help="where the trackers write (default: OUT/tracker, or ./tracker "
+                          "without --out)")
+    rep.add_argument("--tracker-uri", metavar="URI",
+                     help="MLflow tracking URI (default: sqlite:///TRACKER_DIR/mlflow.db)")
+    rep.add_argument("--tracker-project", metavar="NAME", default="fedlora",
+                     help="MLflow experiment and W&B project (default: fedlora)")
     rep.set_defaults(run=cmd_report)
     exp = sub.add_parser("export", help="a run's model merged into one Hugging Face model",
                          description="Add the run's base change (FLoRA, FedEx-LoRA), merge its "

@@ -78,6 +78,47 @@ def density(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
+@dataclass(frozen=True)
+class SomeOf:
+    """The check of a key whose value is one or a comma list of fixed values
+    (``none`` alone means none); ``fedlora keys`` lists them."""
+
+    choices: tuple[str, ...]
+
+    def __call__(self, value: str) -> str | None:
+        names = comma_list(value)
+        if not names or any(name not in self.choices for name in names):
+            return f"must be one or a comma list of {', '.join(self.choices)}"
+        if len(set(names)) < len(names):
+            return "lists one twice"
+        return "lists none with others" if "none" in names and len(names) > 1 else None
+
+
+def comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def key_values(value: str) -> dict[str, str]:
+    """``"a=1,b=x"`` → {"a": "1", "b": "x"}; a ValueError names a bad item."""
+    pairs = {}
+    for item in comma_list(value):
+        key, equals, text = (part.strip() for part in item.partition("="))
+        if not key or not equals:
+            raise ValueError(f"{item!r} is not key=value")
+        if key in pairs:
+            raise ValueError(f"{key!r} is given twice")
+        pairs[key] = text
+    return pairs
+
+
+def tag_list(value: str) -> str | None:
+    try:
+        key_values(value)
+    except ValueError as err:
+        return f"expected key=value,... ({err})"
+    return None
+
+
 KEYS: dict[str, Key] = {
     # --- model ---------------------------------------------------------------
     "model": Key(str, "sentence-transformers/all-MiniLM-L6-v2",
@@ -141,10 +182,10 @@ KEYS: dict[str, Key] = {
                             "quantisation error for the next round",
                             one_of("float32", "float16", "int8")),
     # --- robust aggregation (fedlora.strategies.robust) ---------------------------
-    "robust": Key(str, "none", "robust aggregation; a robust mode screens a whole "
-                  "round at once, so the "
-                  "server's memory grows with the round's clients (docs/robustness.md)", one_of("none", "norm-bound", "trimmed-mean", "median",
-                                          "krum")),
+    "robust": Key(str, "none", "robust aggregation; a robust mode screens a whole round at "
+                  "once, so the server's memory grows with the round's clients "
+                  "(docs/robustness.md)",
+                  one_of("none", "norm-bound", "trimmed-mean", "median", "krum")),
     "robust-norm-factor": Key(float, 3.0, "norm-bound: each client's change is clipped to "
                               "this multiple of the round's median change norm", positive,
                               only_for=("robust", "norm-bound")),
@@ -239,7 +280,22 @@ KEYS: dict[str, Key] = {
     "save-every": Key(int, 0, "every N rounds, a snapshot of the global adapter (and of the "
                       "base change, for strategies that make one) in "
                       "<run>/snapshots/round-<N>/; 0 = none", non_negative),
+    # --- experiment trackers (fedlora.federation.trackers; the server logs) ---------
+    "tracker": Key(str, "none", "also log each round at step = round, the config and the "
+                   "summary to these trackers (one or a comma list; docs/trackers.md)",
+                   SomeOf(("none", "tensorboard", "mlflow", "wandb"))),
+    "tracker-dir": Key(str, "", "where the trackers write locally: TensorBoard's event "
+                       "files, MLflow's SQLite store, W&B's run files; empty = tracker/ "
+                       "in the run directory (`fedlora compare`: OUT/tracker)"),
+    "tracker-uri": Key(str, "", "MLflow tracking URI (http://host:port, "
+                       "sqlite:///path.db); empty = mlflow.db in tracker-dir"),
+    "tracker-project": Key(str, "fedlora", "MLflow experiment and W&B project the run "
+                           "is logged under"),
+    "tracker-tags": Key(str, "", "tags of the tracker run, as key=value,... (`fedlora "
+                        "compare` adds label, group and seed)", tag_list),
 }
+# where a run is logged changes no result: a resumed run may change them
+TRACKER_KEYS = ("tracker", "tracker-dir", "tracker-uri", "tracker-project", "tracker-tags")
 
 
 def _coerce(key: str, value: Any, spec: Key) -> Any:

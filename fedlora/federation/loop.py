@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from fedlora.core.adapters import load_adapter_state
 from fedlora.core.config import KEYS, RunConfig
-from fedlora.federation import checkpoint, snapshots
+from fedlora.federation import checkpoint, snapshots, trackers
 from fedlora.federation.replies import replies_as_they_arrive
 from fedlora.federation.resume import start_run
 from fedlora.learning.features import central_test_set, model_for, partitioner_for
@@ -67,8 +67,10 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     in the run directory (``fedlora.node.client_state``); ``progress`` shows the
     run as it goes (``fedlora.runtime.progress``; by default the round lines only)."""
     progress = progress or Lines()
+    tracking = trackers.open_tracking(config)  # one that cannot start: one line, before any file
     start = start_run(config, Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     config, out_dir, writer = start.config, start.out_dir, start.writer
+    tracking.start(config.to_dict(), out_dir, writer.rounds)
     model = model_for(config)
     test = central_test_set(config)
     partitioner_for(config)  # bad partition settings fail here, before any round
@@ -126,15 +128,18 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
         checkpoint.save(out_dir, strategy.checkpoint(
             server_round, start.run_id, str(start.lineage),
             earlier_s + time.perf_counter() - started))
+        tracking.log_round(record)  # after the checkpoint: a resume never logs it twice
         progress.round_ended(progress_line(record, rounds))
     load_adapter_state(model.peft, from_arrayrecord(arrays))
     if strategy.base is not None:
         save_base_delta(out_dir / BASE_DELTA_FILE, strategy.base.cumulative)
     writer.save_adapter(model.peft)
     write_base(model.peft, {})  # the process-wide model serves other runs too
-    return writer.finish({"strategy": config["strategy"],
-                          "label_names": list(model.spec.label_names),  # for `evaluate`
-                          "epsilon_per_client": {str(k): v for k, v in
-                                                 sorted(strategy.epsilons.items())} or None,
-                          "wall_seconds": earlier_s + time.perf_counter() - started,
-                          "out_dir": str(out_dir)})
+    summary = writer.finish({"strategy": config["strategy"],
+                             "label_names": list(model.spec.label_names),  # for `evaluate`
+                             "epsilon_per_client": {str(k): v for k, v in
+                                                    sorted(strategy.epsilons.items())} or None,
+                             "wall_seconds": earlier_s + time.perf_counter() - started,
+                             "out_dir": str(out_dir)})
+    tracking.finish(summary)
+    return summary

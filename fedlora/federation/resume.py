@@ -8,7 +8,8 @@ run keeps its own config (``DIR/config.json``): ``fedlora simulate`` refuses a
 whose run config always carries every key, keys that differ from the saved
 run are named in a warning and ignored. Only ``RESUME_FREE_KEYS`` may
 differ: where the run (and its converted GGUF model) sits, how long a round
-may wait and how often it is snapshotted change no result.
+may wait, how often it is snapshotted and where it is logged (the tracker
+keys) change no result.
 
 A finished run (``summary.json``) has nothing to resume and is refused. A
 run stopped before its first checkpoint starts again at round 1, as a new
@@ -24,7 +25,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.core.config import ConfigError, RunConfig
+from fedlora.core.config import TRACKER_KEYS, ConfigError, RunConfig
 from fedlora.federation import checkpoint
 from fedlora.federation.checkpoint import Checkpoint
 from fedlora.federation.results import RunWriter, prepare_out_dir
@@ -33,7 +34,7 @@ from fedlora.strategies import resolve
 
 LOGGER = logging.getLogger(__name__)
 RESUME_FREE_KEYS = ("out-dir", "resume-from", "round-timeout", "ray-address", "model-cache",
-                    "save-every")
+                    "save-every", *TRACKER_KEYS)
 SUMMARY = "summary.json"
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -492,3 +493,43 @@ group = "tiny BERT"
     assert again.stdout.count("(reused)") == 2 and seconds < 120
     assert finished == {s: (out / "tiny" / f"seed-{s}" / "summary.json").stat().st_mtime_ns
                         for s in (1, 2)}
+
+
+# --- trackers -------------------------------------------------------------------------
+
+def test_each_run_is_tagged_and_all_share_one_tracker_store(tmp_path):
+    path = _write(tmp_path, BASE + 'tracker = "mlflow"\ntracker-tags = "team=x"\n'
+                  + _run_table("avg", group="plain, fast"))
+    [run], _ = cmp.load_plan(path, "1")
+    out = tmp_path / "out"
+    tracked = run.tracked(1, out)
+    assert tracked["tracker-tags"] == "team=x,label=avg,group=plain; fast,seed=1"
+    assert tracked["tracker-dir"] == str(out / "tracker")
+    assert tracked == {**run.settings(1), "tracker-tags": tracked["tracker-tags"],
+                       "tracker-dir": tracked["tracker-dir"]}
+    # without a tracker the tags are still recorded (a later upload uses them)
+    [run], _ = cmp.load_plan(_write(tmp_path, BASE + _run_table("avg")), "1")
+    assert run.tracked(2, out) == {**run.settings(2),
+                                   "tracker-tags": "label=avg,group=g,seed=2"}
+
+
+def test_the_tracker_keys_do_not_stop_a_finished_run_being_reused(tmp_path, no_child):
+    directory = tmp_path / "avg" / "seed-1"
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(resolve({"rounds": 2}).to_json())
+    cmp.check_reusable(directory, {"rounds": 2, "tracker": "mlflow",
+                                   "tracker-tags": "label=avg,seed=1"})
+    with pytest.raises(ConfigError, match="finished with rounds = 2"):
+        cmp.check_reusable(directory, {"rounds": 3, "tracker": "mlflow"})
+
+
+def test_a_tracker_that_cannot_start_fails_the_plan(tmp_path, capsys, no_child):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = _write(tmp_path, BASE + f'tracker = "mlflow"\ntracker-uri = "http://127.0.0.1:{port}"\n'
+                  + _run_table("avg"))
+    code, _, err = _cli(capsys, path, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1
+    assert "run 'avg': config key 'tracker-uri': cannot reach an MLflow server" in err
+    assert not (tmp_path / "out").exists()

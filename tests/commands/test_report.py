@@ -228,4 +228,7 @@ def test_help_lists_report(capsys):
             in " ".join(capsys.readouterr().out.split()))
     with pytest.raises(SystemExit):
         cli.main(["report", "--help"])
-    assert "fedlora report [-h] --out OUT RUN_DIR [RUN_DIR ...]" in capsys.readouterr().out
+    usage = " ".join(capsys.readouterr().out.split())
+    assert usage.startswith("usage: fedlora report [-h] [--out OUT] [--tracker KIND[,KIND]] "
+                            "[--tracker-dir DIR] [--tracker-uri URI] [--tracker-project NAME] "
+                            "RUN_DIR [RUN_DIR ...]")

@@ -8,6 +8,13 @@ child process, into ``OUT/<label>/seed-<s>`` with its output in
 ``OUT/<label>/seed-<s>.log``. Then ``OUT/summary.csv``, ``OUT/summary.md``,
 ``OUT/accuracy_vs_round.png`` and ``OUT/accuracy_vs_uplink.png`` are written.
 
+Trackers: with a ``tracker`` key in ``[base]`` each run × seed is logged as
+its own tracker run, all under one experiment (``tracker-project``) in one
+store (``tracker-dir``, by default ``OUT/tracker``), tagged with its label,
+group and seed (``tracker-tags``). The tracker keys change no result: a
+finished run is reused whatever they say (``fedlora report --tracker``
+uploads it).
+
 Running the same command again continues a comparison, so hours of finished
 work are never redone: a finished run (one with ``summary.json``) is reused;
 an unfinished one that was started with this comparison's settings goes on

@@ -10,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from fedlora.core.config import ConfigError, check_file_types
+from fedlora.core.config import ConfigError, check_file_types, key_values
 
 SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -26,6 +26,18 @@ class Run:
 
     def settings(self, seed: int) -> dict[str, Any]:
         return {**self.overrides, "seed": seed}
+
+    def tracked(self, seed: int, out: Path) -> dict[str, Any]:
+        """``settings`` with what the child logs its run under (see the
+        package docstring): its tags always, so a later upload has them too
+        (a comma, which would split the tag list, becomes ';')."""
+        tags = {**key_values(self.overrides.get("tracker-tags", "")), "label": self.label,
+                "group": self.group.replace(",", ";"), "seed": str(seed)}
+        tracked = {**self.settings(seed),
+                   "tracker-tags": ",".join(f"{k}={v}" for k, v in tags.items())}
+        if self.overrides.get("tracker", "none") != "none" and not tracked.get("tracker-dir"):
+            tracked["tracker-dir"] = str(out / "tracker")
+        return tracked
 
 
 def run_dir(out: Path, run: Run, seed: int) -> Path:
@@ -90,6 +102,7 @@ def load_plan(path: str | Path, seeds_text: str | None) -> tuple[list[Run], list
     as ``fedlora simulate`` will resolve it, so that a typo in the last run
     fails before the first one starts."""
     from fedlora.commands.prepare import absolute_paths
+    from fedlora.federation import trackers
     from fedlora.strategies import resolve, strategy_keys
 
     seeds = parse_seeds(seeds_text)
@@ -125,7 +138,7 @@ def load_plan(path: str | Path, seeds_text: str | None) -> tuple[list[Run], list
         run = Run(label, group, absolute_paths({**base, **own}))
         for seed in seeds:
             try:
-                resolve(run.settings(seed))
+                trackers.check(resolve(run.settings(seed)))
             except ConfigError as err:
                 raise ConfigError(f"run '{label}': {err}") from None
         runs.append(run)

@@ -13,7 +13,7 @@ from typing import Any
 
 from fedlora.commands.compare.child import run_child
 from fedlora.commands.compare.plan import Run, run_dir
-from fedlora.core.config import ConfigError
+from fedlora.core.config import TRACKER_KEYS, ConfigError
 
 REFUSED = 2  # the exit code of a refused ``fedlora simulate --resume``
 
@@ -45,13 +45,14 @@ def _last_line(log: Path) -> str:
 
 def _difference(directory: Path, settings: dict[str, Any]) -> tuple[str, Any, Any] | None:
     """The first setting the run in ``directory`` was started with otherwise
-    than this comparison says: (key, its value, the comparison's), or None."""
+    than this comparison says: (key, its value, the comparison's), or None.
+    The tracker keys change no result: they are not compared."""
     from fedlora.strategies import resolve
 
     saved = json.loads((directory / "config.json").read_text())
     wanted = resolve(settings)
     for key in settings:
-        if saved.get(key) != wanted[key]:
+        if key not in TRACKER_KEYS and saved.get(key) != wanted[key]:
             return key, saved.get(key), wanted[key]
     return None
 
@@ -85,7 +86,7 @@ def simulate(run: Run, seed: int, out: Path) -> tuple[float, bool]:
     finished (a run that accepted no update writes summary.json and then
     exits 1)."""
     directory = run_dir(out, run, seed)
-    settings = run.settings(seed)
+    settings = run.tracked(seed, out)
     log = directory.parent / f"seed-{seed}.log"
     started = time.perf_counter()
     resumed = refused = False

@@ -517,10 +517,10 @@ def test_the_tracker_keys_do_not_stop_a_finished_run_being_reused(tmp_path, no_c
     directory = tmp_path / "avg" / "seed-1"
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(resolve({"rounds": 2}).to_json())
-    cmp.check_reusable(directory, {"rounds": 2, "tracker": "mlflow",
+    cmp.runs.check_reusable(directory, {"rounds": 2, "tracker": "mlflow",
                                    "tracker-tags": "label=avg,seed=1"})
     with pytest.raises(ConfigError, match="finished with rounds = 2"):
-        cmp.check_reusable(directory, {"rounds": 3, "tracker": "mlflow"})
+        cmp.runs.check_reusable(directory, {"rounds": 3, "tracker": "mlflow"})
 
 
 def test_a_tracker_that_cannot_start_fails_the_plan(tmp_path, capsys, no_child):

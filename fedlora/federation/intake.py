@@ -39,6 +39,7 @@ class Requests:
     def __init__(self, messages: Iterable[Message] = ()) -> None:
         self.messages = list(messages)
         self._by_id: dict[str, Message] = {}
+        self._indexed = 0  # messages[:_indexed] are in _by_id
         self._answered: set[str] = set()
 
     def __len__(self) -> int:
@@ -52,12 +53,22 @@ class Requests:
     def asked(self, reply: Message) -> Message | None:
         """The request of this phase that ``reply`` answers, or None. Ids are
         read when needed: with a window of messages in flight
-        (``fedlora.federation.replies``) some are pushed after others are answered."""
+        (``fedlora.federation.replies``) some are pushed after others are
+        answered. They are pushed in order, so the ids are read on from where
+        the last look stopped (a round's lookups cost O(messages) in all);
+        only a reply that still matches nothing makes a look at them all."""
         answers = reply.metadata.reply_to_message_id
-        if answers and answers not in self._by_id:
-            self._by_id = {m.metadata.message_id: m for m in self.messages
-                           if m.metadata.message_id}
-        return self._by_id.get(answers) if answers else None
+        if not answers:
+            return None
+        while answers not in self._by_id and self._indexed < len(self.messages):
+            message = self.messages[self._indexed]
+            if not message.metadata.message_id:
+                self._by_id.update({m.metadata.message_id: m for m in self.messages
+                                    if m.metadata.message_id})
+                break
+            self._by_id[message.metadata.message_id] = message
+            self._indexed += 1
+        return self._by_id.get(answers)
 
     def node_of(self, reply: Message) -> int:
         """The node a reply is about. The SuperLink answers for a node that

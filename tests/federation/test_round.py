@@ -131,6 +131,20 @@ def test_missing_counts_the_asked_nodes_that_never_answered():
     assert (row["sampled"], row["clients"], row["rejected"], row["missing"]) == (5, 2, 1, 3)
 
 
+def test_requests_pushed_after_others_were_answered_still_bind():
+    """With a window of messages in flight, ids appear as messages are pushed."""
+    requests = [message(0, node) for node in (1, 2, 3)]
+    bound = intake.Requests(requests)
+    pushed(requests[:1], 1)
+    assert bound.bind(message(1, 0, reply_to=request_id(1, 1))) == 1
+    with pytest.raises(codec.PayloadError, match="answers no request"):
+        bound.bind(message(3, 0, reply_to=request_id(1, 3)))  # not pushed yet
+    pushed(requests[1:], 1)
+    assert bound.bind(message(3, 0, reply_to=request_id(1, 3))) == 3
+    assert bound.bind(message(2, 0, reply_to=request_id(1, 2))) == 2
+    assert bound.answered == 3
+
+
 # -- federated evaluation -------------------------------------------------------------
 def _evaluation(nodes=(1, 2, 3, 4, 5, 6)) -> tuple[ServerRound, list[Message]]:
     """A server whose round 3 asked ``nodes`` to evaluate; the requests, pushed."""

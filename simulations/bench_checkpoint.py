@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedlora.core.config import ConfigError
 from fedlora.federation import checkpoint
+from fedlora.federation.round import ServerRound
 from fedlora.learning.features import model_for
 from fedlora.node.client_state import ClientStore, Lineage
 from fedlora.strategies import resolve, strategy_class
@@ -57,10 +58,12 @@ def main() -> None:
     strategy.step = 5
     strategy.moments = {f"{m}/{n}": rng.random(v.shape) for n, v in adapter.items()
                         for m in "mv"}
+    server = ServerRound(strategy)
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
-        save_ms = _median_ms(lambda i: checkpoint.save(
-            run, strategy.checkpoint(i + 1, "ab", "aa:1", 1.0)), args.repeat)
+        save_ms = _median_ms(lambda i: checkpoint.save(run, checkpoint.Checkpoint(
+            run_id="ab", lineage="aa:1", wall_seconds=1.0, **server.state_dict())),
+            args.repeat)
         load_ms = _median_ms(lambda i: checkpoint.load(run), args.repeat)
         size = (run / checkpoint.CHECKPOINT_FILE).stat().st_size
         store = ClientStore(run / "client", Lineage([("aa", 1)]))

@@ -9,7 +9,7 @@ residual products on (``agg-residual``, the default: one exact 384×384 B·A
 sum per LoRA module per reply) and off. Prints one JSON object: milliseconds
 per update, the median over rounds of each round's mean, the first round
 (fresh arrays, so page faults included) apart. Single-threaded BLAS, as the
-server's aggregation runs (``LoraStrategy.aggregate_train``).
+server's aggregation runs (``ServerRound.aggregate_train``).
 """
 
 from __future__ import annotations

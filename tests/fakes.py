@@ -16,7 +16,6 @@ import numpy as np
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from fedlora.strategies.base import to_arrayrecord
 from fedlora.wire import codec
 from fedlora.wire.messages import Request, Task, TrainReply
 
@@ -71,30 +70,57 @@ def request(node: int, config: Mapping, task: Task, payload: bytes,
                    group=str(task.server_round))
 
 
+def request_id(server_round: int, node: int, phase: str = "train") -> str:
+    """The id these tests' link gives the ``phase`` request of ``server_round``
+    to ``node`` (a real link gives a random or content-derived one)."""
+    return f"{phase}-{server_round}-{node}"
+
+
+def pushed(messages: Iterable[Message], server_round: int,
+           phase: str = "train") -> list[Message]:
+    """``messages`` with the ids a link gives them at push: Flower's grids set
+    the id on the message itself (``Grid.push_messages``), and the server
+    binds each reply to the request it answers by that id."""
+    messages = list(messages)
+    for m in messages:
+        m.metadata.__dict__["_message_id"] = request_id(server_round, m.metadata.dst_node_id,
+                                                        phase)
+    return messages
+
+
 def train_reply(node: int, upload: Mapping, examples: float, loss: float = 0.0,
-                partition: int = 0) -> Message:
+                partition: int = 0, server_round: int = 1) -> Message:
     """A node's training reply with ``upload`` (``codec.encode``d) trained on
-    ``examples`` examples, answering a request for ``partition``."""
-    asked = request(node, {}, Task(1, partition, 0), b"", message_id=f"q{node}")
+    ``examples`` examples, answering the request ``start_round`` sent it for
+    ``partition`` in ``server_round``."""
+    asked = request(node, {}, Task(server_round, partition, 0), b"",
+                    message_id=request_id(server_round, node))
     return TrainReply(partition, examples, loss, payload=codec.encode(dict(upload))
                       ).to_message(asked)
 
 
-def start_round(strategy, nodes: Iterable[int], server_round: int = 1) -> list[Message]:
-    """``configure_train`` over a grid of exactly ``nodes``, all of which must
-    be asked (clients-per-round = their number): the server then expects a
-    reply from each."""
+def start_round(server, nodes: Iterable[int], server_round: int = 1) -> list[Message]:
+    """A ``ServerRound``'s training requests over a grid of exactly ``nodes``,
+    all of which must be asked (clients-per-round = their number), pushed:
+    the server then expects a reply from each."""
     nodes = list(nodes)
     with server_identity():
-        messages = list(strategy.configure_train(
-            server_round, to_arrayrecord(strategy.state), ConfigRecord({}), Grid(nodes)))
+        messages = server.train_requests(server_round, ConfigRecord({}), Grid(nodes))
     assert sorted(m.metadata.dst_node_id for m in messages) == sorted(nodes)
-    return messages
+    return pushed(messages, server_round)
 
 
-def partition_of(strategy, node: int) -> int:
+def aggregate(server, replies: Iterable[Message], server_round: int = 1
+              ) -> tuple[dict[str, np.ndarray] | None, dict]:
+    """``aggregate_train``: (the new global adapter, None when the round left
+    it unchanged; the round's metrics.jsonl row)."""
+    record = server.aggregate_train(server_round, replies)
+    return (server.adapter if record.updated else None), record.to_dict()
+
+
+def partition_of(server, node: int) -> int:
     """The partition the server asked ``node`` to train this round."""
-    return strategy.plans[node].partition_id
+    return server.plans[node].partition_id
 
 
 # -- adapters the strategy tests share ------------------------------------------
@@ -124,12 +150,13 @@ def wide_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
             for n, s in WIDE_SHAPES.items()}
 
 
-def round_replies(strategy, rng: np.random.Generator) -> list[Message]:
+def round_replies(server, rng: np.random.Generator) -> list[Message]:
     """Each asked client's upload as its client half would make it, from a
     random adapter trained away from what it was sent (by node id)."""
     replies = []
+    strategy = server.strategy
     role = strategy.roles
-    for node, plan in sorted(strategy.plans.items()):
+    for node, plan in sorted(server.plans.items()):
         trained = {**strategy.sent, **wide_state(rng)}
         if strategy.name == "cellm":
             upload = role.upload(strategy.sent, trained, RecordDict())

@@ -6,8 +6,9 @@ the round, the run's id and lineage (which server attempt ran which round:
 (CELLM's Adam moments, FLoRA's merge count), the base-weight increments
 (FLoRA, FedEx-LoRA: the ledger replays them), the ε each local-DP client
 reported, the central-DP accountant's history (which also keys the next
-noise draw), and the wall-clock seconds spent so far. What is *not* in it,
-and why:
+noise draw), and the wall-clock seconds spent so far. All but the run's id,
+lineage and wall time are the server round's ``state_dict``
+(``fedlora.federation.round``). What is *not* in it, and why:
 
 * the sampler: which clients a round asks is a function of (seed, round)
   alone (``fedlora.core.seeding``), so the round is its whole state;
@@ -60,6 +61,14 @@ class Checkpoint:
     epsilons: dict[int, float] = field(default_factory=dict)  # by partition (local DP)
     central_history: list[tuple[float, float, int]] = field(default_factory=list)
     wall_seconds: float = 0.0
+
+    def server_state(self) -> dict:
+        """The fields that are the server round's state (``ServerRound.load_state_dict``)."""
+        return {name: getattr(self, name) for name in SERVER_STATE}
+
+
+# what ``ServerRound.state_dict`` gives; the run's id, lineage and wall time are the loop's
+SERVER_STATE = ("round", "adapter", "strategy", "base_log", "epsilons", "central_history")
 
 
 def _tensors(checkpoint: Checkpoint) -> dict[str, np.ndarray]:

@@ -2,7 +2,9 @@
 
 ``run_federation`` is the whole of it; ``server/app.py`` calls it with the
 run config Flower hands over (``flwr run``), and ``fedlora simulate`` with
-the config it resolved.
+the config it resolved. Each round is ``fedlora.federation.round.ServerRound``'s
+(requests, replies, the fold, the record); this loop adds central and
+federated evaluation, writes the record and checkpoints.
 
 Crash safety: after every round (its metrics line written) the server's
 state is checkpointed (``fedlora.federation.checkpoint``), and a run with
@@ -24,35 +26,20 @@ from flwr.serverapp import Grid
 
 from fedlora.core.adapters import load_adapter_state
 from fedlora.core.config import KEYS, RunConfig
+from fedlora.core.fields import Summary
 from fedlora.federation import checkpoint, snapshots, trackers
+from fedlora.federation.checkpoint import Checkpoint
 from fedlora.federation.replies import replies_as_they_arrive
 from fedlora.federation.resume import start_run
+from fedlora.federation.round import ServerRound
 from fedlora.learning.features import central_test_set, model_for, partitioner_for
 from fedlora.learning.training import evaluate
-from fedlora.runtime.progress import Lines
+from fedlora.runtime.progress import Lines, round_line
 from fedlora.strategies import strategy_class
-from fedlora.strategies.base import from_arrayrecord, to_arrayrecord
 from fedlora.wire.basedelta import BASE_DELTA_FILE, save_base_delta, write_base
 from fedlora.wire.messages import CLIENT_STORE, LABEL_NAMES, LINEAGE, RUN_ID, STORE_REQUIRED
 
 NO_LIMIT_S = float("inf")  # round-timeout 0: wait until each reply (or the SuperLink's error)
-
-
-def progress_line(record: dict, rounds: int) -> str:
-    """The one line printed per round."""
-    parts = [f"round {record['round']}/{rounds}",
-             f"acc {record['accuracy']:.4f} loss {record['loss']:.4f}"
-             if record["accuracy"] is not None else "acc -",
-             f"train_loss {record['train_loss']:.4f}", f"clients {record['clients']}"]
-    parts += [f"{key} {record[key]:.4f}" for key in ("personal_accuracy", "fed_accuracy")
-              if record.get(key) is not None]
-    parts += [f"{key} {record[key]}" for key in ("rejected", "declined", "missing")
-              if record.get(key)]
-    if record["epsilon"] is not None:
-        parts.append(f"eps {record['epsilon']:.3f}")
-    parts += [f"up {record['uplink_bytes'] / 1e6:.2f}MB",
-              f"down {record['downlink_bytes'] / 1e6:.2f}MB", f"{record['seconds']:.1f}s"]
-    return "  ".join(parts)
 
 
 CLIENT_STORE_DIR = "clients"  # clients' state in the run directory (fedlora.node.client_state)
@@ -75,12 +62,10 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     test = central_test_set(config)
     partitioner_for(config)  # bad partition settings fail here, before any round
     strategy_type = strategy_class(config["strategy"])
-    strategy = strategy_type(config, model.initial_state)
-    strategy.on_rejected = progress.rejected
+    server = ServerRound(strategy_type(config, model.initial_state), progress.rejected)
     if start.checkpoint is not None:
-        strategy.restore(start.checkpoint)
+        server.load_state_dict(start.checkpoint.server_state())
     prefix = strategy_type.evaluation_prefix(config)
-    arrays = to_arrayrecord(strategy.state)
     # sent with every message: the run config (core keys and the chosen
     # strategy's: a node need not have other packages' strategies installed)
     # and the classes, onto which a deployed node maps its own data; and
@@ -96,50 +81,44 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     timeout = config["round-timeout"] or NO_LIMIT_S
     for server_round in range(start.completed + 1, rounds + 1):
         round_start = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, arrays, sent_config, grid))
+        messages = server.train_requests(server_round, sent_config, grid)
         progress.round_started(server_round, rounds, len(messages))
         replies = progress.counted(replies_as_they_arrive(grid, messages, timeout, in_flight))
-        new_arrays, train = strategy.aggregate_train(server_round, replies)
-        answered = sum(int(train[k]) for k in ("clients", "rejected", "declined"))
-        if new_arrays is not None:
-            arrays = new_arrays
-        record = {"round": server_round, "accuracy": None, "loss": None,
-                  "epsilon": None, "sampled": len(messages),
-                  "missing": len(messages) - answered, **dict(train),
-                  "updated": new_arrays is not None}
+        record = server.aggregate_train(server_round, replies)
         if server_round % config["eval-every"] == 0 or server_round == rounds:
             progress.evaluating()
             evaluation_start = time.perf_counter()
-            load_adapter_state(model.peft, from_arrayrecord(arrays))
-            write_base(model.peft, strategy.base.cumulative if strategy.base else {})
-            record["accuracy"], record["loss"] = evaluate(model, test)
-            record["evaluate_s"] = time.perf_counter() - evaluation_start
+            load_adapter_state(model.peft, server.adapter)
+            write_base(model.peft, server.base_delta or {})
+            record.accuracy, record.loss = evaluate(model, test)
+            record.evaluate_s = time.perf_counter() - evaluation_start
             if prefix:
-                asked = strategy.evaluation_requests(server_round, sent_config)
-                record.update(strategy.aggregate_evaluation(
+                asked = server.evaluation_requests(server_round, sent_config)
+                record.evaluation = server.aggregate_evaluation(
                     server_round, replies_as_they_arrive(grid, asked, timeout, in_flight),
-                    prefix))
-        record["seconds"] = time.perf_counter() - round_start
-        writer.add_round(record)
-        if snapshots.due(config["save-every"], server_round):  # before the checkpoint:
+                    prefix)
+        record.seconds = time.perf_counter() - round_start
+        row = record.to_dict()
+        writer.add_round(row)
+        if snapshots.due(config.save_every, server_round):  # before the checkpoint:
             # a crash between them runs the round again, and writes it again
-            snapshots.save(out_dir, server_round, model.peft, from_arrayrecord(arrays),
-                           strategy.base.cumulative if strategy.base else None)
-        checkpoint.save(out_dir, strategy.checkpoint(
-            server_round, start.run_id, str(start.lineage),
-            earlier_s + time.perf_counter() - started))
-        tracking.log_round(record)  # after the checkpoint: a resume never logs it twice
-        progress.round_ended(progress_line(record, rounds))
-    load_adapter_state(model.peft, from_arrayrecord(arrays))
-    if strategy.base is not None:
-        save_base_delta(out_dir / BASE_DELTA_FILE, strategy.base.cumulative)
+            snapshots.save(out_dir, server_round, model.peft, server.adapter, server.base_delta)
+        checkpoint.save(out_dir, Checkpoint(
+            run_id=start.run_id, lineage=str(start.lineage),
+            wall_seconds=earlier_s + time.perf_counter() - started, **server.state_dict()))
+        tracking.log_round(row)  # after the checkpoint: a resume never logs it twice
+        progress.round_ended(round_line(row, rounds))
+    load_adapter_state(model.peft, server.adapter)
+    if server.base_delta is not None:
+        save_base_delta(out_dir / BASE_DELTA_FILE, server.base_delta)
     writer.save_adapter(model.peft)
     write_base(model.peft, {})  # the process-wide model serves other runs too
-    summary = writer.finish({"strategy": config["strategy"],
-                             "label_names": list(model.spec.label_names),  # for `evaluate`
-                             "epsilon_per_client": {str(k): v for k, v in
-                                                    sorted(strategy.epsilons.items())} or None,
-                             "wall_seconds": earlier_s + time.perf_counter() - started,
-                             "out_dir": str(out_dir)})
+    summary = writer.finish({
+        Summary.STRATEGY: config.strategy,
+        Summary.LABEL_NAMES: list(model.spec.label_names),  # for `evaluate`
+        Summary.EPSILON_PER_CLIENT: {str(k): v for k, v in
+                                     sorted(server.epsilons.items())} or None,
+        Summary.WALL_SECONDS: earlier_s + time.perf_counter() - started,
+        Summary.OUT_DIR: str(out_dir)})
     tracking.finish(summary)
     return summary

@@ -33,7 +33,7 @@ simulation repeats exactly; it is for simulations only.
 al. 2018, as Flower's ``DifferentialPrivacyServerSideFixedClipping``, whose
 clipping function it uses). Flower's wrapper itself cannot be used:
 it clips the reply ArrayRecords, and ours carry encoded (possibly sparse)
-payloads, so the clipping happens after decoding (``fedlora.strategies.base``).
+payloads, so the clipping happens after decoding (``fedlora.federation.fold``).
 
 Opacus (and the SciPy it loads, about 0.4 s) is imported only when a DP
 object is made: every worker and server of a run without DP skips it.

@@ -14,11 +14,11 @@ Two reporters with one interface:
   still go to stdout, printed above it; the line is gone when the run ends.
 
 The round loop (``fedlora.federation.loop``) calls ``round_started``, passes the
-round's train replies through ``counted``, hands the strategy's
-``on_rejected`` hook ``rejected``, and calls ``evaluating`` and
-``round_ended`` with the round's ``round_line``; ``fedlora.commands.simulation``
-calls ``warming`` once Ray is up. Every count is of replies the server has
-pulled: Ray workers report nothing.
+round's train replies through ``counted``, hands the server round
+(``fedlora.federation.round``) ``rejected`` to call on each rejection, and
+calls ``evaluating`` and ``round_ended`` with the round's ``round_line``;
+``fedlora.commands.simulation`` calls ``warming`` once Ray is up. Every count
+is of replies the server has pulled: Ray workers report nothing.
 """
 
 from __future__ import annotations

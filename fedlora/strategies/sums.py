@@ -1,6 +1,6 @@
 """A round's accepted updates folded into running sums, one reply at a time.
 
-``aggregate_train`` (``fedlora.strategies.base``) adds each reply as soon as it
+The server round (``fedlora.federation.round``) adds each reply as soon as it
 is decoded and drops it; a strategy's ``merge`` then reads the sums. Memory
 for a round is therefore independent of the number of clients, and, because
 every sum is exact (``fedlora.core.exactsum``), so is the result of the order in

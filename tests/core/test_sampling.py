@@ -19,9 +19,10 @@ from flwr.app import ConfigRecord, Error, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
+from fedlora.federation import round as server_round
 from fedlora.federation.loop import run_federation
-from fedlora.strategies import base, resolve
-from fedlora.strategies.base import to_arrayrecord
+from fedlora.federation.round import ServerRound
+from fedlora.strategies import resolve
 from fedlora.strategies.fedavg import FedAvgLoRA
 from fedlora.wire.messages import TASK
 
@@ -45,43 +46,42 @@ class NodeList:
         return list(range(100, 100 + count))
 
 
-def _strategy(**keys) -> FedAvgLoRA:
-    return FedAvgLoRA(resolve({"num-clients": 10, "lora-rank": 2, **keys}), STATE)
+def _server(**keys) -> ServerRound:
+    return ServerRound(FedAvgLoRA(resolve({"num-clients": 10, "lora-rank": 2, **keys}), STATE))
 
 
-def _round(strategy: FedAvgLoRA, grid: NodeList, server_round: int = 1):
-    return list(strategy.configure_train(server_round, to_arrayrecord(STATE),
-                                         ConfigRecord({}), grid))
+def _round(server: ServerRound, grid: NodeList, server_round: int = 1):
+    return server.train_requests(server_round, ConfigRecord({}), grid)
 
 
 def test_a_round_asks_clients_per_round_distinct_connected_nodes():
-    messages = _round(_strategy(**{"clients-per-round": 4}), NodeList(10))
+    messages = _round(_server(**{"clients-per-round": 4}), NodeList(10))
     nodes = [m.metadata.dst_node_id for m in messages]
     assert len(nodes) == 4 == len(set(nodes)) and set(nodes) <= set(range(100, 110))
     assert all(m.content.config_records[TASK]["server-round"] == 1 for m in messages)
 
 
-def _formed(**keys) -> FedAvgLoRA:
-    """A strategy whose first round found all 5 nodes."""
-    strategy = _strategy(**keys)
-    _round(strategy, NodeList(5))
-    return strategy
+def _formed(**keys) -> ServerRound:
+    """A server whose first round found all 5 nodes."""
+    server = _server(**keys)
+    _round(server, NodeList(5))
+    return server
 
 
 def test_fewer_connected_than_clients_per_round_asks_them_all(caplog):
-    strategy = _formed(**{"clients-per-round": 4, "min-clients": 2})
+    server = _formed(**{"clients-per-round": 4, "min-clients": 2})
     with caplog.at_level("WARNING"):
-        messages = _round(strategy, NodeList(3), server_round=3)
+        messages = _round(server, NodeList(3), server_round=3)
     assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101, 102]
     assert "round 3: 3 nodes connected, fewer than clients-per-round=4" in caplog.text
 
 
 def test_the_first_round_waits_for_clients_per_round_nodes(monkeypatch, caplog):
-    monkeypatch.setattr(base, "WAIT_FOR_NODES_S", 0.0)
+    monkeypatch.setattr(server_round, "WAIT_FOR_NODES_S", 0.0)
     grid = NodeList(0, 2, 3, 6)
-    strategy = _strategy(**{"clients-per-round": 4, "min-clients": 2})
+    server = _server(**{"clients-per-round": 4, "min-clients": 2})
     with caplog.at_level("WARNING"):
-        messages = _round(strategy, grid)
+        messages = _round(server, grid)
     assert grid.asked == 4  # 0, 2 and 3 connected: wait; 6 connected: go
     nodes = [m.metadata.dst_node_id for m in messages]
     assert len(set(nodes)) == 4 and set(nodes) <= set(range(100, 106))
@@ -89,28 +89,27 @@ def test_the_first_round_waits_for_clients_per_round_nodes(monkeypatch, caplog):
 
 
 def test_later_rounds_wait_only_for_min_clients_nodes(monkeypatch, caplog):
-    monkeypatch.setattr(base, "WAIT_FOR_NODES_S", 0.0)
-    strategy = _formed(**{"clients-per-round": 4, "min-clients": 2})
+    monkeypatch.setattr(server_round, "WAIT_FOR_NODES_S", 0.0)
+    server = _formed(**{"clients-per-round": 4, "min-clients": 2})
     grid = NodeList(0, 1, 2, 5)
     with caplog.at_level("WARNING"):
-        messages = _round(strategy, grid, server_round=2)
+        messages = _round(server, grid, server_round=2)
     assert grid.asked == 3  # 0 and 1 connected: wait; 2 connected: go
     assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101]
     assert "round 2: 1 nodes connected, waiting for min-clients=2" in caplog.text
 
 
 def test_the_superlinks_answer_for_a_dead_node_names_that_node(caplog):
-    strategy = _strategy(**{"clients-per-round": 3})
-    messages = _round(strategy, NodeList(3))
+    server = _server(**{"clients-per-round": 3})
+    messages = _round(server, NodeList(3))
     for number, message in enumerate(messages):  # what a grid does on push
         message.metadata.__dict__["_message_id"] = f"id-{number}"
     dead = messages[1]
     answer = create_message_error_unavailable_res_message(dead.metadata, "node_unavail")
     assert answer.metadata.src_node_id == SUPERLINK_NODE_ID
-    assert strategy.node_of(answer) == dead.metadata.dst_node_id
     with caplog.at_level("WARNING"):
-        arrays, metrics = strategy.aggregate_train(1, [answer])
-    assert arrays is None and metrics["rejected"] == 1
+        record = server.aggregate_train(1, [answer])
+    assert not record.updated and record.rejected == 1 and record.missing == 2
     assert (f"round 1: reply from node {dead.metadata.dst_node_id} rejected: client failed: "
             "Error: Node Unavailable") in caplog.text
 
@@ -127,9 +126,11 @@ class SilentOrFailing:
         return list(range(100, 100 + self.nodes))
 
     def push_messages(self, messages):
+        """As Flower's grids do: each message gets its id, on itself too."""
         ids = []
         for message in messages:
             ids.append(f"id-{len(self.outstanding)}-{message.metadata.dst_node_id}")
+            message.metadata.__dict__["_message_id"] = ids[-1]
             self.outstanding[ids[-1]] = message
         return ids
 

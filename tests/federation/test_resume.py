@@ -116,10 +116,11 @@ def test_a_new_run_into_an_unfinished_one_points_to_resume(interrupted, capsys):
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(interrupted):
     """The fixture's checkpoint holds a 2-vector, not this model's adapter."""
+    from fedlora.federation.round import ServerRound
     from fedlora.learning.features import model_for
     from fedlora.strategies import strategy_class
 
     run, config = interrupted
-    strategy = strategy_class("cellm")(config, model_for(config).initial_state)
+    server = ServerRound(strategy_class("cellm")(config, model_for(config).initial_state))
     with pytest.raises(ConfigError, match="does not fit this run's model"):
-        strategy.restore(checkpoint.load(run))
+        server.load_state_dict(checkpoint.load(run).server_state())

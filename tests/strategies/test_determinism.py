@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 from fakes import WIDE_RANK as RANK
-from fakes import Grid, request, start_round
+from fakes import Grid, aggregate, request, start_round
 from fakes import round_replies as _round_replies
 from fakes import wide_state as _wide_state
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -23,24 +23,23 @@ from runs import FEDLORA, _env
 
 from fedlora.core.exactsum import ExactSum
 from fedlora.core.seeding import sample_positions
+from fedlora.federation.round import ServerRound
 from fedlora.strategies import resolve, strategies
-from fedlora.strategies.base import to_arrayrecord
 from fedlora.wire import codec
 from fedlora.wire.messages import METRICS, PAYLOAD, TASK, Task
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 
 # -- selection --------------------------------------------------------------------
-def _asked(strategy, node_ids, server_round=1) -> list[tuple[int, int]]:
-    messages = strategy.configure_train(server_round, to_arrayrecord(strategy.state),
-                                        ConfigRecord({}), Grid(node_ids))
+def _asked(server, node_ids, server_round=1) -> list[tuple[int, int]]:
+    messages = server.train_requests(server_round, ConfigRecord({}), Grid(node_ids))
     return [(int(m.content.config_records[TASK]["partition-id"]), m.metadata.dst_node_id)
             for m in messages]
 
 
-def _fedavg(**keys):
+def _fedavg(**keys) -> ServerRound:
     config = resolve({"num-clients": 10, "clients-per-round": 4, "lora-rank": RANK, **keys})
-    return strategies()["fedavg"](config, _wide_state(np.random.default_rng(0)))
+    return ServerRound(strategies()["fedavg"](config, _wide_state(np.random.default_rng(0))))
 
 
 def test_selection_depends_on_seed_and_round_not_on_node_ids():
@@ -79,12 +78,13 @@ VARIANTS = {
 
 def _aggregate(keys: dict, replies_order) -> tuple[dict, dict]:
     config = resolve({"num-clients": 10, "clients-per-round": 7, "lora-rank": RANK, **keys})
-    strategy = strategies()[config["strategy"]](config, _wide_state(np.random.default_rng(1)))
-    start_round(strategy, range(100, 107))
-    replies = _round_replies(strategy, np.random.default_rng(2))
-    arrays, metrics = strategy.aggregate_train(1, [replies[i] for i in replies_order])
+    server = ServerRound(strategies()[config["strategy"]](
+        config, _wide_state(np.random.default_rng(1))))
+    start_round(server, range(100, 107))
+    replies = _round_replies(server, np.random.default_rng(2))
+    arrays, metrics = aggregate(server, [replies[i] for i in replies_order])
     assert arrays is not None and metrics["clients"] == len(replies)
-    return ({n: a.numpy().tobytes() for n, a in arrays.items()},
+    return ({n: a.tobytes() for n, a in arrays.items()},
             {k: v for k, v in metrics.items() if not k.endswith("_s")})
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from by_hand import SQUARE_SHAPES, merge_of, square_strategy, square_updates
 
-from fedlora.strategies.lora_fair import correct_b
+from fedlora.federation.fold import Fold
+from fedlora.strategies.fedavg import FedAvgLoRA
+from fedlora.strategies.lora_fair import LoraFair, correct_b
 
 STEPS, LR = 50, 0.01  # the run-config defaults fair-steps and fair-lr
 
@@ -111,3 +114,30 @@ def test_random_rounds_never_above_no_correction_and_near_the_minimum(seed):
         # float rounding only: 1 − cos is known to ~1e-16 absolute, whatever its size
         assert after <= at_zero * (1 + 1e-9) + 1e-13, where
         assert after <= reference + 1e-5, where  # at the minimum, not merely below f(0)
+
+
+# -- the merge: FedAvg's factors with B corrected ------------------------------------
+def test_lora_fair_residual_is_below_fedavg():
+    rng = np.random.default_rng(4)
+    updates = square_updates(rng, count=5)
+    fedavg = square_strategy(FedAvgLoRA, np.random.default_rng(9))
+    fair = square_strategy(LoraFair, np.random.default_rng(9))
+    plain, corrected = merge_of(fedavg, updates), merge_of(fair, updates)
+    for name in SQUARE_SHAPES:  # only B is corrected
+        if ".lora_B." not in name:
+            np.testing.assert_array_equal(plain[name], corrected[name])
+    sums = Fold(fedavg).sums(updates)
+    r_fedavg, r_fair = sums.residual(plain), sums.residual(corrected)
+    assert r_fair < r_fedavg
+
+
+def test_lora_fair_regulariser_limits_the_correction():
+    rng = np.random.default_rng(5)
+    updates = square_updates(rng)
+    light = merge_of(square_strategy(LoraFair, np.random.default_rng(1),
+                                     **{"fair-lambda": 0.0}), updates)
+    heavy = merge_of(square_strategy(LoraFair, np.random.default_rng(1),
+                                     **{"fair-lambda": 10.0}), updates)
+    plain = merge_of(square_strategy(FedAvgLoRA, np.random.default_rng(1)), updates)
+    b = "m.q.lora_B.weight"
+    assert np.linalg.norm(heavy[b] - plain[b]) < np.linalg.norm(light[b] - plain[b])

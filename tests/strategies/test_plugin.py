@@ -22,6 +22,7 @@ from fakes import random_state as _random_state
 from processes import describe, ours, stop, watch
 
 from fedlora.core.config import ConfigError
+from fedlora.federation.fold import Fold
 from fedlora.strategies import resolve, strategies, strategy_keys
 from fedlora.strategies.base import ClientUpdate
 from fedlora.strategies.fedavg import FedAvgClient, FedAvgLoRA
@@ -47,7 +48,7 @@ def _strategy(cls=None, initial=None, **keys):
     config = resolve({"num-clients": 10, "clients-per-round": 3, "strategy": NAME, **keys})
     strategy = cls(config, initial if initial is not None
                    else _random_state(np.random.default_rng(0)))
-    strategy.sent, _ = strategy.download(strategy.state)
+    strategy.start_round(strategy.state)
     return strategy
 
 
@@ -57,9 +58,8 @@ def _round(strategy, uploads: list[dict], weights: list[float]) -> dict[str, np.
     updates = [ClientUpdate(node_id=100 + i, partition_id=i, rank=strategy.global_rank,
                             weight=w, tensors=u)
                for i, (u, w) in enumerate(zip(uploads, weights, strict=True))]
-    merged = strategy.merge(strategy.sums(updates))
-    strategy.state = merged
-    strategy.sent, _ = strategy.download(merged)
+    merged = strategy.merge(Fold(strategy).sums(updates))
+    strategy.start_round(merged)
     return merged
 
 
@@ -153,7 +153,7 @@ def test_a_no_op_load_state_dict_would_fail_the_round_trip():
 
 def test_state_dict_is_a_snapshot():
     """The server takes state_dict before a merge and restores it when the merge
-    fails (base.LoraStrategy._checked_merge): a later merge must not change it."""
+    fails (fedlora.federation.fold.Fold.merge): a later merge must not change it."""
     rng = np.random.default_rng(5)
     strategy = _strategy()
     _round(strategy, [_random_state(rng) for _ in range(2)], [1.0, 1.0])

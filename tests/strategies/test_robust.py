@@ -10,11 +10,12 @@ import math
 import numpy as np
 import pytest
 from fakes import WIDE_SHAPES as SHAPES
-from fakes import start_round, train_reply
+from fakes import aggregate, start_round, train_reply
 from flwr.app import RecordDict
 
 from fedlora.core.adapters import lora_pairs
 from fedlora.core.config import ConfigError
+from fedlora.federation.round import ServerRound
 from fedlora.strategies import resolve, strategies
 from fedlora.strategies.ranks import pad
 from fedlora.wire.basedelta import base_weight_name
@@ -30,7 +31,7 @@ BUILT_IN = ("fedavg", "ffa", "lora-fair", "cellm", "fedsa", "hetlora", "flexlora
             "fedex")
 
 
-def _strategy(name: str, mode: str, per_round: int = len(HONEST) + 1, **extra):
+def _server(name: str, mode: str, per_round: int = len(HONEST) + 1, **extra) -> ServerRound:
     overrides = {"num-clients": 10, "clients-per-round": per_round, "lora-rank": 3,
                  "strategy": name, "robust": mode, **extra}
     if name == "cellm":
@@ -38,13 +39,13 @@ def _strategy(name: str, mode: str, per_round: int = len(HONEST) + 1, **extra):
     config = resolve(overrides)
     rng = np.random.default_rng(7)
     state = {n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in SHAPES.items()}
-    return strategies()[name](config, state)
+    return ServerRound(strategies()[name](config, state))
 
 
-def _reply(strategy, node: int, trained_from, examples: float, rng):
+def _reply(server, node: int, trained_from, examples: float, rng):
     """``node``'s reply, made by the strategy's client half from the adapter
     ``trained_from(start)`` returns (a hostile client does exactly this)."""
-    plan = strategy.plans[node]
+    plan, strategy = server.plans[node], server.strategy
     start = strategy.download_for(plan)[0]
     trained = {n: np.asarray(v, np.float32) for n, v in trained_from(start, rng).items()}
     upload = strategy.roles.upload(start, trained, RecordDict())
@@ -67,36 +68,36 @@ HOSTILE_REPLIES = {  # (trained adapter, claimed examples): the issue's list
 }
 
 
-def _round(strategy, hostile=None, order=None, seed=3):
+def _round(server, hostile=None, order=None, seed=3):
     rng = np.random.default_rng(seed)
     nodes = HONEST + ((HOSTILE,) if hostile else ())
-    start_round(strategy, nodes)
-    replies = [_reply(strategy, node, _honest, 100 + 10 * i, rng)
+    start_round(server, nodes)
+    replies = [_reply(server, node, _honest, 100 + 10 * i, rng)
                for i, node in enumerate(HONEST)]
     if hostile:
-        replies.append(_reply(strategy, HOSTILE, *hostile, rng))
+        replies.append(_reply(server, HOSTILE, *hostile, rng))
     if order is not None:
         replies = [replies[i] for i in order]
-    return strategy.aggregate_train(1, replies)
+    return aggregate(server, replies)
 
 
-def _changes(strategy, arrays) -> dict[str, np.ndarray]:
-    return {n: arrays[n].numpy().astype(np.float64) - strategy.sent[n]
-            for n in strategy.upload_shapes}
+def _changes(server, arrays) -> dict[str, np.ndarray]:
+    strategy = server.strategy
+    return {n: arrays[n].astype(np.float64) - strategy.sent[n] for n in strategy.upload_shapes}
 
 
 @pytest.mark.parametrize("attack", HOSTILE_REPLIES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_hostile_replies_never_reach_the_global(name, mode, attack):
-    strategy = _strategy(name, mode)
-    arrays, metrics = _round(strategy, HOSTILE_REPLIES[attack])
+    server = _server(name, mode)
+    arrays, metrics = _round(server, HOSTILE_REPLIES[attack])
     assert arrays is not None, "the honest clients' round must still change the global"
-    values = np.concatenate([a.numpy().ravel() for a in arrays.values()])
+    values = np.concatenate([a.ravel() for a in arrays.values()])
     assert np.all(np.isfinite(values)) and np.max(np.abs(values)) < 10.0
-    if strategy.base is not None:
+    if server.base_delta is not None:
         assert all(np.all(np.isfinite(w)) and np.max(np.abs(w)) < 10.0
-                   for w in strategy.base.cumulative.values())
+                   for w in server.base_delta.values())
     assert metrics["clients"] + metrics["rejected"] == len(HONEST) + 1
 
 
@@ -109,10 +110,10 @@ def test_the_global_moves_no_further_than_the_modes_bound_on_honest_steps(name, 
     clients' range of it; Krum: within their convex hull (so no longer than the
     longest honest step); norm-bound: no longer than robust-norm-factor × the
     median step."""
-    strategy = _strategy(name, mode)
-    arrays, _ = _round(strategy, HOSTILE_REPLIES[attack])
+    server = _server(name, mode)
+    arrays, _ = _round(server, HOSTILE_REPLIES[attack])
     steps = _honest_steps(name)
-    move = _changes(strategy, arrays)
+    move = _changes(server, arrays)
     norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in move.values()))
     step_norms = [math.sqrt(sum(float(np.sum(v ** 2)) for v in s.values())) for s in steps]
     if mode in ("median", "trimmed-mean"):
@@ -128,12 +129,13 @@ def test_the_global_moves_no_further_than_the_modes_bound_on_honest_steps(name, 
 
 def _honest_steps(name: str) -> list[dict[str, np.ndarray]]:
     """The honest clients' changes in a round like ``_round``'s (same draws)."""
-    strategy = _strategy(name, "none", per_round=len(HONEST))
+    server = _server(name, "none", per_round=len(HONEST))
+    strategy = server.strategy
     rng = np.random.default_rng(3)
-    start_round(strategy, HONEST)
+    start_round(server, HONEST)
     steps = []
     for node in HONEST:
-        start = strategy.download_for(strategy.plans[node])[0]
+        start = strategy.download_for(server.plans[node])[0]
         trained = {n: np.asarray(v, np.float32) for n, v in _honest(start, rng).items()}
         steps.append({n: trained[n].astype(np.float64) - start[n]
                       for n in strategy.upload_shapes})
@@ -143,26 +145,27 @@ def _honest_steps(name: str) -> list[dict[str, np.ndarray]]:
 def test_an_inflated_weight_buys_no_more_than_the_cap():
     """norm-bound: 2e9 claimed examples weigh as robust-weight-factor × the
     median claim, and the round reports the client as clipped."""
-    strategy = _strategy("fedavg", "norm-bound", per_round=3)
-    start_round(strategy, (101, 102, 103))
+    server = _server("fedavg", "norm-bound", per_round=3)
+    strategy = server.strategy
+    start_round(server, (101, 102, 103))
     rng = np.random.default_rng(0)
     same = {n: strategy.sent[n] + 0.01 for n in strategy.upload_shapes}
     other = {n: strategy.sent[n] - 0.01 for n in strategy.upload_shapes}
-    replies = [_reply(strategy, 101, lambda s, r: {**s, **same}, 100, rng),
-               _reply(strategy, 102, lambda s, r: {**s, **same}, 100, rng),
-               _reply(strategy, 103, lambda s, r: {**s, **other}, 2e9, rng)]
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    replies = [_reply(server, 101, lambda s, r: {**s, **same}, 100, rng),
+               _reply(server, 102, lambda s, r: {**s, **same}, 100, rng),
+               _reply(server, 103, lambda s, r: {**s, **other}, 2e9, rng)]
+    arrays, metrics = aggregate(server, replies)
     share = 300 / (100 + 100 + 300)  # the claim cut to 3 × the median (100)
     expected = 0.01 * (1 - share) - 0.01 * share
-    got = _changes(strategy, arrays)
+    got = _changes(server, arrays)
     assert all(np.allclose(v, expected, atol=1e-6) for v in got.values())
     assert metrics["clipped"] == 1
 
 
 def test_krum_rejects_the_outlier_and_says_so(caplog):
-    strategy = _strategy("fedavg", "krum")
+    server = _server("fedavg", "krum")
     with caplog.at_level("WARNING"):
-        arrays, metrics = _round(strategy, (lambda s, r: {n: v + 5.0 for n, v in s.items()},
+        arrays, metrics = _round(server, (lambda s, r: {n: v + 5.0 for n, v in s.items()},
                                             100))
     assert metrics["rejected"] == 2  # f = ceil(0.2 × 6) = 2 excluded: the outlier and one
     assert f"reply from node {HOSTILE} rejected: excluded by krum" in caplog.text
@@ -171,18 +174,18 @@ def test_krum_rejects_the_outlier_and_says_so(caplog):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_screening_does_not_depend_on_arrival_order(mode):
-    first, _ = _round(_strategy("fedavg", mode), HOSTILE_REPLIES["values 1e30"])
-    second, _ = _round(_strategy("fedavg", mode), HOSTILE_REPLIES["values 1e30"],
+    first, _ = _round(_server("fedavg", mode), HOSTILE_REPLIES["values 1e30"])
+    second, _ = _round(_server("fedavg", mode), HOSTILE_REPLIES["values 1e30"],
                        order=[5, 3, 0, 4, 1, 2])
-    assert all(first[n].numpy().tobytes() == second[n].numpy().tobytes() for n in first)
+    assert all(first[n].tobytes() == second[n].tobytes() for n in first)
 
 
 def test_without_a_robust_mode_the_hostile_weight_wins():
     """The harness bites: with robust=none the 2e9 claim makes the global the
     attacker's adapter (what the robust modes are for)."""
-    strategy = _strategy("fedavg", "none")
-    arrays, _ = _round(strategy, HOSTILE_REPLIES["2e9 examples"])
-    assert all(np.allclose(v, 5.0, atol=1e-3) for v in _changes(strategy, arrays).values())
+    server = _server("fedavg", "none")
+    arrays, _ = _round(server, HOSTILE_REPLIES["2e9 examples"])
+    assert all(np.allclose(v, 5.0, atol=1e-3) for v in _changes(server, arrays).values())
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -5,8 +5,8 @@ error feedback keeps the quantisation error; every strategy runs with int8
 both ways; same seed, same bytes; a payload the run did not ask for, or an
 int8 one with a scale the encoder never writes, is refused.
 
-Rounds here are real but in this process: the strategy's own requests, the
-client loop (``handle_train``, local training included) and the strategy's
+Rounds here are real but in this process: the server round's own requests,
+the client loop (``handle_train``, local training included) and the round's
 aggregation, without Ray (``Federation``); the metrics are the row
 ``fedlora simulate`` writes to metrics.jsonl.
 """
@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fakes import Grid, request, server_identity
+from fakes import Grid, aggregate, pushed, request, server_identity
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedlora.core.adapters import adapter_state
 from fedlora.core.config import KEYS, ConfigError
+from fedlora.federation.round import ServerRound
 from fedlora.learning.features import model_for
 from fedlora.node.client_loop import handle_train, local_update
 from fedlora.node.session import open_session
 from fedlora.strategies import resolve, strategies
-from fedlora.strategies.base import to_arrayrecord
 from fedlora.strategies.cellm import RESIDUAL_KEY
 from fedlora.v1 import update_pb2 as pb
 from fedlora.wire import codec
@@ -45,12 +45,13 @@ def _config(model, dataset, **keys):
 
 
 class Federation:
-    """A strategy and its clients in this process: ``fedlora.federation.loop``'s
+    """A server round and its clients in this process: ``fedlora.federation.loop``'s
     round without Ray (each node's memory kept in its own Context)."""
 
     def __init__(self, config) -> None:
         model = model_for(config)
-        self.strategy = strategies()[config["strategy"]](config, model.initial_state)
+        self.server = ServerRound(strategies()[config["strategy"]](config, model.initial_state))
+        self.strategy = self.server.strategy
         self.record = ConfigRecord({**config.to_dict(),
                                     LABEL_NAMES: list(model.spec.label_names)})
         self.nodes = list(range(100, 100 + config["num-clients"]))
@@ -59,17 +60,16 @@ class Federation:
 
     def ask(self, server_round: int = 1) -> list[Message]:
         with server_identity():
-            return list(self.strategy.configure_train(
-                server_round, to_arrayrecord(self.strategy.state), self.record,
-                Grid(self.nodes)))
+            return pushed(self.server.train_requests(server_round, self.record,
+                                                     Grid(self.nodes)), server_round)
 
     def round(self, server_round: int = 1) -> tuple[list[Message], list[Message], dict]:
         """(requests, replies, the round's metrics)."""
         requests = self.ask(server_round)
         replies = [handle_train(m, self.contexts[m.metadata.dst_node_id]) for m in requests]
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        assert arrays is not None, dict(metrics)
-        return requests, replies, dict(metrics)
+        adapter, metrics = aggregate(self.server, replies, server_round)
+        assert adapter is not None, metrics
+        return requests, replies, metrics
 
 
 def _payload(message: Message) -> bytes:
@@ -151,7 +151,7 @@ def test_cellm_server_and_client_start_from_the_same_bytes(tiny_bert, topic_data
     for message in requests:
         node = message.metadata.dst_node_id
         session = open_session(message, federation.contexts[node])
-        server_start = strategy.download_for(strategy.plans[node])[0]
+        server_start = strategy.download_for(federation.server.plans[node])[0]
         assert server_start.keys() == session.start.keys()
         for name, value in session.start.items():
             assert value.tobytes() == server_start[name].tobytes() == strategy.sent[name].tobytes()
@@ -198,14 +198,14 @@ def test_every_strategy_runs_a_round_with_int8_both_ways(tiny_bert, topic_datase
     assert metrics["clients"] == 2 and metrics["rejected"] == 0
     assert all(_encodings(_payload(m)) == {pb.INT8} for m in requests + replies)
     assert metrics["uplink_bytes"] == sum(len(_payload(r)) for r in replies)
-    assert all(np.all(np.isfinite(v)) for v in federation.strategy.state.values())
+    assert all(np.all(np.isfinite(v)) for v in federation.server.adapter.values())
 
 
 def test_same_seed_same_bytes_with_int8(tiny_bert, topic_dataset):
     def run() -> tuple[list[bytes], list[bytes]]:
         federation = Federation(_config(tiny_bert, topic_dataset, **CELLM))
         replies = [_payload(r) for r in federation.round(1)[1] + federation.round(2)[1]]
-        return replies, [v.tobytes() for v in federation.strategy.state.values()]
+        return replies, [v.tobytes() for v in federation.server.adapter.values()]
 
     assert run() == run()
 
@@ -240,7 +240,7 @@ def test_the_server_refuses_an_upload_in_another_precision(tiny_bert, topic_data
     start = federation.strategy.sent
     replies = [TrainReply(0, 10, 0.5, payload=codec.encode(start, dtype)).to_message(m)
                for m, dtype in zip(requests, ("float32", "int8"), strict=True)]
-    _, metrics = federation.strategy.aggregate_train(1, replies)
+    _, metrics = aggregate(federation.server, replies)
     assert metrics["rejected"] == 1 and metrics["clients"] == 1
     assert "float32 values, the run sends int8" in caplog.text
 

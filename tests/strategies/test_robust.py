@@ -220,7 +220,7 @@ def _ranked(name: str, mode: str, per_round: int, ranks: str = "2,4,8"):
     rng = np.random.default_rng(7)
     state = {n: (0.1 * rng.standard_normal(s)).astype(np.float32)
              for n, s in RANK_SHAPES.items()}
-    return strategies()[name](config, state)
+    return ServerRound(strategies()[name](config, state))
 
 
 def _products(strategy, state) -> dict[str, np.ndarray]:
@@ -230,20 +230,21 @@ def _products(strategy, state) -> dict[str, np.ndarray]:
     return {**out, "head": state["m.classifier.weight"].astype(np.float64)}
 
 
-def _ranked_round(strategy, nodes, hostile=None, hostile_node=None):
+def _ranked_round(server, nodes, hostile=None, hostile_node=None):
     """One round of ``nodes`` (``hostile_node`` answering with ``hostile``);
     returns (the global sent, the new global, the merged round's factor mean,
     honest steps in factor space on each client's own ranks, honest steps of
     s·B·A and head)."""
     rng = np.random.default_rng(3)
-    start_round(strategy, nodes)
+    start_round(server, nodes)
+    strategy = server.strategy
     sent = dict(strategy.sent)
     replies, factor_steps, product_steps = [], [], []
     for i, node in enumerate(nodes):
-        plan = strategy.plans[node]
+        plan = server.plans[node]
         start = strategy.download_for(plan)[0]
         if node == hostile_node:
-            replies.append(_reply(strategy, node, *hostile, rng))
+            replies.append(_reply(server, node, *hostile, rng))
             continue
         trained = {n: np.asarray(v, np.float32) for n, v in _honest(start, rng).items()}
         upload = strategy.roles.upload(start, trained, RecordDict())
@@ -256,8 +257,7 @@ def _ranked_round(strategy, nodes, hostile=None, hostile_node=None):
     merged = []
     merge = strategy.merge
     strategy.merge = lambda sums: merged.append(sums.factor_mean()) or merge(sums)
-    arrays, _ = strategy.aggregate_train(1, replies)
-    state = {n: arrays[n].numpy() for n in arrays}
+    state, _ = aggregate(server, replies)
     return sent, state, merged[0], factor_steps, product_steps
 
 
@@ -293,10 +293,11 @@ def test_mixed_ranks_meet_the_modes_bound(name, mode, attack, hostile_node):
     the bound in factor space, and the global itself, for HetLoRA in factor
     space, for FlexLoRA and FLoRA (which merge products) in s·B·A."""
     nodes = sorted({*HONEST, HOSTILE, 100} - ({100, HOSTILE} - {hostile_node}))
-    strategy = _ranked(name, mode, len(nodes))
+    server = _ranked(name, mode, len(nodes))
+    strategy = server.strategy
     hostile = SCALE_ATTACK if attack == "scale ×10" else HOSTILE_REPLIES[attack]
     sent, state, merged, factor_steps, product_steps = _ranked_round(
-        strategy, nodes, hostile, hostile_node)
+        server, nodes, hostile, hostile_node)
     names = list(strategy.upload_shapes)
     _assert_within(mode, {n: merged[n].astype(np.float64) - sent[n] for n in names},
                    factor_steps)
@@ -305,10 +306,9 @@ def test_mixed_ranks_meet_the_modes_bound(name, mode, attack, hostile_node):
                        factor_steps)
     else:
         after = _products(strategy, state)
-        if strategy.base is not None:  # FLoRA: the round's product went into the base
+        if server.base_delta is not None:  # FLoRA: the round's product went into the base
             for a_name in list(after)[:-1]:
-                after[a_name] = after[a_name] + strategy.base.cumulative[
-                    base_weight_name(a_name)]
+                after[a_name] = after[a_name] + server.base_delta[base_weight_name(a_name)]
         before = _products(strategy, sent)
         _assert_within(mode, {n: after[n] - before[n] for n in after}, product_steps,
                        box=False)
@@ -320,12 +320,13 @@ def test_a_rank_2_majority_does_not_erase_the_upper_ranks(name, mode):
     """All honest, ranks 2, 2, 8, 2, 2: the upper ranks only one client was
     sent stay in the global (as sent, give or take the honest steps) instead
     of being voted to zero by the clients that never had them."""
-    strategy = _ranked(name, mode, len(HONEST), ranks="2,2,8")
-    sent, state, _, _, product_steps = _ranked_round(strategy, list(HONEST))
+    server = _ranked(name, mode, len(HONEST), ranks="2,2,8")
+    strategy = server.strategy
+    sent, state, _, _, product_steps = _ranked_round(server, list(HONEST))
     after, before = _products(strategy, state), _products(strategy, sent)
-    if strategy.base is not None:
+    if server.base_delta is not None:
         for a_name in list(after)[:-1]:
-            after[a_name] = after[a_name] + strategy.base.cumulative[base_weight_name(a_name)]
+            after[a_name] = after[a_name] + server.base_delta[base_weight_name(a_name)]
     _assert_within(mode, {n: after[n] - before[n] for n in after}, product_steps, box=False)
     if name == "hetlora":
         for a_name in ("m.q.lora_A.weight", "m.v.lora_A.weight"):

@@ -28,7 +28,7 @@ from fedlora.federation import checkpoint
 from fedlora.federation.replies import replies_as_they_arrive
 from fedlora.federation.resume import start_run
 from fedlora.learning.features import central_test_set, model_for, partitioner_for
-from fedlora.learning.training import evaluate
+from fedlora.learning.tasks import Task, task_for
 from fedlora.runtime.progress import Lines
 from fedlora.strategies import strategy_class
 from fedlora.strategies.base import from_arrayrecord, to_arrayrecord
@@ -38,13 +38,12 @@ from fedlora.wire.messages import CLIENT_STORE, LABEL_NAMES, LINEAGE, RUN_ID, ST
 NO_LIMIT_S = float("inf")  # round-timeout 0: wait until each reply (or the SuperLink's error)
 
 
-def progress_line(record: dict, rounds: int) -> str:
-    """The one line printed per round."""
-    parts = [f"round {record['round']}/{rounds}",
-             f"acc {record['accuracy']:.4f} loss {record['loss']:.4f}"
-             if record["accuracy"] is not None else "acc -",
+def progress_line(record: dict, rounds: int, task: Task) -> str:
+    """The one line printed per round (its evaluation part: the task's)."""
+    parts = [f"round {record['round']}/{rounds}", task.progress(record),
              f"train_loss {record['train_loss']:.4f}", f"clients {record['clients']}"]
-    parts += [f"{key} {record[key]:.4f}" for key in ("personal_accuracy", "fed_accuracy")
+    parts += [f"{key} {record[key]:.4f}" for key in (f"personal_{task.primary.name}",
+                                                      f"fed_{task.primary.name}")
               if record.get(key) is not None]
     parts += [f"{key} {record[key]}" for key in ("rejected", "declined", "missing")
               if record.get(key)]
@@ -69,7 +68,7 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     progress = progress or Lines()
     start = start_run(config, Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     config, out_dir, writer = start.config, start.out_dir, start.writer
-    model = model_for(config)
+    model, task = model_for(config), task_for(config)
     test = central_test_set(config)
     partitioner_for(config)  # bad partition settings fail here, before any round
     strategy_type = strategy_class(config["strategy"])
@@ -101,7 +100,7 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
         answered = sum(int(train[k]) for k in ("clients", "rejected", "declined"))
         if new_arrays is not None:
             arrays = new_arrays
-        record = {"round": server_round, "accuracy": None, "loss": None,
+        record = {"round": server_round, **dict.fromkeys(task.metrics),
                   "epsilon": None, "sampled": len(messages),
                   "missing": len(messages) - answered, **dict(train),
                   "updated": new_arrays is not None}
@@ -110,19 +109,19 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
             evaluation_start = time.perf_counter()
             load_adapter_state(model.peft, from_arrayrecord(arrays))
             write_base(model.peft, strategy.base.cumulative if strategy.base else {})
-            record["accuracy"], record["loss"] = evaluate(model, test)
+            record.update(task.evaluate(model, test))
             record["evaluate_s"] = time.perf_counter() - evaluation_start
             if prefix:
                 asked = strategy.evaluation_requests(server_round, sent_config)
                 record.update(strategy.aggregate_evaluation(
                     server_round, replies_as_they_arrive(grid, asked, timeout, in_flight),
-                    prefix))
+                    prefix, task.primary.name))
         record["seconds"] = time.perf_counter() - round_start
         writer.add_round(record)
         checkpoint.save(out_dir, strategy.checkpoint(
             server_round, start.run_id, str(start.lineage),
             earlier_s + time.perf_counter() - started))
-        progress.round_ended(progress_line(record, rounds))
+        progress.round_ended(progress_line(record, rounds, task))
     load_adapter_state(model.peft, from_arrayrecord(arrays))
     if strategy.base is not None:
         save_base_delta(out_dir / BASE_DELTA_FILE, strategy.base.cumulative)
@@ -133,4 +132,4 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
                           "epsilon_per_client": {str(k): v for k, v in
                                                  sorted(strategy.epsilons.items())} or None,
                           "wall_seconds": earlier_s + time.perf_counter() - started,
-                          "out_dir": str(out_dir)})
+                          "out_dir": str(out_dir)}, task.metrics, task.primary)

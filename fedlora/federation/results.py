@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError, RunConfig
+from fedlora.core.metric import ACCURACY, Metric
 
 # federated evaluation's mean accuracy (personal models, or the global one)
 CLIENT_ACCURACY = ("personal_accuracy", "fed_accuracy")
-ROUND_FIELDS = ("round", "accuracy", "loss", "train_loss", "clients", "rejected",
+# every round's fields, null where absent; the task's metrics follow "round"
+ROUND_FIELDS = ("round", "train_loss", "clients", "rejected",
                 "uplink_bytes", "downlink_bytes", "epsilon", "seconds")
+CLASSIFICATION_METRICS = ("accuracy", "loss")  # the classification tasks' metrics
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -89,8 +92,11 @@ class RunWriter:
                               "as its checkpoint says; the run cannot be resumed")
         return cls(out_dir, None, rows)
 
-    def add_round(self, record: dict[str, Any]) -> None:
-        row = {key: _jsonable(record.get(key)) for key in ROUND_FIELDS}
+    def add_round(self, record: dict[str, Any],
+                  metrics: tuple[str, ...] = CLASSIFICATION_METRICS) -> None:
+        """Append a round's record; ``metrics``: the task's evaluation fields."""
+        keys = (ROUND_FIELDS[0], *metrics, *ROUND_FIELDS[1:])
+        row = {key: _jsonable(record.get(key)) for key in keys}
         row.update({k: _jsonable(v) for k, v in record.items() if k not in row})
         self.rounds.append(row)
         with self._metrics.open("a") as handle:
@@ -108,24 +114,31 @@ class RunWriter:
         os.replace(tmp, final)
         return final
 
-    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """Write summary.json (last, marking the run finished) and return it."""
-        evaluated = [r for r in self.rounds if r["accuracy"] is not None]
+    def finish(self, extra: dict[str, Any], metrics: tuple[str, ...] = CLASSIFICATION_METRICS,
+               primary: Metric = ACCURACY) -> dict[str, Any]:
+        """Write summary.json (last, marking the run finished) and return it:
+        the final value of each of the task's ``metrics``, and the best of
+        its ``primary`` one."""
+        name = primary.name
+        evaluated = [r for r in self.rounds if r.get(name) is not None]
         final = evaluated[-1] if evaluated else {}
-        client = next((final[k] for k in CLIENT_ACCURACY if final.get(k) is not None), None)
+        client = next((final[k] for k in (f"personal_{name}", f"fed_{name}")
+                       if final.get(k) is not None), None)
+        values = [r[name] for r in evaluated]
         summary = {
             "rounds": len(self.rounds),
             "final_round": final.get("round"),
-            "final_accuracy": final.get("accuracy"),
-            "final_loss": final.get("loss"),
-            "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+            **{f"final_{metric}": final.get(metric) for metric in metrics},
+            f"best_{name}": primary.best(values),
+            "primary_metric": name,
+            "primary_direction": primary.direction,
             "uplink_bytes": sum(r["uplink_bytes"] or 0 for r in self.rounds),
             "downlink_bytes": sum(r["downlink_bytes"] or 0 for r in self.rounds),
             "client_updates": sum(r["clients"] or 0 for r in self.rounds),
             "rejected_updates": sum(r["rejected"] or 0 for r in self.rounds),
             "seconds": sum(r["seconds"] or 0 for r in self.rounds),
             "epsilon": self.rounds[-1]["epsilon"] if self.rounds else None,
-            "final_client_accuracy": client,
+            f"final_client_{name}": client,
             **{k: _jsonable(v) for k, v in extra.items()},
         }
         _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -54,7 +54,6 @@ from fedlora.core.config import RunConfig
 from fedlora.core.seeding import attack_rng, client_seed, dp_generator
 from fedlora.learning import attacks
 from fedlora.learning.features import (
-    answer_tokens,
     client_dataset,
     held_out_split,
     model_for,
@@ -63,7 +62,8 @@ from fedlora.learning.features import (
 )
 from fedlora.learning.models import LoraModel
 from fedlora.learning.privacy import PrivateTraining
-from fedlora.learning.training import evaluate, train_local
+from fedlora.learning.tasks import Task, task_for
+from fedlora.learning.training import train_local
 from fedlora.node.client_state import ClientStore, Lineage, store_for
 from fedlora.strategies import from_message, strategy_class
 from fedlora.strategies.base import ClientHalf
@@ -78,6 +78,7 @@ class Session:
 
     request: Request
     config: RunConfig
+    task: Task
     role: ClientHalf
     model: LoraModel
     train: Dataset
@@ -127,8 +128,8 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
     received = codec.decode(request.payload, expected, config["payload-dtype-down"])
     start = role.start_state(received, template, context.state)
     load_adapter_state(model.peft, start)
-    return Session(request, config, role, model, train, held_out, identity, start,
-                   node_base.version, store)
+    return Session(request, config, task_for(config), role, model, train, held_out, identity,
+                   start, node_base.version, store)
 
 
 def handle_train(message: Message, context: Context) -> Message:
@@ -143,8 +144,7 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
     attack = attacks.attack_for(config, session.identity)  # "none" unless malicious
     train = session.train
     if attack == "label-flip":
-        train = attacks.flip_labels(train, len(session.model.spec.label_names),
-                                    answer_tokens(session.model))
+        train = attacks.flip_labels(train, session.task, session.model)
     torch.set_num_threads(max(1, int(config["client-cpus"])))
     params = set_trainable(session.model.peft, session.role.trains)
     private = None
@@ -157,7 +157,7 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
                               epsilon_after_round=private.epsilon_after_round()
                               ).to_message(message)
     result = train_local(
-        session.model, params, train,
+        session.model, params, train, task=session.task,
         epochs=config["local-epochs"], max_steps=config["local-steps"],
         batch_size=config["batch-size"], lr=config["lr"], optimizer=config["optimizer"],
         seed=client_seed(config["seed"], task.server_round, session.identity),
@@ -186,7 +186,7 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     """Evaluate the adapter this client would train from (the global one,
     with its personal tensors) on its held-out slice."""
     session = open_session(message, context)
-    accuracy, loss = evaluate(session.model, session.held_out)
-    return EvaluateReply(session.identity, len(session.held_out), accuracy,
-                         loss).to_message(message)
+    metrics = session.task.evaluate(session.model, session.held_out)
+    return EvaluateReply(session.identity, len(session.held_out),
+                         *session.task.reply_values(metrics)).to_message(message)
 

@@ -61,10 +61,12 @@ from fedlora.commands.report import (
     accuracy_points,
     read_run,
     render_plots,
+    shared_metric,
+    short_name,
     write_atomically,
 )
 from fedlora.core.config import ConfigError
-from fedlora.federation.results import CLIENT_ACCURACY
+from fedlora.core.metric import ACCURACY, Metric
 from fedlora.runtime.stopping import end_processes
 
 COLUMNS = ("group", "run", "seeds", "final_accuracy_mean", "final_accuracy_ci95",
@@ -398,8 +400,10 @@ def run_all(runs: list[Run], seeds: list[int], out: Path) -> None:
             else:
                 seconds, resumed = simulate(run, seed, out)
                 note = ("resumed, " if resumed else "") + f"{seconds:.1f} s"
-            final = json.loads((directory / "summary.json").read_text())["final_accuracy"]
-            print(f"[{done}/{total}] {run.label} seed {seed}: final acc "
+            summary = json.loads((directory / "summary.json").read_text())
+            metric = Metric.of_summary(summary)
+            final = summary[f"final_{metric.name}"]
+            print(f"[{done}/{total}] {run.label} seed {seed}: final {short_name(metric)} "
                   f"{_pm(math.nan if final is None else final)} ({note})", flush=True)
 
 
@@ -420,21 +424,23 @@ def _mean_residual(rows: list[dict[str, Any]]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
-def _final_client_accuracy(rows: list[dict[str, Any]]) -> float | None:
-    """Federated evaluation's accuracy at the last round that has it."""
+def _final_client_accuracy(rows: list[dict[str, Any]], metric: Metric) -> float | None:
+    """Federated evaluation's ``metric`` at the last round that has it."""
     for row in reversed(rows):
-        for key in CLIENT_ACCURACY:
+        for key in (f"personal_{metric.name}", f"fed_{metric.name}"):
             if row.get(key) is not None:
                 return row[key]
     return None
 
 
-def summarize(run: Run, results: dict[int, tuple[dict, list[dict]]]) -> dict[str, Any]:
-    """One CSV row: the run's per-seed numbers reduced to mean (and ci95)."""
+def summarize(run: Run, results: dict[int, tuple[dict, list[dict]]],
+              metric: Metric = ACCURACY) -> dict[str, Any]:
+    """One CSV row: the run's per-seed numbers reduced to mean (and ci95);
+    "accuracy" is the runs' primary ``metric``."""
     summaries = [summary for summary, _ in results.values()]
-    final = _present([s["final_accuracy"] for s in summaries])
+    final = _present([s[f"final_{metric.name}"] for s in summaries])
     final_mean, final_ci = mean_ci95(final)
-    best_mean, best_ci = mean_ci95(_present([s["best_accuracy"] for s in summaries]))
+    best_mean, best_ci = mean_ci95(_present([s[f"best_{metric.name}"] for s in summaries]))
     return {
         "group": run.group, "run": run.label, "seeds": len(results),
         "final_accuracy_mean": final_mean, "final_accuracy_ci95": final_ci,
@@ -448,7 +454,8 @@ def summarize(run: Run, results: dict[int, tuple[dict, list[dict]]]) -> dict[str
         "agg_residual_mean": _mean([_mean_residual(rows) for _, rows in results.values()]),
         "epsilon_mean": _mean([s.get("epsilon") for s in summaries]),
         **dict(zip(("client_accuracy_mean", "client_accuracy_ci95"), mean_ci95(
-            _present([_final_client_accuracy(rows) for _, rows in results.values()])))),
+            _present([_final_client_accuracy(rows, metric)
+                      for _, rows in results.values()])))),
         "seed_list": ";".join(str(seed) for seed in results),
     }
 
@@ -459,10 +466,10 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], path: Path, metric: Metric = ACCURACY) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
+        writer.writerow([c.replace("accuracy", metric.name) for c in COLUMNS])
         writer.writerows([[_cell(row[c]) for c in COLUMNS] for row in rows])
 
 
@@ -472,15 +479,16 @@ def _pm(mean: float, ci: float = math.nan, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
 
 
-def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
-    """One table per group; accuracies as mean ± ci95 over the seeds."""
+def markdown(rows: list[dict[str, Any]], seeds: list[int], metric: Metric = ACCURACY) -> str:
+    """One table per group; the primary metric as mean ± ci95 over the seeds."""
+    short = short_name(metric)
     lines = [f"Mean ± 95% CI half-width (Student t) over seeds "
-             f"{', '.join(map(str, seeds))}. \"client acc\": federated evaluation, each "
+             f"{', '.join(map(str, seeds))}. \"client {short}\": federated evaluation, each "
              "client on its own held-out slice (personal models for fedsa)."]
     for group in dict.fromkeys(row["group"] for row in rows):
         lines += ["", f"## {group}", "",
-                  "| run | seeds | final acc | best acc | uplink MB | downlink MB | "
-                  "s/round | mean agg_residual | ε | client acc |",
+                  f"| run | seeds | final {short} | best {short} | uplink MB | downlink MB | "
+                  f"s/round | mean agg_residual | ε | client {short} |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in (row for row in rows if row["group"] == group):
             lines.append(
@@ -494,11 +502,11 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curve(results: dict[int, tuple[dict, list[dict]]], axis: str
+def curve(results: dict[int, tuple[dict, list[dict]]], axis: str, metric: Metric = ACCURACY
           ) -> tuple[list[float], list[float], list[float]]:
-    """(x, mean accuracy, ci95) at the rounds evaluated in every seed; x is the
+    """(x, mean ``metric``, ci95) at the rounds evaluated in every seed; x is the
     round or the mean cumulative uplink MB by then."""
-    per_seed = [accuracy_points(rows) for _, rows in results.values()]
+    per_seed = [accuracy_points(rows, metric) for _, rows in results.values()]
     rounds = sorted(set.intersection(*(set(points) for points in per_seed)))
     xs, means, cis = [], [], []
     for round_ in rounds:
@@ -510,15 +518,16 @@ def curve(results: dict[int, tuple[dict, list[dict]]], axis: str
     return xs, means, cis
 
 
-def write_plots(runs: list[Run], results: dict[str, dict], out: Path) -> None:
+def write_plots(runs: list[Run], results: dict[str, dict], out: Path,
+                metric: Metric = ACCURACY) -> None:
     """accuracy_vs_round.png and accuracy_vs_uplink.png (``fedlora report``'s
     plots), a panel per group, each run's mean curve with its 95% band."""
     panels: dict[str, list[Curve]] = {}
     for run in runs:
-        rounds, means, cis = curve(results[run.label], "round")
-        uplink_mb, _, _ = curve(results[run.label], "uplink")
+        rounds, means, cis = curve(results[run.label], "round", metric)
+        uplink_mb, _, _ = curve(results[run.label], "uplink", metric)
         panels.setdefault(run.group, []).append(Curve(run.label, rounds, uplink_mb, means, cis))
-    plots = render_plots(panels, "test accuracy (mean, 95% CI over seeds)")
+    plots = render_plots(panels, f"test {metric.name} (mean, 95% CI over seeds)")
     for name, png in (plots or {}).items():
         write_atomically(out / name, png)
 
@@ -528,11 +537,13 @@ def write_outputs(runs: list[Run], seeds: list[int], out: Path) -> str:
     returns the markdown."""
     results = {run.label: {seed: read_run(run_dir(out, run, seed)) for seed in seeds}
                for run in runs}
-    rows = [summarize(run, results[run.label]) for run in runs]
-    write_csv(rows, out / "summary.csv")
-    table = markdown(rows, seeds)
+    metric = shared_metric([summary for run in runs for summary, _ in results[run.label].values()],
+                           [f"{run.label} seed {seed}" for run in runs for seed in seeds])
+    rows = [summarize(run, results[run.label], metric) for run in runs]
+    write_csv(rows, out / "summary.csv", metric)
+    table = markdown(rows, seeds, metric)
     (out / "summary.md").write_text(table)
-    write_plots(runs, results, out)
+    write_plots(runs, results, out, metric)
     return table
 
 

@@ -121,7 +121,7 @@ KEYS: dict[str, Key] = {
                         "chat template, Alpaca's, or plain text; auto = chat where the "
                         "tokenizer has a chat template, else alpaca",
                         one_of("auto", "chat", "alpaca", "plain"), only_for=("task", "sft")),
-    "sft-prompt": Key(str, "Classify this text as one of: {classes}.\n\nText: {text}",
+    "sft-prompt": Key(str, "Classify this text as one of: {classes}. Text: {text}",
                       "sft on labelled data: the instruction for each text ({text}; "
                       "{classes}: the class names), answered by its class name",
                       only_for=("task", "sft")),

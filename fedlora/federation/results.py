@@ -18,8 +18,6 @@ from typing import Any
 from fedlora.core.config import ConfigError, RunConfig
 from fedlora.core.metric import ACCURACY, Metric
 
-# federated evaluation's mean accuracy (personal models, or the global one)
-CLIENT_ACCURACY = ("personal_accuracy", "fed_accuracy")
 # every round's fields, null where absent; the task's metrics follow "round"
 ROUND_FIELDS = ("round", "train_loss", "clients", "rejected",
                 "uplink_bytes", "downlink_bytes", "epsilon", "seconds")

@@ -59,8 +59,9 @@ def encode(config: RunConfig, model: LoraModel, data: Dataset, what: str) -> Dat
 
 _DATA_KEYS = ("dataset", "text-column", "label-column", "seed", "model", "task",
               "max-seq-len", "prompt-column", "response-column", "messages-column",
-              "sft-prompt", "sft-template", "partition", "client-column")
-_PARTITION_KEYS = _DATA_KEYS + ("num-clients", "dirichlet-alpha", "labels-per-client")
+              "sft-prompt", "sft-template", "client-column")
+_PARTITION_KEYS = _DATA_KEYS + ("num-clients", "partition", "dirichlet-alpha",
+                                "labels-per-client")
 
 
 @cached_by(*_DATA_KEYS)
@@ -115,6 +116,12 @@ def partitioner_for(config: RunConfig) -> Partitioner:
         raise ConfigError(
             f"config key 'labels-per-client': {config['labels-per-client']} is more than "
             f"the {len(encoded.label_names)} labels in the dataset")
+    column = config["client-column"]
+    if config["partition"] == "natural" and column not in encoded.train.column_names:
+        raise ConfigError("config key 'client-column': partition=natural needs "
+                          + (f"column {column!r} in the training data (task sft keeps it; "
+                             f"task {task_for(config).name} here)" if column else
+                             "the column that names each example's client"))
     # IidPartitioner cuts contiguous shards: shuffle first so that a file sorted
     # by label still yields IID clients.
     shuffled = encoded.train.shuffle(seed=config["seed"]).flatten_indices()

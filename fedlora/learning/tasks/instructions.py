@@ -54,7 +54,7 @@ ALPACA_INPUT = "input"  # beside an ``instruction`` column
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",
          "human": "user", "gpt": "assistant"}  # ShareGPT's names too
 SFT_KEYS = ("dataset", "prompt-column", "response-column", "messages-column", "text-column",
-            "label-column", "sft-prompt", "partition", "client-column", "seed")
+            "label-column", "sft-prompt", "client-column", "seed")
 
 
 class Malformed(ValueError):
@@ -151,13 +151,10 @@ def _rows(ds: Dataset, shape: str, columns: dict[str, str], keep: list[str],
 
 
 def _client_columns(config: RunConfig, ds: Dataset, source: str) -> list[str]:
-    """The column ``partition=natural`` cuts by, which must be in the data."""
-    if config["partition"] != "natural":
-        return []
+    """The column ``partition=natural`` cuts by (``client-column``), kept."""
     column = config["client-column"]
     if not column:
-        raise ConfigError("config key 'client-column': partition=natural needs the column "
-                          "that names each example's client")
+        return []
     if column not in ds.column_names:
         raise ConfigError(f"config key 'client-column': column {column!r} not in dataset "
                           f"{source} (columns: {', '.join(ds.column_names)})")
@@ -217,10 +214,6 @@ def load_instructions(config: RunConfig) -> TaskSplits:
     shape, columns = _detect(raw, config, source)
     if shape != "labelled":
         return _free_text(raw, shape, columns, config, source)
-    if config["partition"] == "natural":
-        raise ConfigError("config key 'partition': natural needs free-text instruction data "
-                          "with a client-column; this dataset is labelled (use iid, "
-                          "dirichlet or pathological)")
     labelled = labelled_splits(raw, source, config["text-column"], config["label-column"],
                                config["seed"])
     classes = labelled.label_names

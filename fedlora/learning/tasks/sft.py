@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from fedlora.core.config import ConfigError
+from fedlora.core.config import ConfigError, RunConfig
 from fedlora.core.metric import Metric
-from fedlora.learning.models import autocast
+from fedlora.learning.models import autocast, detect_task, resolve_model_path
 from fedlora.learning.tasks import instructions, templates
 from fedlora.learning.tasks.base import (
     EVAL_BATCH_SIZE,
@@ -98,6 +98,12 @@ def normalise(text: str) -> str:
 
 class Sft(Task):
     name = "sft"
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        if detect_task(resolve_model_path(config["model"])) != "causal-lm":
+            raise ConfigError(f"config key 'task': sft trains a decoder, and model "
+                              f"{config['model']} is an encoder")
 
     @property
     def generates(self) -> bool:

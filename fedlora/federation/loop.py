@@ -117,7 +117,7 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
                     server_round, replies_as_they_arrive(grid, asked, timeout, in_flight),
                     prefix, task.primary.name))
         record["seconds"] = time.perf_counter() - round_start
-        writer.add_round(record)
+        writer.add_round(record, task.metrics)
         checkpoint.save(out_dir, strategy.checkpoint(
             server_round, start.run_id, str(start.lineage),
             earlier_s + time.perf_counter() - started))

@@ -314,3 +314,27 @@ def test_evaluation_metrics_agree_with_their_definitions(tiny_chat_llama, tmp_pa
     assert no_generation.primary.name == "perplexity"
     assert not no_generation.primary.higher_is_better
     assert "exact_match" not in no_generation.evaluate(model, test)
+
+
+def test_the_training_loss_is_per_example_under_dp(tiny_chat_llama, tmp_path):
+    """Responses of 2 and 6 tokens: without DP the token mean, with it the
+    mean of the two examples' own means."""
+    path = _jsonl(tmp_path / "qa.jsonl", [{"prompt": "q", "response": "yes"},
+                                          {"prompt": "q", "response": "one two three four"}] * 5)
+    config = _config(tiny_chat_llama, path)
+    task, model = task_for(config), features.model_for(config)
+    model.peft.eval()
+    rows = features.encoded_splits(config).train.to_list()
+    rows = [next(r for r in rows if r["response"] == "yes"),
+            next(r for r in rows if r["response"] != "yes")]
+    batch = task.collate(rows, model.pad_token_id)
+    with torch.no_grad():
+        logits = model.peft(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits
+        nll, counted = token_losses(logits, batch["targets"])
+        means = [float(nll[i][counted[i]].mean()) for i in range(2)]
+        assert counted.sum(dim=1).tolist() == [2, 5]  # the words and EOS
+        assert float(task.loss(model, batch, per_example=True)) == pytest.approx(
+            sum(means) / 2, rel=1e-5)
+        assert float(task.loss(model, batch, per_example=False)) == pytest.approx(
+            (2 * means[0] + 5 * means[1]) / 7, rel=1e-5)

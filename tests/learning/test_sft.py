@@ -338,3 +338,17 @@ def test_the_training_loss_is_per_example_under_dp(tiny_chat_llama, tmp_path):
             sum(means) / 2, rel=1e-5)
         assert float(task.loss(model, batch, per_example=False)) == pytest.approx(
             (2 * means[0] + 5 * means[1]) / 7, rel=1e-5)
+
+
+def test_a_deployed_node_reads_its_own_instructions(tmp_path):
+    node = tmp_path / "node"
+    node.mkdir()
+    _jsonl(node / "train.jsonl", [{"instruction": "Say hi", "output": "hi"},
+                                  {"instruction": "Say no", "output": ""}])
+    examples = inst.node_instructions(_config("unused", tmp_path), str(node), ())
+    assert examples.to_list() == [{"messages": [{"role": "user", "content": "Say hi"}],
+                                   "input": "", "response": "hi"}]
+    _jsonl(node / "train.jsonl", [{"instruction": "Say hi", "output": ["hi"]}])
+    with pytest.raises(ConfigError, match=rf"^data-path {node}: train.jsonl, row 1: the "
+                                          "response is list, not text$"):
+        inst.node_instructions(_config("unused", tmp_path), str(node), ())

@@ -19,7 +19,7 @@ replaced:
   and its service's ``environment`` (a mapping).
 
 Processes are stopped by pid, with their children (the executors' app
-processes).
+processes), by the library's one stopper (``fedlora.runtime.stopping.stop_tree``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import psutil
 import yaml
+
+from fedlora.runtime.stopping import stop_tree, tree_of
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -316,23 +317,7 @@ class LocalDeployment:
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
         """Signal process ``name`` and its children (an executor's app
         processes), wait, and SIGKILL what is left."""
-        try:
-            parent = psutil.Process(self.processes[name].pid)
-            tree = [parent, *parent.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for process in tree:
-            try:
-                process.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=timeout)
-        for process in alive:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=timeout)
+        stop_tree(tree_of(self.processes[name].pid), timeout, sig)
         self.processes[name].wait(timeout=timeout)
 
     def down(self) -> None:

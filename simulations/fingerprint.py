@@ -2,7 +2,7 @@
 
 A refactor must not change what a run computes. This runs the README's main
 job and one short run of every built-in strategy (plus the research
-features that touch the round: robust screening with an attack, local and
+features that touch the round: robust screening with attacks, local and
 central DP, CELLM's error feedback and server Adam, heterogeneous ranks), then
 writes, per run, the SHA-256 of the final adapter, of the base delta (where a
 strategy changes the base) and of ``metrics.jsonl`` with its timing fields
@@ -43,6 +43,10 @@ RUNS: dict[str, list[str]] = {
     "fedavg-median-attack": SMALL + ["num-clients=5", "clients-per-round=5",
                                      "robust=median", "attack=scale",
                                      "attack-fraction=0.2"],
+    "fedavg-normbound-noise": SMALL + ["clients-per-round=4", "robust=norm-bound",
+                                       "attack=noise", "attack-fraction=0.25"],
+    "fedavg-label-flip": SMALL + ["clients-per-round=4", "attack=label-flip",
+                                  "attack-fraction=0.25"],
     "fedavg-dp-local": SMALL + ["dp=local", "dp-noise-multiplier=1.0",
                                 "dp-seeded-noise=true"],
     "fedavg-dp-central": SMALL + ["dp=central", "dp-noise-multiplier=0.5",

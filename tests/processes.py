@@ -13,6 +13,8 @@ from pathlib import Path
 
 import psutil
 
+from fedlora.runtime.stopping import stop_tree
+
 
 def ours(home: str) -> list[psutil.Process]:
     """Live processes started under this test's FLWR_HOME (inherited by the
@@ -54,20 +56,9 @@ def listening_sockets(pids: set[int]) -> dict[tuple[int, str, int], bool]:
 
 
 def stop(procs: list[psutil.Process], timeout: float = 15) -> list[psutil.Process]:
-    """SIGTERM, wait, SIGKILL what is left; returns those that needed the kill."""
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
-    return alive
+    """``fedlora.runtime.stopping.stop_tree`` with a test's patience (Ray and
+    Flower get ``timeout`` to end cleanly); returns those that needed the kill."""
+    return stop_tree(procs, timeout)
 
 
 def watch(command: list[str], env: dict, home: str, log: Path, timeout: float,

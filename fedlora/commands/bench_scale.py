@@ -80,6 +80,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlora.core.config import ConfigError, RunConfig, cached_by, parse_set_option
+from fedlora.core.fields import Round
 from fedlora.strategies import resolve
 
 DEFAULT_CLIENTS = (10, 100, 500)
@@ -120,8 +121,8 @@ def _raw_partitioner(config: RunConfig):
     from fedlora.learning.features import splits_for
 
     splits = splits_for(config)
-    train = splits.train.shuffle(seed=config["seed"]).flatten_indices()
-    partitioner = make_partitioner(config, len(train), config["seed"], splits.partition_by)
+    train = splits.train.shuffle(seed=config.seed).flatten_indices()
+    partitioner = make_partitioner(config, len(train), config.seed, splits.partition_by)
     partitioner.dataset = train
     return partitioner
 
@@ -131,7 +132,8 @@ def _stock_train(message: Message, context: Context) -> Message:
     """Model from disk and partition tokenised for this message alone."""
     from fedlora.learning.features import encode, splits_for
     from fedlora.learning.models import ModelSpec, build_lora_model
-    from fedlora.node.client_loop import local_update, open_session
+    from fedlora.node.client_loop import local_update
+    from fedlora.node.session import open_session
     from fedlora.strategies import from_message
     from fedlora.wire.messages import Request
 
@@ -161,12 +163,12 @@ def run_child(mode: str, overrides: dict, out_dir: str) -> dict:
     return {"wall_s": wall, "workers": workers,
             "ray_ready_s": phases["ray_ready"] - started,
             "rounds_start_s": phases["rounds_start"] - started,
-            "compute_s": sum(r["compute_s"] for r in rounds),
-            "rounds_s": sum(r["seconds"] for r in rounds),
-            "first_round_s": rounds[0]["seconds"],
-            "aggregate_s": sum(r.get("aggregate_s") or 0.0 for r in rounds),
-            "updates": sum(r["clients"] for r in rounds),
-            "rejected": sum(r["rejected"] for r in rounds)}
+            "compute_s": sum(r[Round.COMPUTE_S] for r in rounds),
+            "rounds_s": sum(r[Round.SECONDS] for r in rounds),
+            "first_round_s": rounds[0][Round.SECONDS],
+            "aggregate_s": sum(r.get(Round.AGGREGATE_S) or 0.0 for r in rounds),
+            "updates": sum(r[Round.CLIENTS] for r in rounds),
+            "rejected": sum(r[Round.REJECTED] for r in rounds)}
 
 
 # --------------------------------------------------------------- parent process

@@ -1,5 +1,5 @@
-"""The ``fedlora`` command: simulate | evaluate | compare | report | keys | bench-scale |
-trainer | supernode.
+"""The ``fedlora`` command: simulate | evaluate | export | generate | compare | report |
+keys | bench-scale | trainer | supernode.
 
 Bad input of any kind (unknown key, bad value, missing file or column, model
 that does not load) ends with one ``fedlora: error: …`` line and exit code 2,
@@ -20,7 +20,14 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.core.config import ConfigError, RunConfig, load_toml, parse_set_option
+from fedlora.core.config import (
+    ConfigError,
+    RunConfig,
+    check_file_types,
+    load_toml,
+    parse_set_option,
+)
+from fedlora.core.fields import Summary
 from fedlora.core.metric import Metric
 from fedlora.runtime import quiet
 from fedlora.runtime.progress import Lines, for_command
@@ -38,9 +45,10 @@ def _quiet_environment() -> None:
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from fedlora.commands.prepare import absolute_paths
-    from fedlora.strategies import resolve
+    from fedlora.strategies import resolve, strategy_keys
 
     overrides = load_toml(args.config) if args.config else {}
+    check_file_types(overrides, strategy_keys(), f"config file {args.config}")
     for item in args.set or []:
         key, value = parse_set_option(item)
         overrides[key] = value
@@ -73,7 +81,7 @@ def _new_run_config(args: argparse.Namespace) -> RunConfig:
     check_out_dir(out)
     _check_out_creatable(Path(out))
     config = _config_from_args(args)
-    if config["resume-from"]:
+    if config.resume_from:
         raise ConfigError("config key 'resume-from': use `fedlora simulate --resume DIR`")
     return RunConfig({**config.to_dict(), "out-dir": out})
 
@@ -104,7 +112,7 @@ def _farewell(config: RunConfig, progress: Lines) -> Callable[[int], str]:
         from fedlora.federation import checkpoint
 
         progress.close()
-        out, name = Path(config["out-dir"]), signal.Signals(signum).name
+        out, name = Path(config.out_dir), signal.Signals(signum).name
         if not (out / "config.json").is_file():
             return f"fedlora: stopped by {name} before the run started; nothing was written"
         if (out / "summary.json").is_file():
@@ -115,7 +123,7 @@ def _farewell(config: RunConfig, progress: Lines) -> Callable[[int], str]:
             saved = None
         done = saved.round if saved is not None else 0
         return (f"fedlora: stopped by {name}: {done} of "
-                f"{config['rounds']} rounds complete in {out} (no summary.json: not a "
+                f"{config.rounds} rounds complete in {out} (no summary.json: not a "
                 f"finished run); continue with: fedlora simulate --resume {out}")
 
     return line
@@ -132,6 +140,7 @@ def _output(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedlora.federation import trackers
     from fedlora.runtime.stopping import stop_on_signals
 
     _output(args)
@@ -139,7 +148,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # starting Ray take seconds (fedlora.runtime.progress)
     with for_command(quiet=args.quiet) as progress:
         config = _resumed_config(args) if args.resume else _new_run_config(args)
-        overrides_out = config["out-dir"]
+        trackers.check(config)  # before Ray starts; the round loop checks again (flwr run)
+        overrides_out = config.out_dir
         server_done = threading.Event()
         server_done.set()  # the round loop is not running yet
         with stop_on_signals(_farewell(config, progress), server_done):
@@ -153,16 +163,45 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise RuntimeError("the simulation ended without writing summary.json")
     summary = json.loads(summary_path.read_text())
     primary = Metric.of_summary(summary).name
-    final = summary[f"final_{primary}"]
+    final = summary[Summary.final(primary)]
     print(f"done: final {primary.replace('_', ' ')} "
           f"{'-' if final is None else format(final, '.4f')} after "
-          f"{summary['rounds']} rounds ({summary['client_updates']} client updates, "
-          f"{summary['rejected_updates']} rejected); results in {overrides_out}")
-    if summary["client_updates"] == 0:
+          f"{summary[Summary.ROUNDS]} rounds ({summary[Summary.CLIENT_UPDATES]} client "
+          f"updates, {summary[Summary.REJECTED_UPDATES]} rejected); results in {overrides_out}")
+    if summary[Summary.CLIENT_UPDATES] == 0:
         print("fedlora: error: no client update was accepted in any round (see the "
               "'rejected' lines above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _json_object(path: Path) -> dict:
+    """A run file that must hold a JSON object, or one line saying it does not."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_label_map(text: str | None) -> dict[str, str]:
+    """``--label-map 0=world,1=sports`` → {"0": "world", "1": "sports"}."""
+    mapping: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        source, sep, target = (part.strip() for part in item.partition("="))
+        if not sep or not source or not target:
+            raise ConfigError(f"--label-map {text!r}: expected CLASS=RUN_CLASS pairs "
+                              "separated by commas, e.g. 0=world,1=sports")
+        if source in mapping:
+            raise ConfigError(f"--label-map {text!r}: class {source!r} is mapped twice")
+        mapping[source] = target
+    return mapping
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -174,6 +213,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.wire.basedelta import BASE_DELTA_FILE
 
     quiet.libraries()
+    label_map = parse_label_map(args.label_map)
     run_dir = Path(args.run_dir)
     config_path, adapter_dir = run_dir / "config.json", run_dir / "adapter"
     summary_path = run_dir / "summary.json"
@@ -181,23 +221,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      summary_path)):
         raise ConfigError(f"{run_dir}: not a finished run (needs config.json, adapter/ "
                           "and summary.json)")
-    saved = json.loads(config_path.read_text())
+    saved = _json_object(config_path)
+    try:
+        resolve(saved)
+    except ConfigError as err:
+        raise ConfigError(f"{config_path}: {err}") from None
     # the classes the adapter was trained on: recorded in summary.json, or for
     # runs from before that, those of the run's own dataset
-    classes = tuple(json.loads(summary_path.read_text()).get("label_names")
+    classes = tuple(_json_object(summary_path).get(Summary.LABEL_NAMES)
                     or splits_for(resolve(saved)).label_names)
     if args.dataset:
         saved["dataset"] = absolute_paths({"dataset": args.dataset})["dataset"]
     config = resolve(saved)
     spec = ModelSpec.from_config(config, classes)
     base_delta = run_dir / BASE_DELTA_FILE
-    model = load_trained(spec, adapter_dir, base_delta if base_delta.is_file() else None)
+    try:
+        model = load_trained(spec, adapter_dir, base_delta if base_delta.is_file() else None)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged file is bad input, one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"{run_dir}: the trained adapter cannot be loaded "
+                          f"({type(err).__name__}: {reason}); is adapter/ or "
+                          f"{BASE_DELTA_FILE} damaged?") from None
     # the run's own evaluation set (its seeded eval-examples sample), so the
     # numbers match the run's final metrics; --all for the whole test split;
     # --dataset's test split is mapped onto the run's classes by name
-    test = evaluation_set(config, model, whole=args.all)
+    test = evaluation_set(config, model, whole=args.all, label_map=label_map)
     metrics = task_for(config).evaluate(model, test)
-    print(json.dumps({"run_dir": str(run_dir), "dataset": config["dataset"],
+    print(json.dumps({"run_dir": str(run_dir), "dataset": config.dataset,
                       "examples": len(test), **metrics}))
     return 0
 
@@ -213,13 +265,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """The report (``--out``), the upload to trackers (``--tracker``), or both."""
     from fedlora.commands.report import report
+    from fedlora.commands.upload import plan, upload
 
-    return report(args.run_dirs, args.out)
+    if args.out is None and args.tracker is None:
+        raise ConfigError("report needs --out DIR, --tracker KIND or both")
+    if args.tracker is None and (args.tracker_dir or args.tracker_uri):
+        raise ConfigError("--tracker-dir and --tracker-uri go with --tracker KIND")
+    if args.tracker is not None and args.tracker.strip() == "none":
+        raise ConfigError("--tracker none: name the trackers to log the runs to")
+    uploads = []
+    if args.tracker is not None:  # checked before the report is written
+        directory = Path(args.tracker_dir or Path(args.out or ".") / "tracker").resolve()
+        uploads = plan(args.run_dirs, {
+            "tracker": args.tracker, "tracker-dir": str(directory),
+            "tracker-uri": args.tracker_uri or "", "tracker-project": args.tracker_project})
+    code = report(args.run_dirs, args.out) if args.out is not None else 0
+    return (upload(uploads) if uploads else 0) or code
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedlora.commands.export import export_merged
+
+    out = export_merged(args.run_dir, args.merge, args.round)
+    print(f"exported the merged model of {args.run_dir} to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedlora.commands.generate import generate
+
+    print(generate(args.run_dir, args.prompt, args.max_new_tokens, args.round))
+    return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """The core keys, then each strategy's own; ``--markdown``: README's table."""
+    """The core keys, then each strategy's own; ``--markdown``: docs/cli.md's table."""
     from fedlora.commands import keytable
 
     print(keytable.markdown() if args.markdown else keytable.plain(), end="")
@@ -232,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federated LoRA simulation on Ray",
                          epilog="Run-config keys: `fedlora keys` lists every key with its "
                                 "default and choices (`fedlora keys --markdown`: as a table).")
-    sim.add_argument("--config", help="TOML file with run-config keys")
+    sim.add_argument("--config", help="TOML file with run-config keys, each value of its "
+                                      "key's type (rounds = 3, not \"3\")")
     sim.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                      help="override run-config keys (see `fedlora keys`)")
     sim.add_argument("--out", help="run directory to create")
@@ -250,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="evaluate on this dataset's test split instead")
     ev.add_argument("--all", action="store_true",
                     help="the whole test split, not the run's eval-examples sample")
+    ev.add_argument("--label-map", metavar="CLASS=RUN_CLASS,...",
+                    help="--dataset's classes by the run's names, e.g. 0=world,1=sports "
+                         "(classes are matched by name; bare integers need this)")
     ev.set_defaults(run=cmd_evaluate)
     cmp = sub.add_parser(
         "compare", help="run a set of simulations over several seeds and compare them",
@@ -257,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "label, group and differing keys) once per seed, each as `fedlora "
                     "simulate` into OUT/<label>/seed-<s> (finished runs are reused), then "
                     "write OUT/summary.csv, summary.md and accuracy plots (mean and 95% "
-                    "CI over seeds). See fedlora/commands/compare.py.")
+                    "CI over seeds). See fedlora/commands/compare/.")
     cmp.add_argument("comparison", metavar="CONFIG.toml", help="comparison file")
     cmp.add_argument("--seeds", metavar="N|LIST",
                      help="N = seeds 1..N, or a comma list such as 1,5,9 (default: one "
@@ -272,11 +358,40 @@ def build_parser() -> argparse.ArgumentParser:
                     "round) and DIR/accuracy_vs_round.png, accuracy_vs_uplink.png. See "
                     "fedlora/commands/report.py.")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directory")
-    rep.add_argument("--out", required=True, help="report directory (created if missing)")
+    rep.add_argument("--out", help="report directory (created if missing)")
+    rep.add_argument("--tracker", metavar="KIND[,KIND]",
+                     help="also log each run to these trackers (tensorboard, mlflow, wandb), "
+                          "as if logged while it ran (docs/trackers.md)")
+    rep.add_argument("--tracker-dir", metavar="DIR",
+                     help="where the trackers write (default: OUT/tracker, or ./tracker "
+                          "without --out)")
+    rep.add_argument("--tracker-uri", metavar="URI",
+                     help="MLflow tracking URI (default: sqlite:///TRACKER_DIR/mlflow.db)")
+    rep.add_argument("--tracker-project", metavar="NAME", default="fedlora",
+                     help="MLflow experiment and W&B project (default: fedlora)")
     rep.set_defaults(run=cmd_report)
+    exp = sub.add_parser("export", help="a run's model merged into one Hugging Face model",
+                         description="Add the run's base change (FLoRA, FedEx-LoRA), merge its "
+                                     "LoRA adapter (PEFT merge_and_unload) and save the model "
+                                     "and tokenizer to OUT, loadable with from_pretrained. "
+                                     "See fedlora/commands/export.py.")
+    exp.add_argument("run_dir")
+    exp.add_argument("--merge", required=True, metavar="OUT",
+                     help="directory to write (must not exist, or be empty)")
+    exp.add_argument("--round", type=int, metavar="T",
+                     help="export the round-T snapshot (save-every) instead")
+    exp.set_defaults(run=cmd_export)
+    gen = sub.add_parser("generate", help="a reply from a decoder run's model (greedy)")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", required=True, help="the user's message")
+    gen.add_argument("--max-new-tokens", type=int, default=64,
+                     help="longest reply in tokens (default 64)")
+    gen.add_argument("--round", type=int, metavar="T",
+                     help="answer with the round-T snapshot (save-every)")
+    gen.set_defaults(run=cmd_generate)
     keys = sub.add_parser("keys", help="list the run-config keys, defaults and choices")
     keys.add_argument("--markdown", action="store_true",
-                      help="as the markdown table in README.md (built-in strategies)")
+                      help="as the markdown table in docs/cli.md (built-in strategies)")
     keys.set_defaults(run=cmd_keys)
     # parsed by fedlora.commands.bench_scale itself (main() hands it the rest of the line)
     sub.add_parser("bench-scale", add_help=False,

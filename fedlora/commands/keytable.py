@@ -1,5 +1,5 @@
 """The run-config keys as ``fedlora keys`` prints them: plain lines, or the
-markdown table README.md carries (``--markdown``), so that the two cannot
+markdown table docs/cli.md carries (``--markdown``), so that the two cannot
 drift (a test compares them).
 
 The table is made from the key definitions themselves: the core keys

@@ -11,11 +11,16 @@ PATH_KEYS = ("dataset", "model")
 
 
 def absolute_paths(overrides: dict) -> dict:
-    """Local paths made absolute: Ray workers and `evaluate` may run elsewhere."""
+    """Local paths made absolute: Ray workers and `evaluate` may run elsewhere,
+    and a resumed run logs to the same ``tracker-dir`` from any directory."""
     for key in PATH_KEYS:
         value = overrides.get(key)
         if isinstance(value, str) and value and Path(value).expanduser().exists():
             overrides[key] = str(Path(value).expanduser().resolve())
+    if overrides.get("model-cache"):  # made by the first run: absolute before it exists
+        overrides["model-cache"] = str(Path(overrides["model-cache"]).expanduser().resolve())
+    if isinstance(overrides.get("tracker-dir"), str) and overrides["tracker-dir"]:
+        overrides["tracker-dir"] = str(Path(overrides["tracker-dir"]).expanduser().resolve())
     return overrides
 
 

@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError
+from fedlora.core.fields import Round, Summary
 from fedlora.core.metric import ACCURACY, Metric
 
 AXES = ("round", "uplink")
 PLOTS = tuple(f"accuracy_vs_{axis}.png" for axis in AXES)
 # the round fields the table and plots compute with: numbers, or null
-NUMERIC_FIELDS = ("accuracy", "uplink_bytes", "downlink_bytes", "epsilon", "seconds")
+NUMERIC_FIELDS = (Round.ACCURACY, Round.UPLINK_BYTES, Round.DOWNLINK_BYTES, Round.EPSILON,
+                  Round.SECONDS)
 REPORT = "report.md"
 
 
@@ -81,7 +83,7 @@ def _parse_row(path: Path, number: int, line: str, primary: str) -> dict[str, An
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: line {number} is not valid JSON ({err})") from None
-    if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+    if not isinstance(row, dict) or not isinstance(row.get(Round.ROUND), int):
         raise ConfigError(f"{path}: line {number} is not a round's metrics (a JSON object "
                           "with an integer 'round')")
     for field in dict.fromkeys((primary, *NUMERIC_FIELDS)):
@@ -99,12 +101,12 @@ def _read_rows(directory: Path, summary: dict[str, Any]) -> list[dict[str, Any]]
     rows = [_parse_row(path, number, line, primary)
             for number, line in enumerate(_read_text(path).splitlines(), start=1)
             if line.strip()]
-    rounds = [row["round"] for row in rows]
+    rounds = [row[Round.ROUND] for row in rows]
     if rounds != list(range(1, len(rows) + 1)):
         raise ConfigError(f"{path}: does not hold rounds 1..{len(rows)} in order, once each")
-    if not rows or summary.get("rounds") != len(rows):
+    if not rows or summary.get(Summary.ROUNDS) != len(rows):
         raise ConfigError(f"{path}: holds {len(rows)} rounds, but summary.json says "
-                          f"{summary.get('rounds')!r}")
+                          f"{summary.get(Summary.ROUNDS)!r}")
     return rows
 
 
@@ -133,7 +135,7 @@ def shared_metric(summaries: list[dict[str, Any]], names: list[str]) -> Metric:
 
 def short_name(metric: Metric) -> str:
     """A metric's short column name: 'acc' for accuracy, as tables always said."""
-    return "acc" if metric.name == "accuracy" else metric.name
+    return "acc" if metric.name == Round.ACCURACY else metric.name
 
 
 def accuracy_points(rows: list[dict[str, Any]], metric: Metric = ACCURACY
@@ -141,9 +143,9 @@ def accuracy_points(rows: list[dict[str, Any]], metric: Metric = ACCURACY
     """round → (cumulative uplink MB by its end, ``metric``), at the evaluated rounds."""
     sent, points = 0.0, {}
     for row in rows:
-        sent += (row.get("uplink_bytes") or 0) / 1e6
+        sent += (row.get(Round.UPLINK_BYTES) or 0) / 1e6
         if row.get(metric.name) is not None:
-            points[row["round"]] = (sent, row[metric.name])
+            points[row[Round.ROUND]] = (sent, row[metric.name])
     return points
 
 
@@ -168,16 +170,20 @@ def stats(rows: list[dict[str, Any]], metric: Metric = ACCURACY) -> Stats:
     evaluated = [row for row in rows if row.get(name) is not None]
     pick = max if metric.higher_is_better else min
     best = pick(evaluated, key=lambda row: row[name], default=None)  # the first best
-    spent = [row["epsilon"] for row in rows if row.get("epsilon") is not None]
+    spent = [row[Round.EPSILON] for row in rows if row.get(Round.EPSILON) is not None]
+
+    def total(field: str) -> float:  # over every round (missing or null counts as 0)
+        return sum(row.get(field) or 0 for row in rows)
+
     return Stats(
         rounds=len(rows),
         final_accuracy=evaluated[-1][name] if evaluated else None,
         best_accuracy=best[name] if best else None,
-        best_round=best["round"] if best else None,
-        uplink_bytes=sum(row.get("uplink_bytes") or 0 for row in rows),
-        downlink_bytes=sum(row.get("downlink_bytes") or 0 for row in rows),
+        best_round=best[Round.ROUND] if best else None,
+        uplink_bytes=total(Round.UPLINK_BYTES),
+        downlink_bytes=total(Round.DOWNLINK_BYTES),
         epsilon=spent[-1] if spent else None,
-        seconds_per_round=sum(row.get("seconds") or 0 for row in rows) / len(rows))
+        seconds_per_round=total(Round.SECONDS) / len(rows))
 
 
 def labels(directories: list[Path]) -> list[str]:

@@ -64,18 +64,18 @@ def backend_config(config: RunConfig) -> dict:
     itself (``start_ray`` checks them): asking torch would import it first."""
     init_args: dict = {"include_dashboard": False, "logging_level": logging.ERROR,
                        "log_to_driver": True}
-    if config["ray-address"]:
-        init_args["address"] = config["ray-address"]
+    if config.ray_address:
+        init_args["address"] = config.ray_address
     else:
         init_args["address"] = "local"  # never RAY_ADDRESS or a recorded cluster
         init_args["_node_ip_address"] = "127.0.0.1"
         init_args["num_cpus"] = os.cpu_count() or 1
-        if config["client-cpus"] > init_args["num_cpus"]:
-            raise ConfigError(f"config key 'client-cpus': {config['client-cpus']} but "
+        if config.client_cpus > init_args["num_cpus"]:
+            raise ConfigError(f"config key 'client-cpus': {config.client_cpus} but "
                               f"this machine has {init_args['num_cpus']} CPUs")
     return {"init_args": init_args,
-            "client_resources": {"num_cpus": config["client-cpus"],
-                                 "num_gpus": config["client-gpus"]}}
+            "client_resources": {"num_cpus": config.client_cpus,
+                                 "num_gpus": config.client_gpus}}
 
 
 def _check_reachable(address: str) -> None:
@@ -92,13 +92,35 @@ def _check_reachable(address: str) -> None:
         raise ConfigError(f"config key 'ray-address': cannot reach a Ray head at {address} "
                           f"({err.strerror or err}); start one with `ray start --head`"
                           ) from None
+    if not address.startswith("ray://"):
+        _check_answers_as_gcs(address)
+
+
+def _check_answers_as_gcs(address: str) -> None:
+    """Something listens at ``address``: fail in one line unless it answers as
+    a Ray head's GCS does (its cluster id) within ``CONNECT_TIMEOUT_S``.
+    Otherwise (another server on the port, a head that hangs) ``ray.init``
+    retries for minutes, its C++ client logging a line every few seconds."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+            gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S)
+    except grpc.RpcError as err:
+        raise ConfigError(f"config key 'ray-address': {address} does not answer as a Ray "
+                          f"head ({err.code().name} after {CONNECT_TIMEOUT_S:g} s); is it "
+                          "the head's GCS port (`ray start --head --port`)?") from None
+    finally:
+        channel.close()
 
 
 def start_ray(config: RunConfig, verbose: bool = False) -> int:
     """Start (or attach to) Ray for this run; returns how many client workers
     (Ray actors) it can run at once. Fails in one line when the cluster cannot
     host a single client with ``client-cpus``/``client-gpus``."""
-    address = config["ray-address"]
+    address = config.ray_address
     host = address.removeprefix("ray://").rpartition(":")[0]
     if not address or host in LOOPBACK_HOSTS:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -123,7 +145,7 @@ def start_ray(config: RunConfig, verbose: bool = False) -> int:
         reclaim_signals()
         if not address:
             stop_together_at_shutdown()
-        if not address and config["client-gpus"] > 0 and not ray.cluster_resources().get(
+        if not address and config.client_gpus > 0 and not ray.cluster_resources().get(
                 "GPU"):
             ray.shutdown()
             raise ConfigError("config key 'client-gpus': > 0 but no CUDA GPU is visible")
@@ -137,8 +159,8 @@ def start_ray(config: RunConfig, verbose: bool = False) -> int:
                           for n in ray.nodes() if n["Resources"])
         ray.shutdown()
         raise ConfigError(f"config keys 'client-cpus'/'client-gpus': no Ray node can host "
-                          f"a client with {config['client-cpus']:g} CPU and "
-                          f"{config['client-gpus']:g} GPU (nodes: {nodes or 'none'})")
+                          f"a client with {config.client_cpus:g} CPU and "
+                          f"{config.client_gpus:g} GPU (nodes: {nodes or 'none'})")
     return workers
 
 
@@ -311,7 +333,7 @@ def simulate(config: RunConfig, verbose: bool = False,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=config["num-clients"], backend_name="ray",
+                       num_supernodes=config.num_clients, backend_name="ray",
                        backend_config=backend_config(config),
                        verbose_logging=verbose)
     phases["stopped"] = time.perf_counter()

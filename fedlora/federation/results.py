@@ -16,12 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError, RunConfig
+from fedlora.core.fields import Round, Summary, client_fields
 from fedlora.core.metric import ACCURACY, Metric
-
-# every round's fields, null where absent; the task's metrics follow "round"
-ROUND_FIELDS = ("round", "train_loss", "clients", "rejected",
-                "uplink_bytes", "downlink_bytes", "epsilon", "seconds")
-CLASSIFICATION_METRICS = ("accuracy", "loss")  # the classification tasks' metrics
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -82,19 +78,18 @@ class RunWriter:
                 row = json.loads(line)
             except json.JSONDecodeError:  # the line a crash cut short
                 continue
-            if isinstance(row, dict) and isinstance(row.get("round"), int) \
-                    and row["round"] <= completed:
+            if isinstance(row, dict) and isinstance(row.get(Round.ROUND), int) \
+                    and row[Round.ROUND] <= completed:
                 rows.append(row)
-        if [row["round"] for row in rows] != list(range(1, completed + 1)):
+        if [row[Round.ROUND] for row in rows] != list(range(1, completed + 1)):
             raise ConfigError(f"{path}: does not hold rounds 1..{completed} once each, "
                               "as its checkpoint says; the run cannot be resumed")
         return cls(out_dir, None, rows)
 
     def add_round(self, record: dict[str, Any],
-                  metrics: tuple[str, ...] = CLASSIFICATION_METRICS) -> None:
+                  metrics: tuple[str, ...] = Round.CLASSIFICATION) -> None:
         """Append a round's record; ``metrics``: the task's evaluation fields."""
-        keys = (ROUND_FIELDS[0], *metrics, *ROUND_FIELDS[1:])
-        row = {key: _jsonable(record.get(key)) for key in keys}
+        row = {key: _jsonable(record.get(key)) for key in Round.fixed(metrics)}
         row.update({k: _jsonable(v) for k, v in record.items() if k not in row})
         self.rounds.append(row)
         with self._metrics.open("a") as handle:
@@ -112,7 +107,7 @@ class RunWriter:
         os.replace(tmp, final)
         return final
 
-    def finish(self, extra: dict[str, Any], metrics: tuple[str, ...] = CLASSIFICATION_METRICS,
+    def finish(self, extra: dict[str, Any], metrics: tuple[str, ...] = Round.CLASSIFICATION,
                primary: Metric = ACCURACY) -> dict[str, Any]:
         """Write summary.json (last, marking the run finished) and return it:
         the final value of each of the task's ``metrics``, and the best of
@@ -120,23 +115,26 @@ class RunWriter:
         name = primary.name
         evaluated = [r for r in self.rounds if r.get(name) is not None]
         final = evaluated[-1] if evaluated else {}
-        client = next((final[k] for k in (f"personal_{name}", f"fed_{name}")
-                       if final.get(k) is not None), None)
-        values = [r[name] for r in evaluated]
+        client = next((final[k] for k in client_fields(name) if final.get(k) is not None), None)
+        rounds = self.rounds
+
+        def total(field: str) -> float:  # over every round (null counts as 0)
+            return sum(r[field] or 0 for r in rounds)
+
         summary = {
-            "rounds": len(self.rounds),
-            "final_round": final.get("round"),
-            **{f"final_{metric}": final.get(metric) for metric in metrics},
-            f"best_{name}": primary.best(values),
-            "primary_metric": name,
-            "primary_direction": primary.direction,
-            "uplink_bytes": sum(r["uplink_bytes"] or 0 for r in self.rounds),
-            "downlink_bytes": sum(r["downlink_bytes"] or 0 for r in self.rounds),
-            "client_updates": sum(r["clients"] or 0 for r in self.rounds),
-            "rejected_updates": sum(r["rejected"] or 0 for r in self.rounds),
-            "seconds": sum(r["seconds"] or 0 for r in self.rounds),
-            "epsilon": self.rounds[-1]["epsilon"] if self.rounds else None,
-            f"final_client_{name}": client,
+            Summary.ROUNDS: len(rounds),
+            Summary.FINAL_ROUND: final.get(Round.ROUND),
+            **{Summary.final(metric): final.get(metric) for metric in metrics},
+            Summary.best(name): primary.best(r[name] for r in evaluated),
+            Summary.PRIMARY_METRIC: name,
+            Summary.PRIMARY_DIRECTION: primary.direction,
+            Summary.UPLINK_BYTES: total(Round.UPLINK_BYTES),
+            Summary.DOWNLINK_BYTES: total(Round.DOWNLINK_BYTES),
+            Summary.CLIENT_UPDATES: total(Round.CLIENTS),
+            Summary.REJECTED_UPDATES: total(Round.REJECTED),
+            Summary.SECONDS: total(Round.SECONDS),
+            Summary.EPSILON: rounds[-1][Round.EPSILON] if rounds else None,
+            Summary.final_client(name): client,
             **{k: _jsonable(v) for k, v in extra.items()},
         }
         _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

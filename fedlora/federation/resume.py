@@ -7,7 +7,9 @@ run keeps its own config (``DIR/config.json``): ``fedlora simulate`` refuses a
 ``--set`` that would change it (``check_unchanged``); under ``flwr run``,
 whose run config always carries every key, keys that differ from the saved
 run are named in a warning and ignored. Only ``RESUME_FREE_KEYS`` may
-differ: where the run sits and how long a round may wait change no result.
+differ: where the run (and its converted GGUF model) sits, how long a round
+may wait, how often it is snapshotted and where it is logged (the tracker
+keys) change no result.
 
 A finished run (``summary.json``) has nothing to resume and is refused. A
 run stopped before its first checkpoint starts again at round 1, as a new
@@ -23,7 +25,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.core.config import ConfigError, RunConfig
+from fedlora.core.config import TRACKER_KEYS, ConfigError, RunConfig
 from fedlora.federation import checkpoint
 from fedlora.federation.checkpoint import Checkpoint
 from fedlora.federation.results import RunWriter, prepare_out_dir
@@ -31,7 +33,8 @@ from fedlora.node.client_state import Lineage
 from fedlora.strategies import resolve
 
 LOGGER = logging.getLogger(__name__)
-RESUME_FREE_KEYS = ("out-dir", "resume-from", "round-timeout", "ray-address")
+RESUME_FREE_KEYS = ("out-dir", "resume-from", "round-timeout", "ray-address", "model-cache",
+                    "save-every", *TRACKER_KEYS)
 SUMMARY = "summary.json"
 
 

@@ -31,7 +31,9 @@ it only changes what it sends. Per ``attack``:
 
 The change is attacked before the strategy's client half computes its upload,
 so every strategy's upload (a CELLM sparse δ, FedSA's A alone, …) carries the
-attack in that strategy's own form.
+attack in that strategy's own form. This module computes the attacks; the
+client loop applies them as mods around its honest training step
+(``fedlora.node.mods``).
 
 Simulations only: attacks run in simulated clients (no ``data-path`` node
 config; identity = the partition id). A deployed node that is sent a run
@@ -63,18 +65,12 @@ CHANGE_ATTACKS = ("scale", "sign-flip", "noise")
 def attackers(config: RunConfig) -> frozenset[int]:
     """The malicious partitions of this run: none when ``attack`` is none,
     else a seeded ``attack-fraction`` of the ``num-clients`` partitions. The
-    server uses this to report how many took part in a round; the client loop
-    to decide whether it attacks."""
+    server uses this to report how many took part in a round; the client's
+    mod (``fedlora.node.mods.attack_for``) to decide whether it attacks."""
     if config["attack"] == "none":
         return frozenset()
     return attacker_partitions(config["seed"], config["num-clients"],
                                config["attack-fraction"])
-
-
-def attack_for(config: RunConfig, partition: int) -> str:
-    """The attack a simulated client of ``partition`` carries out: the run's
-    ``attack`` if the partition is malicious, else ``"none"``."""
-    return config["attack"] if partition in attackers(config) else "none"
 
 
 def refuse_deployed(config: RunConfig) -> None:

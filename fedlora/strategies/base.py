@@ -160,6 +160,10 @@ class LoraStrategy(FedAvg, ABC):
         if config["dp"] == "central" and not cls.central_dp:
             return (f"config key 'dp': central DP cannot cover strategy {cls.name} (its "
                     "server reads more of each client than the clipped change); use dp=local")
+        if config["quantization"] != "none" and cls.changes_base:
+            return (f"config key 'quantization': strategy {cls.name} adds dense changes to "
+                    "the base weights, which a quantised base cannot hold; use "
+                    "quantization=none or a strategy that leaves the base alone")
         if cls.heterogeneous_ranks:
             return check_client_ranks(config)
         return None

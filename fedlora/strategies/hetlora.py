@@ -7,7 +7,9 @@ truncated ΔW). The server zero-pads each reply to the global rank in global
 units (``ranks.pad``) and sums A, B and the head with weights
 S_k = ‖s_k B_k A_k‖_F / Σ_j ‖s_j B_j A_j‖_F (the norm over all LoRA modules
 together), not by examples. The paper's optional rank self-pruning (from
-third-party code) is not implemented.
+third-party code) is not implemented. The residual metrics (§0) are
+against the example-weighted ΔW* of every strategy, so agg_residual also
+shows how far the norm weights take the global from it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from fedlora.core.adapters import State, lora_pairs
 from fedlora.strategies.base import ClientUpdate, LoraStrategy, RoundSums
 from fedlora.strategies.fedavg import FedAvgClient
-from fedlora.strategies.ranks import CLIENT_RANKS
+from fedlora.strategies.ranks import CLIENT_RANKS, first_ranks
 
 
 def update_norm(factors: State, scale: float) -> float:
@@ -41,7 +43,11 @@ class HetLoRA(LoraStrategy):
     central_dp = False  # the weights read each client's raw update norm
 
     def fold(self, sums: RoundSums, update: ClientUpdate, factors: State) -> None:
-        sums.add(update, factors, weight=update_norm(factors, self.scale))
+        # under a robust mode a lower-rank client arrives with the ranks it was
+        # not sent filled in from the global (fedlora.strategies.robust): S_k
+        # is still the norm of its own ranks' product
+        own = factors if self.robust is None else first_ranks(factors, update.rank)
+        sums.add(update, factors, weight=update_norm(own, self.scale))
 
     def merge(self, sums: RoundSums) -> State:
         if sums.weight <= 0:

@@ -99,3 +99,13 @@ def pad(state: State, rank: int, global_rank: int) -> State:
             padded = value
         out[name] = padded
     return out
+
+
+def first_ranks(state: State, rank: int) -> State:
+    """The first ``rank`` ranks of a global-units state, not rescaled (views)."""
+    out = {}
+    for name, value in state.items():
+        kind = tensor_kind(name)
+        out[name] = (value[:rank] if kind == "lora_A" else
+                     value[:, :rank] if kind == "lora_B" else value)
+    return out

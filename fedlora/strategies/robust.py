@@ -12,26 +12,60 @@ LoRA-FAIR's products, FLoRA's stacks) runs unchanged on the screened round.
 The space: each client's **change** c_k = (its factors in global units) −
 (the global adapter the round sent), over the tensors the strategy's clients
 upload: A, B and the head for FedAvg-like strategies, B and the head for
-FFA-LoRA, A (and the head) for FedSA-LoRA, the zero-padded factors for HetLoRA,
-and −δ_k (the sparse delta, densified) for CELLM, whose factors are sent − δ_k.
+FFA-LoRA, A (and the head) for FedSA-LoRA, and −δ_k (the sparse delta,
+densified) for CELLM, whose factors are sent − δ_k.
 
-Every mode first caps each client's claimed weight at ``robust-weight-factor``
-× the round's median claim (a client cannot buy influence by claiming more
-examples; honest claims above the cap are cut too, so keep the factor above
-the honest spread). Then:
+Heterogeneous ranks (HetLoRA, FlexLoRA, FLoRA with ``client-ranks``): a
+client of rank r_k < r is judged only on the ranks it was sent. Its change is
+0 on the others (it neither pushed nor pulled them), not "0 − sent" as its
+zero-padded factors would say, so no client looks like an outlier, drags
+the median norm or outvotes a coordinate because of its rank. After the
+screening its unsent ranks are filled from what was sent instead of zeros:
+its product is then s·BA plus its own step, s_k·B_kA_k − s·B_{:r_k}A_{:r_k}
+(the product it contributes), and every strategy's merge sees a round in
+which ranks compare. This departs, under a robust mode only, from HetLoRA's
+and FlexLoRA's zero-padding (which pulls the ranks a client was not sent
+toward 0 by its share); HetLoRA's weight S_k is still the norm of the
+client's own ranks. ``robust = none`` keeps the papers' rules.
+
+Every mode first caps each client's claimed weight at ω × the round's median
+claim (ω = ``robust-weight-factor``, 3: a client cannot buy influence by
+claiming more examples; honest claims above the cap are cut too, so keep the
+factor above the honest spread). Then, with the bound each mode gives on the
+global's move when fewer than the mode tolerates are hostile ("honest step":
+an honest client's c_k; tests/strategies/test_robust.py checks each, for
+uniform and for mixed ranks 2,4,8):
 
 * ``norm-bound`` (Sun et al., 2019): c_k scaled down to at most
-  ``robust-norm-factor`` × the round's median ‖c‖.
+  τ = ρ × the round's median ‖c‖ (ρ = ``robust-norm-factor``, 3). Bound: the
+  global moves by a weighted mean of clipped changes, so by at most τ; with
+  a minority hostile the median is at most the honest norm of order
+  ⌊n/2⌋+1, so τ ≈ 3 × the median honest step. One client's own pull is its
+  capped weight share × its clipped change, under τ (with four equal honest
+  claims: ≤ 3/7 × τ ≈ 1.3 × the median honest step).
 * ``median`` (Yin et al., 2018): the coordinate-wise median of the c_k
-  (Flower's ``aggregate_median``).
-* ``trimmed-mean`` (Yin et al., 2018): per coordinate, the ⌈β·n⌉ largest and
-  smallest values dropped (β = ``robust-fraction``; at most (n−1)/2 each
+  (Flower's ``aggregate_median``). Bound: with fewer than n/2 hostile, every
+  coordinate of the move lies within the honest changes' range of it.
+* ``trimmed-mean`` (Yin et al., 2018): per coordinate, the b = ⌈β·n⌉ largest
+  and smallest values dropped (β = ``robust-fraction``; at most (n−1)/2 each
   side) and the rest averaged. Flower's ``aggregate_trimmed_avg`` floors β·n,
-  which trims nobody from a small round, hence our own few lines.
-* ``krum`` (Multi-Krum, Blanchard et al., 2017): f = ⌈β·n⌉ clients assumed
+  which trims nobody from a small round, hence our own few lines. Bound:
+  with at most b hostile, as the median's.
+* ``krum`` (Multi-Krum, Blanchard et al., 2017): f = b clients assumed
   hostile; the n − f whose changes have the smallest sum of squared distances
   to their n − f − 2 nearest others are kept (Flower's ``select_multikrum``),
-  the rest excluded.
+  the rest excluded. Bound: a weighted mean of the kept changes, i.e. within
+  the honest changes' hull (no longer than the longest honest step) whenever
+  the hostile are excluded; one is kept only if its change is among the n − f
+  most central. A config whose f is 0 (clients-per-round < 3, or β = 0)
+  screens nobody and is refused (``fedlora.core.config``).
+
+These bounds are on the changes the strategy's merge folds (factor space);
+for averaging strategies (FedAvg, FFA, FedSA, HetLoRA, CELLM) that is the
+global's move. Strategies that merge products (FlexLoRA, FLoRA, FedEx,
+LoRA-FAIR) move ΔW by the merged round's mean product step, a function of
+the same screened changes; the tests check the ΔW move against the honest
+ΔW steps (norm-bound: ≤ 3 × their median; the others: ≤ the longest).
 
 Median and trimmed mean make one robust change ĉ; every client's update is
 replaced by sent + ĉ (keeping its weight and loss), so the strategy's merge
@@ -51,8 +85,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.server.strategy.aggregate import aggregate_median
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from fedlora.core.adapters import State
-from fedlora.core.config import RunConfig
+from fedlora.core.adapters import State, tensor_kind
+from fedlora.core.config import RunConfig, hostile_count
 from fedlora.strategies.sums import ClientUpdate
 
 
@@ -84,6 +118,7 @@ class RobustAggregation:
         self.norm_factor = config["robust-norm-factor"]
         self.weight_factor = config["robust-weight-factor"]
         self.fraction = config["robust-fraction"]
+        self.global_rank = config["lora-rank"]
 
     def screen(self, candidates: Sequence[Candidate], sent: State, names: Sequence[str],
                rebuild: Rebuild) -> Screened:
@@ -95,18 +130,33 @@ class RobustAggregation:
         if not ordered:
             return Screened([], 0, [])
         ordered, capped = _cap_weights(ordered, self.weight_factor)
-        changes = [_change(c.factors, sent, names) for c in ordered]
+        changes = [_change(c.factors, sent, names, c.update.rank) for c in ordered]
+        ordered = [self._filled(c, sent, rebuild) for c in ordered]
         if self.mode == "norm-bound":
             kept, clipped = self._norm_bound(ordered, changes, sent, names, rebuild)
             return Screened(kept, len(capped | clipped), [])
         if self.mode == "krum":
             return self._krum(ordered, changes, capped)
         robust = (_median(changes) if self.mode == "median"
-                  else _trimmed_mean(changes, _hostile(self.fraction, len(ordered))))
+                  else _trimmed_mean(changes, hostile_count(self.fraction, len(ordered))))
         factors = {**sent, **{n: (sent[n] + robust[i]).astype(np.float32)
                               for i, n in enumerate(names)}}
         agreed = [rebuild(c.update, factors) for c in ordered]
         return Screened(agreed, len(capped), [])
+
+    def _filled(self, candidate: Candidate, sent: State, rebuild: Rebuild) -> Candidate:
+        """A client of a lower rank with the ranks it was not sent left as
+        sent (no change) instead of zero-padded: its product is then the
+        global's plus its own step, s·B''A'' = s·BA + (s_k·B_kA_k − s·B_:r A_:r)."""
+        if candidate.update.rank >= self.global_rank:
+            return candidate
+        factors = dict(candidate.factors)
+        for name, value in candidate.factors.items():
+            unsent = _unsent(name, candidate.update.rank, value.shape)
+            if unsent is not None:
+                factors[name] = value.copy()
+                factors[name][unsent] = sent[name][unsent]
+        return rebuild(candidate.update, factors)
 
     def _norm_bound(self, ordered, changes, sent, names, rebuild
                     ) -> tuple[list[Candidate], set[int]]:
@@ -125,7 +175,7 @@ class RobustAggregation:
         return kept, clipped
 
     def _krum(self, ordered, changes, capped: set[int]) -> Screened:
-        hostile = _hostile(self.fraction, len(ordered))
+        hostile = hostile_count(self.fraction, len(ordered))
         records = [RecordDict({"change": ArrayRecord(
             {str(j): Array(np.ascontiguousarray(part)) for j, part in enumerate(change)})})
             for change in changes]
@@ -135,11 +185,6 @@ class RobustAggregation:
                     for c, r in zip(ordered, records) if id(r) not in selected]
         clipped = sum(1 for i, r in enumerate(records) if i in capped and id(r) in selected)
         return Screened(kept, clipped, excluded)
-
-
-def _hostile(fraction: float, count: int) -> int:
-    """⌈β·n⌉ clients assumed hostile, leaving a majority: at most (n−1)//2."""
-    return min(math.ceil(fraction * count - 1e-9), (count - 1) // 2)
 
 
 def _cap_weights(ordered: list[Candidate], factor: float
@@ -155,8 +200,28 @@ def _cap_weights(ordered: list[Candidate], factor: float
     return out, capped
 
 
-def _change(factors: State, sent: State, names: Sequence[str]) -> list[np.ndarray]:
-    return [factors[n].astype(np.float64) - sent[n] for n in names]
+def _unsent(name: str, rank: int, shape: tuple[int, ...]) -> tuple[slice, slice] | None:
+    """The part of global-rank tensor ``name`` a rank-``rank`` client was not
+    sent (rows of A, columns of B from ``rank`` on), None when it was sent all."""
+    kind = tensor_kind(name)
+    if kind == "lora_A" and rank < shape[0]:
+        return slice(rank, None), slice(None)
+    if kind == "lora_B" and rank < shape[1]:
+        return slice(None), slice(rank, None)
+    return None
+
+
+def _change(factors: State, sent: State, names: Sequence[str], rank: int
+            ) -> list[np.ndarray]:
+    """A client's change on what it was sent; 0 on the ranks it was not sent."""
+    change = []
+    for name in names:
+        part = factors[name].astype(np.float64) - sent[name]
+        unsent = _unsent(name, rank, part.shape)
+        if unsent is not None:
+            part[unsent] = 0.0
+        change.append(part)
+    return change
 
 
 def _norm(change: Sequence[np.ndarray]) -> float:

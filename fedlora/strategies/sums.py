@@ -76,14 +76,20 @@ class RoundSums:
         """Fold in one update: ``factors`` is the client's full adapter after
         training as the server reconstructs it, in global units
         (``LoraStrategy.client_factors``). ``weight`` is its aggregation
-        weight (default: its examples; the training loss is always weighted
-        by examples). Raises ``OverflowError`` before changing anything when a
-        weighted value is too large to add exactly (``fedlora.core.exactsum.LIMIT``)."""
+        weight for the uploads (``mean``; default: its examples); the factors
+        (``factor_mean``), the products (``ideal``) and the training loss are
+        always weighted by examples, so ΔW* and the FedIT baseline of the
+        residual metrics are those of docs/algorithms.md §0 whatever weights
+        a strategy aggregates with (HetLoRA's norms). Raises ``OverflowError``
+        before changing anything when a weighted value is too large to add
+        exactly (``fedlora.core.exactsum.LIMIT``)."""
         weight = update.weight if weight is None else weight
         with np.errstate(over="ignore", invalid="ignore"):  # refused just below
             products = self._products(factors)
-        peaks = {id(values): weighted_peak(values, weight) for values in (
-            *update.tensors.values(), *factors.values(), *products.values())}
+        peaks = {id(values): weighted_peak(values, weight)
+                 for values in update.tensors.values()}
+        by_examples = {id(values): weighted_peak(values, update.weight)
+                       for values in (*factors.values(), *products.values())}
         loss = _weighted(np.float64(update.loss), update.weight)
         check_bounded(loss)
         check_bounded(np.float64(weight))
@@ -91,9 +97,9 @@ class RoundSums:
         for name, values in update.tensors.items():
             _add(self._uploads, name, values, weight, peaks[id(values)])
         for name, values in factors.items():
-            _add(self._factors, name, values, weight, peaks[id(values)])
+            _add(self._factors, name, values, update.weight, by_examples[id(values)])
         for pair, values in products.items():
-            _add(self._ideal, pair, values, weight, peaks[id(values)])
+            _add(self._ideal, pair, values, update.weight, by_examples[id(values)])
 
     def _products(self, factors: State) -> dict[tuple[str, str], np.ndarray]:
         """B_k A_k of each LoRA module (when ``products`` is on), each into an
@@ -135,18 +141,20 @@ class RoundSums:
         return float(self._loss.total())
 
     def mean(self) -> State:
-        """Σ p_k x_k of the uploaded tensors (p_k ∝ examples)."""
+        """Σ w_k x_k / Σ w_k of the uploaded tensors (w_k the aggregation
+        weight: examples unless the strategy folds with its own)."""
         return {n: (v.total() / self.weight).astype(np.float32)
                 for n, v in self._uploads.items()}
 
     def factor_mean(self) -> State:
-        """Σ p_k of the clients' full factors: FedIT's (Ā, B̄)."""
-        return {n: (v.total() / self.weight).astype(np.float32)
+        """Σ p_k of the clients' full factors (p_k ∝ examples): FedIT's (Ā, B̄)."""
+        return {n: (v.total() / self.examples).astype(np.float32)
                 for n, v in self._factors.items()}
 
     def ideal(self, a_name: str, b_name: str) -> np.ndarray:
-        """ΔW* = Σ p_k B_k A_k for one LoRA module (the LoRA scale s omitted)."""
-        return (self._ideal[a_name, b_name].total() / self.weight).astype(np.float32)
+        """ΔW* = Σ p_k B_k A_k for one LoRA module (p_k ∝ examples; the LoRA
+        scale s omitted)."""
+        return (self._ideal[a_name, b_name].total() / self.examples).astype(np.float32)
 
     def residual(self, sent: State, base_step: Callable[[str], np.ndarray | None] = None
                  ) -> float:

@@ -174,6 +174,7 @@ def _evaluate(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_evaluate_maps_classes_by_name(capsys, tmp_path, topic_dataset, finished_run,
                                        quiet_datasets):  # noqa: F811
     """The same examples with the classes listed in another order score the
@@ -195,14 +196,70 @@ def test_evaluate_maps_classes_by_name(capsys, tmp_path, topic_dataset, finished
     line = _one_error_line(capsys, cli.main(["evaluate", str(run), "--dataset", str(cooking)]))
     assert f"dataset {cooking / 'test.csv'}: class 'cooking' not among the run's" in line
 
-    integers = tmp_path / "integers"  # no classes.txt: the labels are class indices
-    _write_rows(integers / "test.csv", [["a b c", 1], ["d e f", 5], ["g h i", 7]])
-    shutil.copy(topic_dataset / "train.csv", integers / "train.csv")
+
+
+def test_evaluate_takes_integer_classes_only_with_a_label_map(capsys, tmp_path, topic_dataset,
+                                                              finished_run, quiet_datasets):
+    """Another dataset's bare 0..C-1 say nothing about which of the run's
+    classes they are (SST-2's 0/1 are not world/sports): refused unless
+    --label-map says; with the map the run's own examples score as they did."""
+    run, accuracy = finished_run
+    integers = tmp_path / "integers"  # no classes.txt: the labels are bare integers
+    integers.mkdir()
+    for name in ("train.csv", "test.csv"):
+        shutil.copy(topic_dataset / name, integers / name)
     line = _one_error_line(capsys, cli.main(["evaluate", str(run), "--dataset", str(integers)]))
-    assert (f"dataset {integers / 'test.csv'}: classes '5', '7' not among the run's "
-            f"({', '.join(LABEL_WORDS)}; or integers 0..3)") in line
+    assert (f"dataset {integers / 'test.csv'}: classes '0', '1', '2', '3' not among the "
+            f"run's ({', '.join(LABEL_WORDS)}); map them with --label-map, e.g. "
+            "--label-map 0=world") in line
+    mapping = ",".join(f"{i}={word}" for i, word in enumerate(LABEL_WORDS))
+    report = _evaluate(capsys, str(run), "--dataset", str(integers), "--label-map", mapping)
+    assert report["accuracy"] == accuracy
+    for bad, needle in (("0=cooking", "--label-map: 'cooking' is not one of the run's"),
+                        ("9=world", "--label-map: '9' is not a class of dataset"),
+                        ("0world", "--label-map '0world': expected CLASS=RUN_CLASS")):
+        line = _one_error_line(capsys, cli.main(["evaluate", str(run), "--dataset",
+                                                 str(integers), "--label-map", bad]))
+        assert needle in line, line
 
 
+def test_evaluate_a_damaged_run_is_one_line(capsys, tmp_path, finished_run, quiet_datasets):
+    run, _ = finished_run
+    truncated = tmp_path / "truncated"
+    shutil.copytree(run, truncated)
+    weights = truncated / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    line = _one_error_line(capsys, cli.main(["evaluate", str(truncated)]))
+    assert f"{truncated}: the trained adapter cannot be loaded (SafetensorError" in line
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run, corrupt)
+    (corrupt / "config.json").write_text('{"rounds": 2,')
+    line = _one_error_line(capsys, cli.main(["evaluate", str(corrupt)]))
+    assert line.startswith(f"fedlora: error: {corrupt / 'config.json'}: not valid JSON"), line
+    (corrupt / "config.json").write_text('["rounds"]')
+    line = _one_error_line(capsys, cli.main(["evaluate", str(corrupt)]))
+    assert f"{corrupt / 'config.json'}: expected a JSON object, got list" in line
+
+
+def test_compare_out_that_cannot_be_written_is_one_line(capsys, tmp_path, tiny_bert,
+                                                        topic_dataset):
+    comparison = tmp_path / "compare.toml"
+    comparison.write_text(f'[base]\nmodel = "{tiny_bert}"\ndataset = "{topic_dataset}"\n'
+                          '[[run]]\nlabel = "a"\ngroup = "g"\n')
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    unwritable = locked if os.geteuid() else Path("/sys")  # root writes through modes
+    for out in (afile / "out", unwritable / "out"):
+        line = _one_error_line(capsys, cli.main(["compare", str(comparison), "--out",
+                                                 str(out)]))
+        assert line.startswith(f"fedlora: error: --out {out}: cannot write there ("), line
+
+
+@pytest.mark.slow
 def test_evaluate_sample_whole_split_and_unfinished_run(capsys, finished_run):
     run, accuracy = finished_run
     sample = _evaluate(capsys, str(run))
@@ -215,9 +272,36 @@ def test_evaluate_sample_whole_split_and_unfinished_run(capsys, finished_run):
     assert "not a finished run" in line and str(unfinished) in line
 
 
-# ------------------------------------------------------------------ 7. Ray left behind
+# ------------------------------------------------------------------ 7. Ray
 
 
+def test_a_ray_address_that_is_not_a_ray_head_is_one_line(capfd):
+    """Something listens there but does not speak Ray's GCS protocol: one
+    line within seconds, where ray.init retried for minutes and printed 21
+    lines of its C++ client's log before ours."""
+    import socket
+    import time
+
+    from fedlora.commands.simulation import start_ray
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(ConfigError) as info:
+            start_ray(resolve({"ray-address": address}))
+    assert str(info.value) == (f"config key 'ray-address': {address} does not answer as a Ray "
+                               "head (DEADLINE_EXCEEDED after 5 s); is it the head's GCS port "
+                               "(`ray start --head --port`)?")
+    assert time.monotonic() - started < 30
+    assert capfd.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ 8. Ray left behind
+
+
+@pytest.mark.e2e
 def test_simulate_starts_its_own_ray_despite_a_stale_cluster(tmp_path, tiny_bert,
                                                              topic_dataset):
     """A cluster file left by a `ray start` never stopped, and RAY_ADDRESS,

@@ -21,6 +21,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow
 def test_one_line_per_setting_relative_to_no_dp(bench, tiny_bert, topic_dataset, capsys):
     assert bench.main(["--set", f"model={tiny_bert}", f"dataset={topic_dataset}",
                        "local-steps=2", "--repeats", "2"]) == 0
@@ -34,6 +35,7 @@ def test_one_line_per_setting_relative_to_no_dp(bench, tiny_bert, topic_dataset,
     assert rows["fedavg-dp"]["vs_no_dp"] > 1 and rows["ffa-dp"]["vs_no_dp"] > 1
 
 
+@pytest.mark.slow
 def test_dp_settings_spend_epsilon(bench, tiny_bert, topic_dataset):
     from fedlora.node.client_loop import handle_train as train
     from fedlora.strategies import resolve

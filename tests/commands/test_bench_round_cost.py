@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # deploy/ is not an installed package
 from deploy.bench_round_cost import _per_round, _record, median_overhead  # noqa: E402
@@ -36,6 +38,7 @@ def test_each_round_takes_its_slowest_process():
     assert _per_round([1.0, 3.0, 2.0, 5.0, 4.0], 2, 3) == [3.0, 5.0, 4.0]
 
 
+@pytest.mark.e2e
 def test_an_unknown_mode_is_refused_in_one_line():
     done = subprocess.run([sys.executable, str(REPO / "deploy" / "bench_round_cost.py"),
                            str(REPO), "--modes", "cold,lukewarm"],

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,7 +86,7 @@ def no_child(monkeypatch):
     def forbidden(command, log, append=False):
         raise AssertionError(f"a simulation was started: {command}")
 
-    monkeypatch.setattr(cmp, "run_child", forbidden)
+    monkeypatch.setattr(cmp.runs, "run_child", forbidden)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -354,7 +355,7 @@ def test_unfinished_runs_resume_if_their_settings_match(tmp_path, capsys, monkey
     (edited / "config.json").write_text(json.dumps(config | {"lr": 0.02}))
     (_unfinish(out, "ffa", 3) / "config.json").unlink()  # stopped before it was written
     calls = []
-    monkeypatch.setattr(cmp, "run_child", _fake_child(calls))
+    monkeypatch.setattr(cmp.runs, "run_child", _fake_child(calls))
     code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
     assert code == 0, err
     assert calls == [("avg", 2, "resume"), ("ffa", 1, "fresh"), ("ffa", 3, "fresh")]
@@ -375,7 +376,7 @@ def test_a_refused_resume_runs_again_from_round_1(tmp_path, capsys, monkeypatch)
     path, out = _finished_comparison(tmp_path)
     directory = _unfinish(out, "avg", 2)
     calls = []
-    monkeypatch.setattr(cmp, "run_child", _fake_child(calls, resume_code=2))
+    monkeypatch.setattr(cmp.runs, "run_child", _fake_child(calls, resume_code=2))
     code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
     assert code == 0, err
     assert calls == [("avg", 2, "resume"), ("avg", 2, "fresh")]
@@ -393,7 +394,7 @@ def test_failed_run_stops_the_comparison(tmp_path, capsys, monkeypatch):
     (out / "summary.csv").write_text("from an earlier comparison")
     (out / "ffa" / "seed-1" / "summary.json").unlink()
     calls = []
-    monkeypatch.setattr(cmp, "run_child", _fake_child(calls, exit_code=1))
+    monkeypatch.setattr(cmp.runs, "run_child", _fake_child(calls, exit_code=1))
     code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
     assert code == 1 and calls == [("ffa", 1, "resume")]
     assert err.count("\n") == 1 and err.startswith(
@@ -457,6 +458,7 @@ def _ctrl_c_after_round_1(tmp_path: Path, run: Path, *args: str
     return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
+@pytest.mark.e2e
 def test_real_comparison_stops_on_ctrl_c_and_resumes(tmp_path, tiny_bert, topic_dataset):
     """Ctrl-C after the first run's round 1 (SIGINT to the whole process
     group, as a terminal sends it; 8 rounds, as later ones take a fraction of
@@ -519,3 +521,43 @@ group = "tiny BERT"
     assert again.stdout.count("(reused)") == 2 and seconds < 120
     assert finished == {s: (out / "tiny" / f"seed-{s}" / "summary.json").stat().st_mtime_ns
                         for s in (1, 2)}
+
+
+# --- trackers -------------------------------------------------------------------------
+
+def test_each_run_is_tagged_and_all_share_one_tracker_store(tmp_path):
+    path = _write(tmp_path, BASE + 'tracker = "mlflow"\ntracker-tags = "team=x"\n'
+                  + _run_table("avg", group="plain, fast"))
+    [run], _ = cmp.load_plan(path, "1")
+    out = tmp_path / "out"
+    tracked = run.tracked(1, out)
+    assert tracked["tracker-tags"] == "team=x,label=avg,group=plain; fast,seed=1"
+    assert tracked["tracker-dir"] == str(out / "tracker")
+    assert tracked == {**run.settings(1), "tracker-tags": tracked["tracker-tags"],
+                       "tracker-dir": tracked["tracker-dir"]}
+    # without a tracker the tags are still recorded (a later upload uses them)
+    [run], _ = cmp.load_plan(_write(tmp_path, BASE + _run_table("avg")), "1")
+    assert run.tracked(2, out) == {**run.settings(2),
+                                   "tracker-tags": "label=avg,group=g,seed=2"}
+
+
+def test_the_tracker_keys_do_not_stop_a_finished_run_being_reused(tmp_path, no_child):
+    directory = tmp_path / "avg" / "seed-1"
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(resolve({"rounds": 2}).to_json())
+    cmp.runs.check_reusable(directory, {"rounds": 2, "tracker": "mlflow",
+                                   "tracker-tags": "label=avg,seed=1"})
+    with pytest.raises(ConfigError, match="finished with rounds = 2"):
+        cmp.runs.check_reusable(directory, {"rounds": 3, "tracker": "mlflow"})
+
+
+def test_a_tracker_that_cannot_start_fails_the_plan(tmp_path, capsys, no_child):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = _write(tmp_path, BASE + f'tracker = "mlflow"\ntracker-uri = "http://127.0.0.1:{port}"\n'
+                  + _run_table("avg"))
+    code, _, err = _cli(capsys, path, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1
+    assert "run 'avg': config key 'tracker-uri': cannot reach an MLflow server" in err
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,8 @@ import pytest
 from fedlora.commands import cli
 from fedlora.commands import compare as cmp
 
+pytestmark = pytest.mark.e2e
+
 COMPARISON = """[base]
 num-clients = 4
 clients-per-round = 2
@@ -82,7 +84,7 @@ def _fake_simulate(tmp_path: Path, monkeypatch, mode: str) -> list[Path]:
         return [sys.executable, "-c", CHILD, str(tmp_path / "ready"), str(tmp_path / "record"),
                 mode]
 
-    monkeypatch.setattr(cmp, "simulate_command", command)
+    monkeypatch.setattr(cmp.runs, "simulate_command", command)
     return started
 
 
@@ -132,7 +134,7 @@ def test_a_signal_reaches_the_child_and_stops_the_comparison(tmp_path, capsys, m
 
 def test_a_child_that_does_not_stop_is_killed_with_its_processes(tmp_path, capsys, monkeypatch,
                                                                  survivable):
-    monkeypatch.setattr(cmp, "CHILD_STOP_S", 1.0)
+    monkeypatch.setattr(cmp.child, "CHILD_STOP_S", 1.0)
     _fake_simulate(tmp_path, monkeypatch, "ignore")
     sender = _signal_when_ready(tmp_path / "ready", signal.SIGTERM)
     began = time.monotonic()

@@ -37,7 +37,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from processes import describe, ours, stop, watch
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""``fedlora keys``: README.md's key table is ``fedlora keys --markdown``,
+"""``fedlora keys``: docs/cli.md's key table is ``fedlora keys --markdown``,
 every key with a fixed set of values lists it (``strategy`` included), and
 ``simulate --help`` points to it."""
 
@@ -12,16 +12,16 @@ from fedlora.commands.cli import main
 from fedlora.core.config import KEYS
 from fedlora.strategies import strategies, strategy_keys
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-BEGIN = "<!-- fedlora keys --markdown (tests/test_keytable.py keeps them equal) -->\n"
+CLI_GUIDE = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+BEGIN = "<!-- fedlora keys --markdown (tests/commands/test_keytable.py keeps them equal) -->\n"
 END = "<!-- end of fedlora keys --markdown -->"
 
 
-def test_the_readme_table_is_what_keys_markdown_prints(capsys):
-    text = README.read_text()
+def test_the_guide_table_is_what_keys_markdown_prints(capsys):
+    text = CLI_GUIDE.read_text()
     table = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
     assert main(["keys", "--markdown"]) == 0
-    assert capsys.readouterr().out == table, "run `fedlora keys --markdown` into README.md"
+    assert capsys.readouterr().out == table, "run `fedlora keys --markdown` into docs/cli.md"
 
 
 def _row(markdown: str, key: str, strategy: str | None = None) -> list[str]:

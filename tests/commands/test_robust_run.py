@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from runs import check_run
 
 from fedlora.core.seeding import attacker_partitions
+
+pytestmark = pytest.mark.e2e
 
 
 def test_krum_rejects_the_seeds_sign_flipping_attackers(tmp_path, tiny_bert, topic_dataset):

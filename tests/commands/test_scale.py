@@ -44,6 +44,7 @@ def _small(tiny_bert: Path, topic_dataset: Path, **keys) -> list[str]:
     return ["--set", *[f"{k}={v}" for k, v in settings.items()]]
 
 
+@pytest.mark.e2e
 def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
     """One row per K with the default work, then the small-work pair against
     stock, then the floors those rows can judge; every run is real."""
@@ -84,6 +85,7 @@ def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
         assert json.loads(metrics[-1])["clients"] == 4
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("keys, needle", [
     ({"num-clients": 400}, "config key 'num-clients': 400 clients but the train split"),
     ({"client-cpus": 512}, "config key 'client-cpus': 512"),
@@ -100,6 +102,7 @@ def test_bad_scale_settings_fail_in_one_line(tmp_path, tiny_bert, topic_dataset,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_simulation_attaches_to_a_ray_cluster(tmp_path, tiny_bert, topic_dataset):
     home = str(tmp_path / "flwr-home")
     port = _free_port()

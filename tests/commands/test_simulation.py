@@ -15,6 +15,8 @@ from runs import FEDLORA, _env, check_run, run_fedlora  # noqa: F401
 
 from fedlora.wire import codec
 
+pytestmark = pytest.mark.e2e
+
 
 def test_sequence_classification_simulation(tmp_path, tiny_bert, topic_dataset):
     _, rows, saved = check_run(tmp_path, tiny_bert, topic_dataset)

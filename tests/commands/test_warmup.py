@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from processes import ours, stop
 
 from fedlora.commands import warmup
@@ -37,6 +38,7 @@ def _loaded(modules: tuple[str, ...] = HEAVY) -> str:
     return f"[m for m in {modules!r} if m in sys.modules]"
 
 
+@pytest.mark.e2e
 def test_resolving_a_config_imports_no_training_stack():
     """The driver resolves the run config (every strategy's keys) before it
     starts Ray: with torch in that path Ray would start seconds later."""
@@ -48,6 +50,7 @@ def test_resolving_a_config_imports_no_training_stack():
     assert loaded == []
 
 
+@pytest.mark.e2e
 def test_a_client_imports_neither_opacus_nor_plotting_and_plotting_still_works():
     """Without DP no Opacus (SciPy's statistics); never seaborn/matplotlib,
     which Flower Datasets' package imports for plots we do not draw. Code that
@@ -65,6 +68,7 @@ def test_a_client_imports_neither_opacus_nor_plotting_and_plotting_still_works()
     assert result == {"before": [], "plot": True, "real": "module", "seaborn": True}
 
 
+@pytest.mark.e2e
 def test_local_ray_workers_are_warm_before_their_first_task(tmp_path, tiny_bert,
                                                               topic_dataset):
     """``start_ray`` hands the hook to the raylet's environment: the workers it

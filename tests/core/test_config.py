@@ -3,7 +3,9 @@ how the CLI reports bad input (one line, exit code 2, nothing written)."""
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,15 @@ import pytest
 import tomllib
 
 from fedlora.commands import cli
-from fedlora.core.config import KEYS, ConfigError, Key, load_toml, parse_set_option
+from fedlora.core.config import (
+    KEYS,
+    ConfigError,
+    Key,
+    RunConfig,
+    attribute_name,
+    load_toml,
+    parse_set_option,
+)
 from fedlora.strategies import registry, resolve, strategies, strategy_keys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +64,50 @@ def test_every_default_is_valid():
     for key, spec in _table(built_in_only=False).items():
         assert config[key] == spec.default
         assert isinstance(config[key], spec.type), key
+
+
+# ----------------------------------------------------------------- attributes
+
+
+def test_every_key_reads_as_an_attribute():
+    """``config.lora_rank`` is ``config["lora-rank"]``, for the core keys and
+    every strategy's; a distinct value per key shows that no attribute
+    reads another key or a method of its own (``to_dict``, ``target_modules``)."""
+    table = _table(built_in_only=False)
+    assert set(KEYS) < set(table)
+    marks = {key: object() for key in table}
+    config = RunConfig(marks)
+    for key, mark in marks.items():
+        assert getattr(config, attribute_name(key)) is mark, key
+
+
+def test_resolved_values_read_as_attributes():
+    config = resolve({"lora-rank": 4, "strategy": "cellm", "cellm-up-density": 0.25})
+    assert (config.lora_rank, config.strategy, config.cellm_up_density) == (4, "cellm", 0.25)
+    assert config.dp == "off" and config.client_ranks == config.values["client-ranks"]
+    assert {"lora_rank", "cellm_up_density"} <= set(dir(config))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("lora_rnk", "run config has no key 'lora-rnk' (read as config.lora_rnk); did you mean "
+                 "config.lora_rank? `fedlora keys` lists them"),
+    ("no_such_thing", "run config has no key 'no-such-thing' (read as "
+                      "config.no_such_thing); `fedlora keys` lists them"),
+])
+def test_a_misspelt_attribute_names_the_key(name, message):
+    config = resolve({})
+    with pytest.raises(AttributeError) as raised:
+        getattr(config, name)
+    assert str(raised.value) == message
+    assert not hasattr(config, name)
+
+
+def test_a_config_survives_pickle_and_copy():
+    """pickle and copy look up dunder methods on a config whose ``values``
+    is not set yet: they must not reach the keys."""
+    config = resolve({"lora-rank": 4})
+    for clone in (pickle.loads(pickle.dumps(config)), copy.copy(config), copy.deepcopy(config)):
+        assert clone == config and clone.lora_rank == 4
 
 
 # ----------------------------------------------------------------- resolve()
@@ -270,6 +324,7 @@ def test_cli_unknown_strategy(capsys, tmp_path, tiny_bert, topic_dataset, quiet_
     assert "fedmagic" in err
 
 
+@pytest.mark.e2e
 def test_cli_missing_dataset(capsys, tmp_path, tiny_bert, topic_dataset, quiet_datasets):
     out = tmp_path / "run"
     missing = tmp_path / "no" / "such" / "data"
@@ -277,6 +332,7 @@ def test_cli_missing_dataset(capsys, tmp_path, tiny_bert, topic_dataset, quiet_d
     _assert_one_line_error(code, err, out, str(missing))
 
 
+@pytest.mark.e2e
 def test_cli_missing_text_column(capsys, tmp_path, tiny_bert, topic_dataset, quiet_datasets):
     out = tmp_path / "run"
     code, err = _run_cli(capsys, out, *_base(tiny_bert, topic_dataset), "text-column=nope")
@@ -284,6 +340,7 @@ def test_cli_missing_text_column(capsys, tmp_path, tiny_bert, topic_dataset, qui
     assert "nope" in err
 
 
+@pytest.mark.e2e
 def test_cli_model_dir_not_a_model(capsys, tmp_path, tiny_bert, topic_dataset,
                                    quiet_datasets):
     out = tmp_path / "run"
@@ -294,6 +351,7 @@ def test_cli_model_dir_not_a_model(capsys, tmp_path, tiny_bert, topic_dataset,
     assert "model" in err
 
 
+@pytest.mark.e2e
 def test_cli_more_clients_than_examples(capsys, tmp_path, tiny_bert, topic_dataset,
                                         quiet_datasets):
     out = tmp_path / "run"
@@ -312,6 +370,32 @@ def test_cli_bad_value_in_config_file(capsys, tmp_path, tiny_bert, topic_dataset
     _assert_one_line_error(code, err, out, "rounds")
 
 
+@pytest.mark.parametrize("line, needle", [
+    ('rounds = "3"', "key 'rounds': expected an integer, got '3' (a string); write it "
+                     "without quotes"),
+    ("rounds = 3.0", "key 'rounds': expected an integer, got 3.0 (a float)"),
+    ('lr = "0.1"', "key 'lr': expected a number, got '0.1' (a string)"),
+    ('agg-residual = "false"', "key 'agg-residual': expected true or false, got 'false'"),
+    ("client-ranks = 4", "key 'client-ranks': expected a string, got 4 (an integer)"),
+])
+def test_cli_config_file_values_have_their_keys_types(capsys, tmp_path, line, needle):
+    """A TOML value of another type than its key's is refused, not converted
+    (``--set`` values are TOML literals too: ``rounds=3`` is an integer)."""
+    out = tmp_path / "run"
+    config = tmp_path / "run.toml"
+    config.write_text(line + "\n")
+    code, err = _run_cli(capsys, out, extra=("--config", str(config)))
+    _assert_one_line_error(code, err, out, f"config file {config}: {needle}")
+
+
+def test_config_file_accepts_an_integer_for_a_float_key(tmp_path):
+    from fedlora.core.config import check_file_types
+    from fedlora.strategies import strategy_keys
+
+    check_file_types({"lr": 1, "rounds": 3, "robust": "median", "agg-residual": False,
+                      "client-ranks": "2,4"}, strategy_keys(), "here")
+
+
 def test_cli_config_path_is_directory(capsys, tmp_path, quiet_datasets):
     out = tmp_path / "run"
     folder = tmp_path / "conf.d"
@@ -320,6 +404,7 @@ def test_cli_config_path_is_directory(capsys, tmp_path, quiet_datasets):
     _assert_one_line_error(code, err, out, str(folder))
 
 
+@pytest.mark.e2e
 def test_console_script_bad_value(tmp_path):
     script = Path(sys.executable).with_name("fedlora")
     assert script.is_file(), "the fedlora console script is not installed"

@@ -28,6 +28,8 @@ from runs import FEDLORA, _env
 
 from fedlora.federation import checkpoint
 
+pytestmark = pytest.mark.e2e
+
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 WAIT_S = 300  # the most a step of these tests may take on a loaded 2-core machine
 POLL_S = 0.01

@@ -11,6 +11,8 @@ import pytest
 from runs import check_run
 from safetensors.numpy import load_file
 
+pytestmark = pytest.mark.e2e
+
 EXACT = 1e-5  # agg_residual of an exact strategy: float32 rounding only
 RANKS = {"client-ranks": "2,4,8"}  # the 4 sampled partitions of 8 get several ranks
 

@@ -51,6 +51,7 @@ def test_ag_news_directory():
     assert set(splits.train["label"]) == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_sst2_directory_uses_dev_as_test():
     splits = load_splits(str(SHARED_DATA / "sst2"))
     assert len(splits.test) == 872
@@ -181,6 +182,71 @@ def test_missing_label_column_is_config_error(tmp_path):
     assert splits.num_labels == 3
 
 
+# ----------------------------------------------------------------- labels and bad files
+
+
+def _write(path: Path, rows: list[list], delimiter: str = ",") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, delimiter=delimiter).writerows(rows)
+    return path
+
+
+def _sentiment(count: int, labels=("negative", "positive")) -> list[list]:
+    return [["text", "label"]] + [[f"review {i}", labels[i % 2]] for i in range(count)]
+
+
+@pytest.mark.parametrize("empty", ["train.csv", "test.csv"])
+def test_header_only_csv_is_named_in_one_line(tmp_path, empty, capfd, quiet_datasets):
+    """Not HF's 'Instruction "train" corresponds to no data!'."""
+    for name in ("train.csv", "test.csv"):
+        _write(tmp_path / name, _sentiment(0 if name == empty else 20))
+    with pytest.raises(ConfigError) as info:
+        load_splits(str(tmp_path))
+    assert str(info.value) == f"dataset: {tmp_path / empty} has a header but no examples"
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("train_labels, test_labels", [
+    (("negative", "positive"), (0, 1)),  # silently four classes, accuracy 0
+    ((0, 1), ("negative", "positive")),  # HF: "An error occurred while generating ..."
+])
+def test_labels_are_all_names_or_all_integers(tmp_path, train_labels, test_labels, capfd,
+                                              quiet_datasets):
+    _write(tmp_path / "train.csv", _sentiment(20, train_labels))
+    _write(tmp_path / "test.csv", _sentiment(6, test_labels))
+    with pytest.raises(ConfigError) as info:
+        load_splits(str(tmp_path))
+    message = str(info.value)
+    assert message.startswith("dataset: labels mix class names and integers ("), message
+    assert "'negative' in" in message and str(tmp_path / "train.csv") in message
+    assert str(tmp_path / "test.csv") in message and "\n" not in message
+    assert capfd.readouterr().err == ""
+
+
+def test_a_test_class_unseen_in_training_is_refused_with_its_count(tmp_path):
+    _write(tmp_path / "train.csv", _sentiment(20))
+    _write(tmp_path / "test.csv", _sentiment(6) + [["meh", "neutral"], ["so-so", "neutral"]])
+    with pytest.raises(ConfigError) as info:
+        load_splits(str(tmp_path))
+    assert str(info.value) == (f"dataset {tmp_path / 'test.csv'}: test class 'neutral' "
+                               "(2 examples) not in the train split; a model trained on it "
+                               "cannot predict it")
+
+
+def test_a_ragged_tsv_is_one_line_naming_file_and_line(tmp_path, capfd, quiet_datasets):
+    """Not HF's logged 'Failed to read file ...' line before ours."""
+    rows = [["sentence", "label"]] + [[f"s {i}", i % 2] for i in range(30)]
+    rows.insert(20, ["an extra", 1, "field"])
+    train = _write(tmp_path / "train.tsv", rows, "\t")
+    _write(tmp_path / "dev.tsv", [["sentence", "label"], ["a", 0], ["b", 1]], "\t")
+    with pytest.raises(ConfigError) as info:
+        load_splits(str(tmp_path))
+    assert str(info.value) == (f"dataset: cannot read {train}: Error tokenizing data. "
+                               "C error: Expected 2 fields in line 21, saw 3")
+    assert capfd.readouterr().err == ""
+
+
 # ----------------------------------------------------------------- partitions
 
 
@@ -207,6 +273,7 @@ def _examples(ds: Dataset) -> list[tuple[tuple[int, ...], int]]:
     return [(tuple(ids), label) for ids, label in zip(ds["input_ids"], ds["label"])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("partition", ["iid", "dirichlet", "pathological"])
 def test_partitions_deterministic_for_seed(partition, tiny_bert, topic_dataset):
     config = _config(tiny_bert, topic_dataset, partition=partition, seed=21)
@@ -246,6 +313,7 @@ def _mean_top_label_share(config) -> float:
     return float(np.mean(shares))
 
 
+@pytest.mark.slow
 def test_dirichlet_skews_labels(tiny_bert, topic_dataset):
     iid = np.mean([_mean_top_label_share(_config(tiny_bert, topic_dataset,
                                                   partition="iid", seed=s))

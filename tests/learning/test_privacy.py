@@ -72,6 +72,7 @@ def test_epsilon_matches_an_independent_opacus_accountant(tiny_bert, topic_datas
     assert second.epsilon() > first.epsilon()
 
 
+@pytest.mark.slow
 def test_target_epsilon_sets_the_noise_for_the_planned_run(tiny_bert, topic_dataset):
     config = _config(tiny_bert, topic_dataset, rounds=5, **{"dp-target-epsilon": 3.0})
     data = client_dataset(config, 0)

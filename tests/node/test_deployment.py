@@ -141,6 +141,7 @@ def _finished(dep: LocalDeployment, name: str, returncode: int, output: str) -> 
     return {"output": output, "rows": rows, "summary": summary, "out": out}
 
 
+@pytest.mark.e2e
 def test_two_rounds_on_three_nodes_with_tls_and_node_auth(deployment, tiny_bert):
     """``flwr run`` through the TLS Control API: 2 FedAvg rounds on the three
     authenticated nodes' own data; the outputs contract on the server side."""
@@ -192,6 +193,7 @@ def test_two_rounds_on_three_nodes_with_tls_and_node_auth(deployment, tiny_bert)
     assert listening and all(listening.values()), listening
 
 
+@pytest.mark.e2e
 def test_a_stopped_run_resumes_with_resume_from_on_the_nodes_state(deployment, tiny_bert):
     """``flwr stop`` ends a run after round 1 (the ServerApp is killed); ``flwr
     run`` with ``resume-from`` goes on from its checkpoint, each node's client
@@ -241,6 +243,7 @@ def test_a_stopped_run_resumes_with_resume_from_on_the_nodes_state(deployment, t
     assert all(len(list(state.glob("data-*/state-*.pb"))) >= 1 for state in states), states
 
 
+@pytest.mark.e2e
 def test_a_trainer_killed_between_rounds_costs_one_reply_and_keeps_its_state(deployment,
                                                                            tiny_bert):
     """Node 1's trainer is SIGKILLed as soon as round 1 is recorded: in round
@@ -365,6 +368,7 @@ def troubled_run(deployment, tiny_bert):
             "statuses": statuses}
 
 
+@pytest.mark.e2e
 def test_a_node_with_bad_data_fails_alone_with_a_clear_line(troubled_run, deployment):
     """Its ClientApp fails with one ``data-path`` line in the node's log, the
     server rejects its reply with that reason, the others' updates count."""
@@ -380,6 +384,7 @@ def test_a_node_with_bad_data_fails_alone_with_a_clear_line(troubled_run, deploy
                      re.MULTILINE), node_log[-3000:]
 
 
+@pytest.mark.e2e
 def test_a_node_killed_in_round_2_leaves_the_run_to_the_others(troubled_run, deployment):
     """Round 2 closes with one update fewer once the SuperLink gives the dead
     node up (it answers for it; the rejection names the dead node), round 3
@@ -419,6 +424,7 @@ def _clientapp_starts(dep: LocalDeployment, executors: dict[str, str],
     return nodes
 
 
+@pytest.mark.e2e
 def test_nodes_and_clients_without_key_or_ca_are_refused(deployment, tmp_path):
     """SuperNode authentication: an unregistered key, or no key at all (a
     SuperNode then asks to register itself), is refused. TLS: without the CA
@@ -551,6 +557,7 @@ def _compose_tool() -> list[str] | None:
     return None
 
 
+@pytest.mark.e2e
 def test_compose_config_validates():
     tool = _compose_tool()
     if tool is None:

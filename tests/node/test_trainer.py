@@ -159,6 +159,7 @@ def _answer(reply: Message) -> tuple[list[str], bytes | None, dict]:
 
 
 # -- 1: a forwarded message is the in-process one ---------------------------------------
+@pytest.mark.e2e
 def test_a_forwarded_message_gets_the_in_process_reply(trainer, tiny_bert):
     from client import app
 
@@ -205,6 +206,7 @@ FORWARD_ONLY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_a_forwarding_clientapp_imports_no_training_stack(trainer, tiny_bert, tmp_path):
     """The point of the trainer: the per-message process stays light. A fresh
     interpreter that only imports ``client.app`` and forwards a message has
@@ -229,6 +231,7 @@ def test_a_forwarding_clientapp_imports_no_training_stack(trainer, tiny_bert, tm
 
 
 # -- 2: a caller without the secret ----------------------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("metadata", [(), ((trainer_link.AUTH_HEADER, "Bearer wrong"),)],
                          ids=["no-secret", "wrong-secret"])
 def test_a_call_without_the_secret_is_refused_and_logged(trainer, metadata):
@@ -244,6 +247,7 @@ def test_a_call_without_the_secret_is_refused_and_logged(trainer, metadata):
                   trainer.process, after=seen)
 
 
+@pytest.mark.e2e
 def test_forwarding_with_a_wrong_secret_is_an_error_reply_naming_the_trainer(
         trainer, tiny_bert, tmp_path):
     wrong = tmp_path / "wrong-secret"
@@ -292,6 +296,7 @@ def test_a_download_that_is_not_a_payload_is_an_error_reply_naming_the_trainer(
     assert len(reason.splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_a_node_that_does_not_wait_still_reaches_a_listening_trainer(trainer, tiny_bert):
     """``trainer-wait=0``: no patience for a trainer that is down, but one
     that listens is reached (the connection itself takes a moment)."""
@@ -302,6 +307,7 @@ def test_a_node_that_does_not_wait_still_reaches_a_listening_trainer(trainer, ti
 
 
 # -- 4: two runs at once -----------------------------------------------------------------
+@pytest.mark.e2e
 def test_two_runs_at_once_keep_apart(trainer, tiny_bert, tmp_path):
     """Two runs' training messages forwarded at the same time each get what
     they would alone, and their client states (CELLM's error feedback) land in
@@ -358,6 +364,7 @@ def _unknown_classes(content: RecordDict) -> RecordDict:
     return changed
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("broken, code", [(_without_task, "INVALID_ARGUMENT"),
                                           (_unknown_classes, "FAILED_PRECONDITION")],
                          ids=["no-task-record", "bad-data"])
@@ -375,6 +382,7 @@ def test_a_failed_message_is_an_error_reply_and_the_trainer_goes_on(trainer, tin
 
 
 # -- 6: flags it cannot work with --------------------------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", ["secret-missing", "secret-short", "data-not-a-dir"])
 def test_bad_flags_end_in_one_line_and_exit_2(tmp_path, case):
     data, secret = tmp_path / "data", tmp_path / "secret"
@@ -399,6 +407,7 @@ def test_bad_flags_end_in_one_line_and_exit_2(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith(f"fedlora trainer: error: {flag} "), lines
 
 
+@pytest.mark.e2e
 def test_a_second_trainer_on_a_port_in_use_exits_2(trainer, tmp_path):
     """Not a silent second listener sharing the port (gRPC's SO_REUSEPORT):
     the kernel would split the node's calls between the two processes."""

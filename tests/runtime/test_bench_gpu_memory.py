@@ -97,6 +97,7 @@ def test_per_process_peaks_with_a_gpu(monkeypatch):
     assert gpu.per_process_mb() == 700
 
 
+@pytest.mark.e2e
 def test_tree_sampler_reports_no_gpu_fields_without_a_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])

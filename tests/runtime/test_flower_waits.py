@@ -164,6 +164,7 @@ def test_the_node_and_server_waits_are_shortened_in_their_modules_only(flower_re
     assert http_grid.pull_objects.func is inflatable_utils.pull_objects
 
 
+@pytest.mark.e2e
 def test_a_poll_interval_out_of_range_is_one_line():
     done = subprocess.run([sys.executable, "-m", "fedlora", "supernode", "--poll-interval",
                            "5", "--insecure"], capture_output=True, text=True, timeout=60)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
 from processes import ours, stop
 from rich.console import Console
 from runs import _env, run_fedlora
 
 from fedlora.commands import cli
 from fedlora.runtime import progress
-from fedlora.runtime.progress import Display, Lines, for_command
+from fedlora.runtime.progress import Display, Lines, for_command, round_line
 
 ROUND_LINE = "round 1/5  acc 0.5000 loss 1.2000  train_loss 1.3000  clients 2  up 0.01MB"
 FEDLORA_LINE = re.compile(r"(round \d+/\d+  |done: |fedlora: (WARNING|ERROR|error): )")
@@ -84,6 +85,20 @@ def test_on_a_terminal_counts_and_etas(capsys):
     assert capsys.readouterr().out == ROUND_LINE + "\n"
 
 
+def test_the_round_line_shows_what_the_round_has():
+    record = {"round": 3, "accuracy": None, "loss": None, "train_loss": 0.61234,
+              "clients": 5, "rejected": 0, "declined": 0, "missing": 0, "epsilon": None,
+              "uplink_bytes": 1_234_567, "downlink_bytes": 2_500_000, "seconds": 4.26}
+    assert round_line(record, 10) == ("round 3/10  acc -  train_loss 0.6123  clients 5  "
+                                      "up 1.23MB  down 2.50MB  4.3s")
+    record |= {"accuracy": 0.81, "loss": 0.5, "fed_accuracy": 0.7, "personal_accuracy": 0.75,
+               "rejected": 1, "missing": 2, "epsilon": 1.23456}
+    assert round_line(record, 10) == (
+        "round 3/10  acc 0.8100 loss 0.5000  train_loss 0.6123  clients 5  "
+        "personal_accuracy 0.7500  fed_accuracy 0.7000  rejected 1  missing 2  eps 1.235  "
+        "up 1.23MB  down 2.50MB  4.3s")
+
+
 def test_quiet_and_verbose_refused_in_one_line(tmp_path, capsys):
     code = cli.main(["simulate", "--quiet", "--verbose", "--out", str(tmp_path / "run")])
     out, err = capsys.readouterr()
@@ -94,6 +109,7 @@ def test_quiet_and_verbose_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_a_quiet_run_prints_fedlora_lines_only(tmp_path, tiny_bert, topic_dataset):
     settings = {"model": tiny_bert, "dataset": topic_dataset, "num-clients": 4,
                 "clients-per-round": 2, "rounds": 2, "batch-size": 8, "partition": "iid",

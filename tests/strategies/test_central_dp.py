@@ -99,6 +99,7 @@ def test_epsilon_matches_an_independent_accountant():
     assert strategy.central.epsilon() == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_target_epsilon_sets_the_noise_for_the_planned_rounds():
     strategy = _strategy(FedAvgLoRA, noise=0.0, **{"dp-target-epsilon": 3.0, "rounds": 7})
     assert strategy.central.noise_multiplier == pytest.approx(get_noise_multiplier(

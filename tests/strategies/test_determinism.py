@@ -260,6 +260,7 @@ def _without_timing(rows: list[dict]) -> list[dict]:
             for row in rows]
 
 
+@pytest.mark.e2e
 def test_two_simulations_with_one_config_give_the_same_bytes(tmp_path, tiny_bert,
                                                              topic_dataset):
     adapter, rows = _simulate(tmp_path / "a", tiny_bert, topic_dataset)

@@ -89,6 +89,7 @@ def test_correction_is_deterministic():
     assert first.tobytes() == correct_b(ideal, b_bar, a_bar, 0.01, STEPS, LR).tobytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_random_rounds_never_above_no_correction_and_near_the_minimum(seed):
     """Varied shapes, 2–5 clients, factor scales over five orders of magnitude,

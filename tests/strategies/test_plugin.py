@@ -195,6 +195,7 @@ def test_its_key_is_declared_and_checked():
             resolve({"strategy": NAME, "momentum-beta": bad})
 
 
+@pytest.mark.e2e
 def test_momentum_beta_with_fedavg_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError) as info:
         resolve({"strategy": "fedavg", "momentum-beta": 0.5})
@@ -213,6 +214,7 @@ def test_momentum_beta_with_fedavg_is_refused_in_one_line(tmp_path):
 
 
 # -- end to end ----------------------------------------------------------------------
+@pytest.mark.e2e
 def test_simulation_with_the_plugin_strategy(tmp_path, tiny_bert, topic_dataset):
     """`fedlora simulate` with strategy=fedavg-momentum: the server and the Ray
     clients find the strategy through the entry point alone."""

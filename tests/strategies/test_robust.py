@@ -13,8 +13,11 @@ from fakes import WIDE_SHAPES as SHAPES
 from fakes import start_round, train_reply
 from flwr.app import RecordDict
 
+from fedlora.core.adapters import lora_pairs
 from fedlora.core.config import ConfigError
 from fedlora.strategies import resolve, strategies
+from fedlora.strategies.ranks import pad
+from fedlora.wire.basedelta import base_weight_name
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 
@@ -185,6 +188,8 @@ def test_without_a_robust_mode_the_hostile_weight_wins():
 @pytest.mark.parametrize("overrides, key", [
     ({"robust": "median", "dp": "central", "dp-noise-multiplier": 1.0}, "'robust'"),
     ({"robust": "krum", "robust-fraction": 0.5}, "'robust-fraction'"),
+    ({"robust": "krum", "clients-per-round": 2}, "krum with 2 clients per round"),
+    ({"robust": "krum", "robust-fraction": 0.0}, "would screen nobody"),
     ({"robust-norm-factor": 2.0}, "'robust-norm-factor' applies to robust norm-bound"),
     ({"robust": "median", "robust-norm-factor": 2.0}, "'robust-norm-factor'"),
     ({"robust": "mean"}, "'robust'"),
@@ -193,3 +198,134 @@ def test_a_robust_config_that_makes_no_sense_is_refused_in_one_line(overrides, k
     with pytest.raises(ConfigError) as err:
         resolve(overrides)
     assert key in str(err.value) and "\n" not in str(err.value)
+
+
+# -- heterogeneous ranks (HetLoRA, FlexLoRA, FLoRA with client-ranks) ---------------
+HETERO = ("hetlora", "flexlora", "flora")
+RANK_SHAPES = {  # global rank 8: clients at ranks 2, 4 and 8 (partition i at (2,4,8)[i % 3])
+    "m.q.lora_A.weight": (8, 12), "m.q.lora_B.weight": (10, 8),
+    "m.v.lora_A.weight": (8, 12), "m.v.lora_B.weight": (10, 8),
+    "m.classifier.weight": (4, 6),
+}
+SCALE_ATTACK = (lambda start, rng: {n: v + 10.0 * (_honest(start, rng)[n] - v)
+                                    for n, v in start.items()}, 100)
+
+
+def _ranked(name: str, mode: str, per_round: int, ranks: str = "2,4,8"):
+    config = resolve({"num-clients": 10, "clients-per-round": per_round, "lora-rank": 8,
+                      "strategy": name, "robust": mode, "client-ranks": ranks})
+    rng = np.random.default_rng(7)
+    state = {n: (0.1 * rng.standard_normal(s)).astype(np.float32)
+             for n, s in RANK_SHAPES.items()}
+    return strategies()[name](config, state)
+
+
+def _products(strategy, state) -> dict[str, np.ndarray]:
+    """s·B·A of each LoRA module (global units), by lora_A name, and the head."""
+    out = {a: strategy.scale * state[b].astype(np.float64) @ state[a]
+           for a, b in lora_pairs(sorted(state))}
+    return {**out, "head": state["m.classifier.weight"].astype(np.float64)}
+
+
+def _ranked_round(strategy, nodes, hostile=None, hostile_node=None):
+    """One round of ``nodes`` (``hostile_node`` answering with ``hostile``);
+    returns (the global sent, the new global, the merged round's factor mean,
+    honest steps in factor space on each client's own ranks, honest steps of
+    s·B·A and head)."""
+    rng = np.random.default_rng(3)
+    start_round(strategy, nodes)
+    sent = dict(strategy.sent)
+    replies, factor_steps, product_steps = [], [], []
+    for i, node in enumerate(nodes):
+        plan = strategy.plans[node]
+        start = strategy.download_for(plan)[0]
+        if node == hostile_node:
+            replies.append(_reply(strategy, node, *hostile, rng))
+            continue
+        trained = {n: np.asarray(v, np.float32) for n, v in _honest(start, rng).items()}
+        upload = strategy.roles.upload(start, trained, RecordDict())
+        replies.append(train_reply(node, upload, 100 + 10 * i, 1.0, plan.partition_id))
+        before, after = (pad(x, plan.rank, 8) for x in (start, trained))
+        factor_steps.append({n: after[n].astype(np.float64) - before[n]
+                             for n in strategy.upload_shapes})
+        product_steps.append({n: v - _products(strategy, before)[n]
+                              for n, v in _products(strategy, after).items()})
+    merged = []
+    merge = strategy.merge
+    strategy.merge = lambda sums: merged.append(sums.factor_mean()) or merge(sums)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    state = {n: arrays[n].numpy() for n in arrays}
+    return sent, state, merged[0], factor_steps, product_steps
+
+
+def _norm_of(parts: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(v))) for v in parts.values()))
+
+
+def _assert_within(mode: str, move: dict, steps: list[dict], box: bool = True) -> None:
+    """The uniform-rank tests' bound: median and trimmed mean, each coordinate
+    in the honest range (``box``) or no longer than the longest honest step;
+    Krum no longer than the longest honest step; norm-bound no longer than
+    robust-norm-factor (3) × the median honest step."""
+    norms = [_norm_of(s) for s in steps]
+    if mode in ("median", "trimmed-mean") and box:
+        for n, value in move.items():
+            low = np.min([s[n] for s in steps], axis=0)
+            high = np.max([s[n] for s in steps], axis=0)
+            assert np.all(value >= low - 1e-6) and np.all(value <= high + 1e-6), n
+    elif mode == "norm-bound":
+        assert _norm_of(move) <= 3.0 * float(np.median(norms)) + 1e-6
+    else:
+        assert _norm_of(move) <= max(norms) + 1e-6
+
+
+@pytest.mark.parametrize("hostile_node", [100, 106])  # partition 0 (rank 2), 5 (rank 8)
+@pytest.mark.parametrize("attack", [*HOSTILE_REPLIES, "scale ×10"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", HETERO)
+def test_mixed_ranks_meet_the_modes_bound(name, mode, attack, hostile_node):
+    """One attacker among six clients of ranks 2, 4, 8 moves the global no
+    further than the mode's bound on the honest steps, each honest step taken
+    on the ranks its client was sent: the round the strategy merges within
+    the bound in factor space, and the global itself, for HetLoRA in factor
+    space, for FlexLoRA and FLoRA (which merge products) in s·B·A."""
+    nodes = sorted({*HONEST, HOSTILE, 100} - ({100, HOSTILE} - {hostile_node}))
+    strategy = _ranked(name, mode, len(nodes))
+    hostile = SCALE_ATTACK if attack == "scale ×10" else HOSTILE_REPLIES[attack]
+    sent, state, merged, factor_steps, product_steps = _ranked_round(
+        strategy, nodes, hostile, hostile_node)
+    names = list(strategy.upload_shapes)
+    _assert_within(mode, {n: merged[n].astype(np.float64) - sent[n] for n in names},
+                   factor_steps)
+    if name == "hetlora":
+        _assert_within(mode, {n: state[n].astype(np.float64) - sent[n] for n in names},
+                       factor_steps)
+    else:
+        after = _products(strategy, state)
+        if strategy.base is not None:  # FLoRA: the round's product went into the base
+            for a_name in list(after)[:-1]:
+                after[a_name] = after[a_name] + strategy.base.cumulative[
+                    base_weight_name(a_name)]
+        before = _products(strategy, sent)
+        _assert_within(mode, {n: after[n] - before[n] for n in after}, product_steps,
+                       box=False)
+
+
+@pytest.mark.parametrize("mode", ["median", "trimmed-mean"])
+@pytest.mark.parametrize("name", HETERO)
+def test_a_rank_2_majority_does_not_erase_the_upper_ranks(name, mode):
+    """All honest, ranks 2, 2, 8, 2, 2: the upper ranks only one client was
+    sent stay in the global (as sent, give or take the honest steps) instead
+    of being voted to zero by the clients that never had them."""
+    strategy = _ranked(name, mode, len(HONEST), ranks="2,2,8")
+    sent, state, _, _, product_steps = _ranked_round(strategy, list(HONEST))
+    after, before = _products(strategy, state), _products(strategy, sent)
+    if strategy.base is not None:
+        for a_name in list(after)[:-1]:
+            after[a_name] = after[a_name] + strategy.base.cumulative[base_weight_name(a_name)]
+    _assert_within(mode, {n: after[n] - before[n] for n in after}, product_steps, box=False)
+    if name == "hetlora":
+        for a_name in ("m.q.lora_A.weight", "m.v.lora_A.weight"):
+            upper = state[a_name][2:]
+            assert np.allclose(upper, sent[a_name][2:], atol=0.05)
+            assert np.linalg.norm(upper) > 0.9 * np.linalg.norm(sent[a_name][2:])

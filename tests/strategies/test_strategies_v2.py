@@ -331,6 +331,27 @@ def test_hetlora_weights_factors_by_update_norm():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_hetlora_residuals_are_against_the_example_weighted_ideal():
+    """docs/algorithms.md §0: ΔW* = Σ p_k s_k B_kA_k with p_k ∝ examples for
+    every strategy (HetLoRA's norm weights are its rule for the global, not
+    the target), and agg_residual_fedavg is FedIT's example-weighted (Ā, B̄)."""
+    _, _, uploads, _, merged, metrics = _hetlora_round(5)
+    ranks = {0: 2, 1: 4, 2: 8}
+    padded = {p: _global_units(uploads[p], ranks[p]) for p in uploads}
+    p_k = {p: EXAMPLES[p] / sum(EXAMPLES.values()) for p in uploads}
+    error = fedit_error = norm = 0.0
+    for a, b in zip(A_NAMES, B_NAMES):
+        ideal = sum(p_k[p] * padded[p][b].astype(np.float64) @ padded[p][a] for p in uploads)
+        mean_a = sum(p_k[p] * padded[p][a].astype(np.float64) for p in uploads)
+        mean_b = sum(p_k[p] * padded[p][b].astype(np.float64) for p in uploads)
+        error += np.sum((ideal - merged[b].astype(np.float64) @ merged[a]) ** 2)
+        fedit_error += np.sum((ideal - mean_b @ mean_a) ** 2)
+        norm += np.sum(ideal ** 2)
+    assert metrics["agg_residual"] == pytest.approx(math.sqrt(error / norm), rel=1e-4)
+    assert metrics["agg_residual_fedavg"] == pytest.approx(math.sqrt(fedit_error / norm),
+                                                           rel=1e-4)
+
+
 def test_hetlora_head_takes_the_same_norm_weights():
     """docs/algorithms.md §6: the whole update a client sends is weighed by
     S_k, the head included (head ← Σ w_k h_k), not by examples."""

@@ -21,7 +21,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedlora.core.adapters import adapter_state
 from fedlora.core.config import KEYS, ConfigError
 from fedlora.learning.features import model_for
-from fedlora.node.client_loop import handle_train, local_update, open_session
+from fedlora.node.client_loop import handle_train, local_update
+from fedlora.node.session import open_session
 from fedlora.strategies import resolve, strategies
 from fedlora.strategies.base import to_arrayrecord
 from fedlora.strategies.cellm import RESIDUAL_KEY
@@ -121,6 +122,7 @@ def test_a_value_float16_cannot_carry_is_not_sent():
 # ----------------------------------------------------------------- bytes as sent
 
 
+@pytest.mark.slow
 def test_float16_and_int8_cut_the_bytes_to_a_half_and_a_quarter(topic_dataset):
     """The default model (all-MiniLM-L6-v2, whose adapter dwarfs the framing),
     one round of FedAvg at each precision; the metrics are the encoded sizes."""

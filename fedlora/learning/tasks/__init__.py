@@ -26,7 +26,8 @@ def task_name(config: RunConfig) -> str:
     """The run's task: ``task``, or for ``auto`` the model's kind."""
     if config["task"] != "auto":
         return config["task"]
-    return detect_task(resolve_model_path(config["model"]))
+    return detect_task(resolve_model_path(config["model"], config["gguf-file"],
+                                          config["model-cache"]))
 
 
 def task_for(config: RunConfig) -> Task:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedlora.core.config import ConfigError, RunConfig
+from fedlora.core.fields import Round
 from fedlora.core.metric import Metric
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class Task(ABC):
         """(accuracy, loss, primary) that a federated evaluation reply
         carries: the wire's two standing fields, and the primary metric
         where it is neither (``fedlora.wire.messages.EvaluateReply``)."""
-        return metrics["accuracy"], metrics["loss"], None
+        return metrics[Round.ACCURACY], metrics[Round.LOSS], None
 
     # -- data --------------------------------------------------------------------
     @abstractmethod
@@ -140,9 +141,13 @@ class Task(ABC):
         """A deployed node's own training examples (``data-path``), in this
         task's columns, labelled by the server's classes."""
 
-    def for_model(self, test: Dataset, label_names: tuple[str, ...], where: str) -> Dataset:
+    def for_model(self, test: Dataset, label_names: tuple[str, ...], where: str,
+                  label_map: Mapping[str, str] | None = None) -> Dataset:
         """``test`` in a trained model's terms (``fedlora evaluate``, maybe on
-        another dataset); as it is, by default."""
+        another dataset; ``label_map`` renames its classes first): as it is, by
+        default, and a ``label_map`` is refused — there are no classes to map."""
+        if label_map:
+            raise ConfigError(f"--label-map: task {self.name} has no classes to map")
         return test
 
     # -- encoding and batches ------------------------------------------------------

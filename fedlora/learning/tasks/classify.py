@@ -10,12 +10,13 @@ accuracy (higher is better), and a round record holds ``accuracy`` and
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from fedlora.core.fields import Round
 from fedlora.core.metric import ACCURACY, Metric
 from fedlora.learning.models import autocast
 from fedlora.learning.tasks.base import EVAL_BATCH_SIZE, Task, TaskSplits, inputs
@@ -37,16 +38,16 @@ class Classification(Task):
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        return ("accuracy", "loss")
+        return Round.CLASSIFICATION
 
     @property
     def primary(self) -> Metric:
         return ACCURACY
 
     def progress(self, record: dict) -> str:
-        if record.get("accuracy") is None:
+        if record.get(Round.ACCURACY) is None:
             return "acc -"
-        return f"acc {record['accuracy']:.4f} loss {record['loss']:.4f}"
+        return f"acc {record[Round.ACCURACY]:.4f} loss {record[Round.LOSS]:.4f}"
 
     def splits(self) -> TaskSplits:
         config = self.config
@@ -57,8 +58,9 @@ class Classification(Task):
         return load_node_examples(data_path, label_names, self.config["text-column"],
                                   self.config["label-column"])
 
-    def for_model(self, test: Dataset, label_names: tuple[str, ...], where: str) -> Dataset:
-        return onto_classes(test, label_names, where)
+    def for_model(self, test: Dataset, label_names: tuple[str, ...], where: str,
+                  label_map: Mapping[str, str] | None = None) -> Dataset:
+        return onto_classes(test, label_names, where, label_map)
 
     def encoded_columns(self) -> tuple[str, ...]:
         return (TEXT,)
@@ -81,7 +83,7 @@ class Classification(Task):
             total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(dim=-1) == labels).sum())
             count += len(labels)
-        return {"accuracy": correct / count, "loss": total_loss / count}
+        return {Round.ACCURACY: correct / count, Round.LOSS: total_loss / count}
 
     def relabel(self, data: Dataset, model: LoraModel,
                 new_label: Callable[[int], int]) -> Dataset:

@@ -9,16 +9,20 @@ integer column as the label and its longest text as the text. Integer labels
 are named by a ``classes.txt`` beside the data when there is one.
 
 A bad file is one ``ConfigError`` line naming it: an empty label cell (with
-its row, counted as a spreadsheet counts them: a header is row 1), fewer
-than two classes in the train split, a node's label the server does not know.
+its row, counted as a spreadsheet counts them: a header is row 1), labels
+that are names in one place and integers in another, fewer than two classes
+in the train split, a test class the train split lacks (with its count), a
+node's label the server does not know.
 """
 
 from __future__ import annotations
 
 import functools
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, DatasetDict
 
 from fedlora.core.config import ConfigError
 from fedlora.learning.data import Raw, load_raw, node_file, pick_column, read_file, with_test_split
@@ -93,6 +97,42 @@ def _check_classes(train: Dataset, column: str, source: str) -> None:
                           "classification needs at least 2")
 
 
+def _label_kind(value: object) -> str:
+    """``integer`` for 3, 3.0 and "3"; ``name`` for anything else."""
+    return "integer" if _is_integer(value) else "name"
+
+
+def _check_label_kinds(raw: DatasetDict, column: str, sources: Mapping[str, str]) -> None:
+    """Labels are class names in every split or integers in every split: a
+    file of ``0``/``1`` next to one of ``negative``/``positive`` would make
+    four classes, two of which no test example can be right about."""
+    seen: dict[str, tuple[object, str]] = {}  # kind → (a value of it, its file)
+    for split, ds in raw.items():
+        if isinstance(ds.features[column], ClassLabel):
+            continue
+        for value in ds.unique(column):
+            seen.setdefault(_label_kind(value), (value, sources[split]))
+    if len(seen) > 1:
+        (name, name_file), (number, number_file) = seen["name"], seen["integer"]
+        raise ConfigError(f"dataset: labels mix class names and integers ({name!r} in "
+                          f"{name_file}, {number!r} in {number_file}); use names in every "
+                          "split or integers in every split")
+
+
+def _check_test_classes(splits: Mapping[str, Dataset], names: list[str], where: str) -> None:
+    """A test class the train split lacks: no model trained there can predict
+    it, so every such example would count as wrong. Refused, with its count."""
+    trained = set(splits["train"].unique(LABEL))
+    counts = Counter(splits["test"][LABEL])
+    unseen = sorted(set(counts) - trained)
+    if unseen:
+        listed = ", ".join(f"{names[c]!r} ({counts[c]} example{'s' * (counts[c] != 1)})"
+                           for c in unseen)
+        raise ConfigError(f"dataset {where}: test class{'es' * (len(unseen) > 1)} {listed} "
+                          "not in the train split; a model trained on it cannot predict "
+                          f"{'them' if len(unseen) > 1 else 'it'}")
+
+
 def _label_names(train: Dataset, test: Dataset, column: str,
                  home: Path | None) -> tuple[list[str], dict | None]:
     """Label names, and a value→index map when labels are not already 0..C-1."""
@@ -136,6 +176,7 @@ def labelled_splits(loaded: Raw, source: str, text_column: str, label_column: st
                               f"{text!r} or {label!r}")
         _check_labels_present(ds, label, f"dataset: {loaded.sources[split]}",
                               loaded.first_row)
+    _check_label_kinds(raw, label, loaded.sources)
     raw = with_test_split(loaded, seed)  # rows are checked above: the file's, in order
     names, mapping = _label_names(raw["train"], raw["test"], label, loaded.home)
 
@@ -154,31 +195,42 @@ def labelled_splits(loaded: Raw, source: str, text_column: str, label_column: st
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise ConfigError(f"dataset {source}: train or test split is empty")
     _check_classes(splits["train"], LABEL, source)
-    return TaskSplits(splits["train"], splits["test"], tuple(names),
-                      loaded.sources.get("test", loaded.sources["train"]), LABEL)
+    test_source = loaded.sources.get("test", loaded.sources["train"])
+    _check_test_classes(splits, names, test_source)
+    return TaskSplits(splits["train"], splits["test"], tuple(names), test_source, LABEL)
 
 
-def onto_classes(ds: Dataset, classes: tuple[str, ...], where: str) -> Dataset:
+def onto_classes(ds: Dataset, classes: tuple[str, ...], where: str,
+                 label_map: Mapping[str, str] | None = None) -> Dataset:
     """``ds`` (a labelled split) with its labels re-indexed onto
     ``classes``, a trained model's, by name: the same classes in another order
-    score the same. An integer class (a file's bare 0..C-1) is taken as the
-    index, if in range. A class the model does not know is refused, naming it
-    and ``where`` the data came from: the model cannot predict it."""
+    score the same. ``label_map`` renames ``ds``'s classes first (``0`` →
+    ``world``). A class the model does not know by name is refused, naming it
+    and ``where`` the data came from — bare integers too: ``0``/``1`` of
+    another dataset say nothing about which of the run's classes they are."""
     names = ds.features[LABEL].names
+    label_map = dict(label_map or {})
+    strays = sorted(set(label_map) - set(names))
+    if strays:
+        raise ConfigError(f"--label-map: {strays[0]!r} is not a class of dataset {where} "
+                          f"(its classes: {', '.join(names)})")
+    wrong = sorted(set(label_map.values()) - set(classes))
+    if wrong:
+        raise ConfigError(f"--label-map: {wrong[0]!r} is not one of the run's classes "
+                          f"({', '.join(classes)})")
     index = {name: i for i, name in enumerate(classes)}
     mapping, unknown = {}, []
     for value in sorted(ds.unique(LABEL)):
-        name = names[value]
+        name = label_map.get(names[value], names[value])
         if name in index:
             mapping[value] = index[name]
-        elif name.isdigit() and int(name) < len(classes):
-            mapping[value] = int(name)
         else:
-            unknown.append(name)
+            unknown.append(names[value])
     if unknown:
         raise ConfigError(f"dataset {where}: class{'es' if len(unknown) > 1 else ''} "
                           f"{', '.join(map(repr, unknown))} not among the run's "
-                          f"({', '.join(classes)}; or integers 0..{len(classes) - 1})")
+                          f"({', '.join(classes)}); map them with --label-map, e.g. "
+                          f"--label-map {unknown[0]}={classes[0]}")
     features = ds.features.copy()
     features[LABEL] = ClassLabel(names=list(classes))
     return ds.map(lambda batch: {LABEL: [mapping[v] for v in batch[LABEL]]},

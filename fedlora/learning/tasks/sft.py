@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlora.core.config import ConfigError, RunConfig
+from fedlora.core.fields import Round
 from fedlora.core.metric import Metric
 from fedlora.learning.models import autocast, detect_task, resolve_model_path
 from fedlora.learning.tasks import instructions, templates
@@ -56,8 +57,8 @@ IGNORE = -100  # a target position without loss (torch's ignore_index)
 # a batch's logits are examples × tokens × vocabulary: 16 × 256 × 49k float32
 # (SmolLM2) is 0.8 GB, where the classification tasks' 64 short rows are small
 EVAL_BATCH_SIZE = 16
-EXACT_MATCH = Metric("exact_match", higher_is_better=True)
-PERPLEXITY = Metric("perplexity", higher_is_better=False)
+EXACT_MATCH = Metric(Round.EXACT_MATCH, higher_is_better=True)
+PERPLEXITY = Metric(Round.PERPLEXITY, higher_is_better=False)
 _TRAILING = string.punctuation + string.whitespace
 
 
@@ -103,7 +104,8 @@ class Sft(Task):
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
-        if detect_task(resolve_model_path(config["model"])) != "causal-lm":
+        path = resolve_model_path(config["model"], config["gguf-file"], config["model-cache"])
+        if detect_task(path) != "causal-lm":
             raise ConfigError(f"config key 'task': sft trains a decoder, and model "
                               f"{config['model']} is an encoder")
 
@@ -113,8 +115,7 @@ class Sft(Task):
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        names = ("eval_loss", "perplexity", "token_accuracy")
-        return (*names, EXACT_MATCH.name) if self.generates else names
+        return Round.SFT if self.generates else Round.SFT[:-1]  # exact match by generation
 
     @property
     def primary(self) -> Metric:
@@ -122,12 +123,13 @@ class Sft(Task):
 
     def progress(self, record: dict) -> str:
         line = super().progress(record)
-        if record.get("perplexity") is not None and self.primary is not PERPLEXITY:
-            line += f" ppl {record['perplexity']:.3f}"
+        if record.get(Round.PERPLEXITY) is not None and self.primary is not PERPLEXITY:
+            line += f" ppl {record[Round.PERPLEXITY]:.3f}"
         return line
 
     def reply_values(self, metrics: dict[str, float]) -> tuple[float, float, float | None]:
-        return metrics["token_accuracy"], metrics["eval_loss"], metrics[self.primary.name]
+        return (metrics[Round.TOKEN_ACCURACY], metrics[Round.EVAL_LOSS],
+                metrics[self.primary.name])
 
     # -- data ----------------------------------------------------------------------
     def splits(self) -> TaskSplits:
@@ -149,6 +151,12 @@ class Sft(Task):
             raise ConfigError(f"config key 'model': the tokenizer of {self.config['model']} "
                               "has no EOS token, which task sft appends to every response")
         return int(eos)
+
+    def prompt_ids(self, model: LoraModel, prompt: str) -> list[int]:
+        """``prompt`` as one user turn, written as this run's examples were
+        (``sft-template``): what ``fedlora generate`` asks a trained model."""
+        return templates.prompt_ids(self._template(model), model.tokenizer,
+                                    [{"role": "user", "content": prompt}], "")
 
     def response_ids(self, model: LoraModel, response: str) -> list[int]:
         return [*model.tokenizer(response, add_special_tokens=False)["input_ids"],
@@ -200,8 +208,8 @@ class Sft(Task):
             nll, hits, tokens = response_stats(logits, batch["targets"].to(model.device))
             total, correct, count = total + nll, correct + hits, count + tokens
         loss = total / max(count, 1)
-        metrics = {"eval_loss": loss, "perplexity": safe_exp(loss),
-                   "token_accuracy": correct / max(count, 1)}
+        metrics = {Round.EVAL_LOSS: loss, Round.PERPLEXITY: safe_exp(loss),
+                   Round.TOKEN_ACCURACY: correct / max(count, 1)}
         if self.generates:
             metrics[EXACT_MATCH.name] = self.exact_match(model, data)
         return metrics

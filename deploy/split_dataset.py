@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from fedlora.core.config import ConfigError, RunConfig, parse_set_option
-from fedlora.learning.data import load_splits, make_partitioner
+from fedlora.learning.data import make_partitioner
+from fedlora.learning.tasks.labels import load_splits
 from fedlora.strategies import resolve
 
 
@@ -28,7 +29,8 @@ def split(config: RunConfig, out: Path) -> list[int]:
     """Write the node directories and the server's copy; returns the node sizes."""
     splits = load_splits(config["dataset"], config["text-column"], config["label-column"],
                          config["seed"])
-    partitioner = make_partitioner(config, len(splits.train), seed=config["seed"])
+    partitioner = make_partitioner(config, len(splits.train), config["seed"],
+                                   splits.partition_by)
     partitioner.dataset = splits.train.shuffle(seed=config["seed"]).flatten_indices()
     sizes = []
     for k in range(config["num-clients"]):

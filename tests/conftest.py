@@ -122,6 +122,42 @@ def tiny_llama(tmp_path_factory) -> Path:
     return path
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama with a tokenizer an instruct model would have: an EOS
+    token ([SEP]) and a chat template (``task=sft``)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    shutil.copytree(tiny_llama, path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_alpaca(path: Path, count: int, seed: int = 0) -> Path:
+    """An Alpaca-style JSONL of short topic questions (``_make_rows``): the
+    instruction asks for the topic, a third of them with the text as input."""
+    import json
+
+    rows = []
+    for i, (text, label) in enumerate(_make_rows(count, seed)):
+        row = {"instruction": "name the topic", "input": text, "output": LABEL_WORDS[label]}
+        if i % 3 == 0:
+            row = {"instruction": f"name the topic of: {text}", "output": LABEL_WORDS[label]}
+        rows.append(row)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 @pytest.fixture
 def quiet_datasets():
     """The real CLI sets HF_DATASETS_DISABLE_PROGRESS_BARS and

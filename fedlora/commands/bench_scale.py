@@ -120,8 +120,9 @@ def _raw_partitioner(config: RunConfig):
     from fedlora.learning.data import make_partitioner
     from fedlora.learning.features import splits_for
 
-    train = splits_for(config).train.shuffle(seed=config.seed).flatten_indices()
-    partitioner = make_partitioner(config, len(train), seed=config.seed)
+    splits = splits_for(config)
+    train = splits.train.shuffle(seed=config.seed).flatten_indices()
+    partitioner = make_partitioner(config, len(train), config.seed, splits.partition_by)
     partitioner.dataset = train
     return partitioner
 
@@ -129,7 +130,7 @@ def _raw_partitioner(config: RunConfig):
 @stock_app.train()
 def _stock_train(message: Message, context: Context) -> Message:
     """Model from disk and partition tokenised for this message alone."""
-    from fedlora.learning.features import encoder_for, splits_for
+    from fedlora.learning.features import encode, splits_for
     from fedlora.learning.models import ModelSpec, build_lora_model
     from fedlora.node.client_loop import local_update
     from fedlora.node.session import open_session
@@ -141,8 +142,7 @@ def _stock_train(message: Message, context: Context) -> Message:
     label_names = splits_for(config).label_names
     model = build_lora_model(ModelSpec.from_config(config, label_names, request.task.rank))
     raw = _raw_partitioner(config).load_partition(request.task.partition_id)
-    data = raw.map(encoder_for(model, config.max_seq_len, label_names), batched=True,
-                   remove_columns=["text"])
+    data = encode(config, model, raw, "partition")
     return local_update(message, context, open_session(message, context, model, data))
 
 

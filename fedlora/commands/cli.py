@@ -28,6 +28,7 @@ from fedlora.core.config import (
     parse_set_option,
 )
 from fedlora.core.fields import Summary
+from fedlora.core.metric import Metric
 from fedlora.runtime import quiet
 from fedlora.runtime.progress import Lines, for_command
 
@@ -161,7 +162,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not summary_path.is_file():
         raise RuntimeError("the simulation ended without writing summary.json")
     summary = json.loads(summary_path.read_text())
-    print(f"done: final accuracy {summary[Summary.FINAL_ACCURACY]:.4f} after "
+    primary = Metric.of_summary(summary).name
+    final = summary[Summary.final(primary)]
+    print(f"done: final {primary.replace('_', ' ')} "
+          f"{'-' if final is None else format(final, '.4f')} after "
           f"{summary[Summary.ROUNDS]} rounds ({summary[Summary.CLIENT_UPDATES]} client "
           f"updates, {summary[Summary.REJECTED_UPDATES]} rejected); results in {overrides_out}")
     if summary[Summary.CLIENT_UPDATES] == 0:
@@ -204,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.commands.prepare import absolute_paths
     from fedlora.learning.features import evaluation_set, splits_for
     from fedlora.learning.models import ModelSpec, load_trained
-    from fedlora.learning.training import evaluate
+    from fedlora.learning.tasks import task_for
     from fedlora.strategies import resolve
     from fedlora.wire.basedelta import BASE_DELTA_FILE
 
@@ -241,12 +245,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           f"({type(err).__name__}: {reason}); is adapter/ or "
                           f"{BASE_DELTA_FILE} damaged?") from None
     # the run's own evaluation set (its seeded eval-examples sample), so the
-    # number matches the run's final accuracy; --all for the whole test split;
+    # numbers match the run's final metrics; --all for the whole test split;
     # --dataset's test split is mapped onto the run's classes by name
     test = evaluation_set(config, model, whole=args.all, label_map=label_map)
-    accuracy, loss = evaluate(model, test)
+    metrics = task_for(config).evaluate(model, test)
     print(json.dumps({"run_dir": str(run_dir), "dataset": config.dataset,
-                      "examples": len(test), "accuracy": accuracy, "loss": loss}))
+                      "examples": len(test), **metrics}))
     return 0
 
 

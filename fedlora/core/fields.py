@@ -16,13 +16,21 @@ Plain string constants (not an Enum): a row is a JSON object, and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class Round:
-    """One ``metrics.jsonl`` row: one server round (null where a round has none)."""
+    """One ``metrics.jsonl`` row: one server round (null where a round has none).
+    The central evaluation's fields are the run's task's (``Task.metrics``):
+    ACCURACY and LOSS for classification, the four sft ones for task=sft."""
 
     ROUND = "round"  # the server round, 1..rounds
     ACCURACY = "accuracy"  # central test accuracy of the round's global adapter; null unevaluated
     LOSS = "loss"  # central test loss, evaluated with ACCURACY
+    EVAL_LOSS = "eval_loss"  # sft: mean cross-entropy per response token (central test)
+    PERPLEXITY = "perplexity"  # sft: exp(EVAL_LOSS)
+    TOKEN_ACCURACY = "token_accuracy"  # sft: response tokens predicted right (teacher forcing)
+    EXACT_MATCH = "exact_match"  # sft: greedy generations equal to the response; null if none
     TRAIN_LOSS = "train_loss"  # example-weighted mean training loss of the folded updates
     CLIENTS = "clients"  # updates folded into the round's aggregate
     REJECTED = "rejected"  # replies refused: invalid, too large to sum exactly, screened out
@@ -44,9 +52,18 @@ class Round:
     AGGREGATE_S = "aggregate_s"  # the server's decode, fold and merge seconds
     EVALUATE_S = "evaluate_s"  # the server's central evaluation seconds
 
-    # every row holds these, first and in this order; a round's other fields follow
-    FIXED = (ROUND, ACCURACY, LOSS, TRAIN_LOSS, CLIENTS, REJECTED, UPLINK_BYTES,
-             DOWNLINK_BYTES, EPSILON, SECONDS)
+    # the classification tasks' evaluation fields, and the sft task's
+    CLASSIFICATION = (ACCURACY, LOSS)
+    SFT = (EVAL_LOSS, PERPLEXITY, TOKEN_ACCURACY, EXACT_MATCH)
+    # every row holds these, after ROUND and the task's evaluation fields, in this order
+    TRAINING = (TRAIN_LOSS, CLIENTS, REJECTED, UPLINK_BYTES, DOWNLINK_BYTES, EPSILON, SECONDS)
+    # a classification row's first fields, in this order; a round's other fields follow
+    FIXED = (ROUND, *CLASSIFICATION, *TRAINING)
+
+    @staticmethod
+    def fixed(metrics: Iterable[str]) -> tuple[str, ...]:
+        """A row's first fields, in order, for a task evaluated on ``metrics``."""
+        return (Round.ROUND, *metrics, *Round.TRAINING)
 
 
 class ClientEval:
@@ -68,19 +85,31 @@ class ClientEval:
         return f"{prefix}_{name}"
 
 
+def client_fields(metric: str) -> tuple[str, ...]:
+    """The clients' own ``metric`` in a row, whichever model they evaluated
+    (personal first); ``metric``: the task's primary one."""
+    return tuple(ClientEval.field(prefix, metric)
+                 for prefix in (ClientEval.PERSONAL, ClientEval.FED))
+
+
 # the clients' own accuracy in a row, whichever model they evaluated (personal first)
-CLIENT_ACCURACY = tuple(ClientEval.field(prefix, ClientEval.ACCURACY)
-                        for prefix in (ClientEval.PERSONAL, ClientEval.FED))
+CLIENT_ACCURACY = client_fields(ClientEval.ACCURACY)
 
 
 class Summary:
-    """``summary.json``: a finished run, over all its rounds."""
+    """``summary.json``: a finished run, over all its rounds. The task's
+    evaluation fields appear as ``final(m)`` for each and ``best(primary)``,
+    ``final_client(primary)``: for classification the constants below, for
+    sft ``final_eval_loss`` … ``final_exact_match``, ``best_exact_match`` (or
+    ``best_perplexity`` without generation)."""
 
     ROUNDS = "rounds"  # rounds in metrics.jsonl
-    FINAL_ROUND = "final_round"  # the last evaluated round
+    FINAL_ROUND = "final_round"  # the last round the primary metric was evaluated in
     FINAL_ACCURACY = "final_accuracy"  # central test accuracy at FINAL_ROUND
     FINAL_LOSS = "final_loss"  # central test loss at FINAL_ROUND
     BEST_ACCURACY = "best_accuracy"  # the highest central test accuracy of any round
+    PRIMARY_METRIC = "primary_metric"  # the round field the run is judged by (task's)
+    PRIMARY_DIRECTION = "primary_direction"  # "higher" or "lower": which is better
     UPLINK_BYTES = "uplink_bytes"  # Round.UPLINK_BYTES summed over the rounds
     DOWNLINK_BYTES = "downlink_bytes"  # Round.DOWNLINK_BYTES summed over the rounds
     CLIENT_UPDATES = "client_updates"  # Round.CLIENTS summed: updates folded in
@@ -93,6 +122,21 @@ class Summary:
     EPSILON_PER_CLIENT = "epsilon_per_client"  # partition → its ε (local DP); null otherwise
     WALL_SECONDS = "wall_seconds"  # wall-clock of the run, resumed attempts included
     OUT_DIR = "out_dir"  # the run directory
+
+    @staticmethod
+    def final(metric: str) -> str:
+        """The field of ``metric``'s value at FINAL_ROUND: ``final_accuracy``."""
+        return f"final_{metric}"
+
+    @staticmethod
+    def best(metric: str) -> str:
+        """The field of ``metric``'s best value over the rounds: ``best_accuracy``."""
+        return f"best_{metric}"
+
+    @staticmethod
+    def final_client(metric: str) -> str:
+        """The field of the clients' own ``metric`` at FINAL_ROUND."""
+        return f"final_client_{metric}"
 
 
 class Compared:
@@ -117,8 +161,14 @@ class Compared:
     CLIENT_ACCURACY_CI95 = "client_accuracy_ci95"
     SEED_LIST = "seed_list"  # the seeds themselves, "1;2;3"
 
-    # summary.csv's header, in this order
+    # summary.csv's header, in this order (for runs judged by accuracy)
     COLUMNS = (GROUP, RUN, SEEDS, FINAL_ACCURACY_MEAN, FINAL_ACCURACY_CI95, BEST_ACCURACY_MEAN,
                UPLINK_MB, DOWNLINK_MB, SECONDS_PER_ROUND_MEAN, BEST_ACCURACY_CI95,
                FINAL_ACCURACY_MIN, FINAL_ACCURACY_MAX, AGG_RESIDUAL_MEAN, EPSILON_MEAN,
                CLIENT_ACCURACY_MEAN, CLIENT_ACCURACY_CI95, SEED_LIST)
+
+    @staticmethod
+    def header(metric: str) -> tuple[str, ...]:
+        """summary.csv's header for runs judged by ``metric`` (their primary
+        one): COLUMNS with ``accuracy`` read as it (``final_exact_match_mean``)."""
+        return tuple(c.replace(ClientEval.ACCURACY, metric) for c in Compared.COLUMNS)

@@ -26,14 +26,14 @@ from flwr.serverapp import Grid
 
 from fedlora.core.adapters import load_adapter_state
 from fedlora.core.config import KEYS, RunConfig
-from fedlora.core.fields import Summary
+from fedlora.core.fields import Summary, client_fields
 from fedlora.federation import checkpoint, snapshots, trackers
 from fedlora.federation.checkpoint import Checkpoint
 from fedlora.federation.replies import replies_as_they_arrive
 from fedlora.federation.resume import start_run
 from fedlora.federation.round import ServerRound
 from fedlora.learning.features import central_test_set, model_for, partitioner_for
-from fedlora.learning.training import evaluate
+from fedlora.learning.tasks import task_for
 from fedlora.runtime.progress import Lines, round_line
 from fedlora.strategies import strategy_class
 from fedlora.wire.basedelta import BASE_DELTA_FILE, save_base_delta, write_base
@@ -58,7 +58,7 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     start = start_run(config, Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     config, out_dir, writer = start.config, start.out_dir, start.writer
     tracking.start(config.to_dict(), out_dir, writer.rounds)
-    model = model_for(config)
+    model, task = model_for(config), task_for(config)
     test = central_test_set(config)
     partitioner_for(config)  # bad partition settings fail here, before any round
     strategy_type = strategy_class(config["strategy"])
@@ -85,21 +85,22 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
         progress.round_started(server_round, rounds, len(messages))
         replies = progress.counted(replies_as_they_arrive(grid, messages, timeout, in_flight))
         record = server.aggregate_train(server_round, replies)
-        if server_round % config["eval-every"] == 0 or server_round == rounds:
+        record.central = dict.fromkeys(task.metrics)
+        if server_round % config.eval_every == 0 or server_round == rounds:
             progress.evaluating()
             evaluation_start = time.perf_counter()
             load_adapter_state(model.peft, server.adapter)
             write_base(model.peft, server.base_delta or {})
-            record.accuracy, record.loss = evaluate(model, test)
+            record.central.update(task.evaluate(model, test))
             record.evaluate_s = time.perf_counter() - evaluation_start
             if prefix:
                 asked = server.evaluation_requests(server_round, sent_config)
                 record.evaluation = server.aggregate_evaluation(
                     server_round, replies_as_they_arrive(grid, asked, timeout, in_flight),
-                    prefix)
+                    prefix, task.primary.name)
         record.seconds = time.perf_counter() - round_start
         row = record.to_dict()
-        writer.add_round(row)
+        writer.add_round(row, task.metrics)
         if snapshots.due(config.save_every, server_round):  # before the checkpoint:
             # a crash between them runs the round again, and writes it again
             snapshots.save(out_dir, server_round, model.peft, server.adapter, server.base_delta)
@@ -107,7 +108,8 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
             run_id=start.run_id, lineage=str(start.lineage),
             wall_seconds=earlier_s + time.perf_counter() - started, **server.state_dict()))
         tracking.log_round(row)  # after the checkpoint: a resume never logs it twice
-        progress.round_ended(round_line(row, rounds))
+        progress.round_ended(round_line(row, rounds, task.progress(row),
+                                        client_fields(task.primary.name)))
     load_adapter_state(model.peft, server.adapter)
     if server.base_delta is not None:
         save_base_delta(out_dir / BASE_DELTA_FILE, server.base_delta)
@@ -119,6 +121,6 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
         Summary.EPSILON_PER_CLIENT: {str(k): v for k, v in
                                      sorted(server.epsilons.items())} or None,
         Summary.WALL_SECONDS: earlier_s + time.perf_counter() - started,
-        Summary.OUT_DIR: str(out_dir)})
+        Summary.OUT_DIR: str(out_dir)}, task.metrics, task.primary)
     tracking.finish(summary)
     return summary

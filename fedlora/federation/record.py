@@ -1,7 +1,8 @@
 """What one round did, typed: one line of ``metrics.jsonl``.
 
 ``RoundRecord.to_dict`` is the row, in the order the round loop has always
-written it (``fedlora.federation.results`` puts its ``ROUND_FIELDS`` first):
+written it (``fedlora.federation.results`` puts ``Round.fixed`` first; the
+central evaluation's fields are the task's):
 fields that only some runs have (``clipped`` under a robust mode,
 ``attackers`` under an attack, the merge's ``aggregate_s``, residuals and
 ``base_version``, the evaluation's) are left out while None, as before.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from fedlora.core.fields import Round
 
 
 @dataclass
@@ -38,16 +41,17 @@ class RoundRecord:
     agg_residual_fedavg: float | None = None
     base_version: int | None = None  # strategies that change the base
     updated: bool = False  # the global adapter changed
-    accuracy: float | None = None  # central evaluation, in evaluated rounds
-    loss: float | None = None
+    # central evaluation by the task's metrics (None in rounds not evaluated);
+    # classification's accuracy and loss unless the round loop names the task's
+    central: dict[str, float | None] = field(
+        default_factory=lambda: dict.fromkeys(Round.CLASSIFICATION))
     evaluate_s: float | None = None
     evaluation: dict[str, float] = field(default_factory=dict)  # federated: {prefix}_*
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` row."""
-        row: dict[str, Any] = {"round": self.round, "accuracy": self.accuracy,
-                               "loss": self.loss, "epsilon": self.epsilon,
+        row: dict[str, Any] = {"round": self.round, **self.central, "epsilon": self.epsilon,
                                "sampled": self.sampled, "missing": self.missing,
                                "clients": self.clients, "rejected": self.rejected,
                                "declined": self.declined, "uplink_bytes": self.uplink_bytes}

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError, RunConfig
-from fedlora.core.fields import CLIENT_ACCURACY, Round, Summary
+from fedlora.core.fields import Round, Summary, client_fields
+from fedlora.core.metric import ACCURACY, Metric
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -85,8 +86,10 @@ class RunWriter:
                               "as its checkpoint says; the run cannot be resumed")
         return cls(out_dir, None, rows)
 
-    def add_round(self, record: dict[str, Any]) -> None:
-        row = {key: _jsonable(record.get(key)) for key in Round.FIXED}
+    def add_round(self, record: dict[str, Any],
+                  metrics: tuple[str, ...] = Round.CLASSIFICATION) -> None:
+        """Append a round's record; ``metrics``: the task's evaluation fields."""
+        row = {key: _jsonable(record.get(key)) for key in Round.fixed(metrics)}
         row.update({k: _jsonable(v) for k, v in record.items() if k not in row})
         self.rounds.append(row)
         with self._metrics.open("a") as handle:
@@ -104,11 +107,15 @@ class RunWriter:
         os.replace(tmp, final)
         return final
 
-    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """Write summary.json (last, marking the run finished) and return it."""
-        evaluated = [r for r in self.rounds if r[Round.ACCURACY] is not None]
+    def finish(self, extra: dict[str, Any], metrics: tuple[str, ...] = Round.CLASSIFICATION,
+               primary: Metric = ACCURACY) -> dict[str, Any]:
+        """Write summary.json (last, marking the run finished) and return it:
+        the final value of each of the task's ``metrics``, and the best of
+        its ``primary`` one."""
+        name = primary.name
+        evaluated = [r for r in self.rounds if r.get(name) is not None]
         final = evaluated[-1] if evaluated else {}
-        client = next((final[k] for k in CLIENT_ACCURACY if final.get(k) is not None), None)
+        client = next((final[k] for k in client_fields(name) if final.get(k) is not None), None)
         rounds = self.rounds
 
         def total(field: str) -> float:  # over every round (null counts as 0)
@@ -117,16 +124,17 @@ class RunWriter:
         summary = {
             Summary.ROUNDS: len(rounds),
             Summary.FINAL_ROUND: final.get(Round.ROUND),
-            Summary.FINAL_ACCURACY: final.get(Round.ACCURACY),
-            Summary.FINAL_LOSS: final.get(Round.LOSS),
-            Summary.BEST_ACCURACY: max((r[Round.ACCURACY] for r in evaluated), default=None),
+            **{Summary.final(metric): final.get(metric) for metric in metrics},
+            Summary.best(name): primary.best(r[name] for r in evaluated),
+            Summary.PRIMARY_METRIC: name,
+            Summary.PRIMARY_DIRECTION: primary.direction,
             Summary.UPLINK_BYTES: total(Round.UPLINK_BYTES),
             Summary.DOWNLINK_BYTES: total(Round.DOWNLINK_BYTES),
             Summary.CLIENT_UPDATES: total(Round.CLIENTS),
             Summary.REJECTED_UPDATES: total(Round.REJECTED),
             Summary.SECONDS: total(Round.SECONDS),
             Summary.EPSILON: rounds[-1][Round.EPSILON] if rounds else None,
-            Summary.FINAL_CLIENT_ACCURACY: client,
+            Summary.final_client(name): client,
             **{k: _jsonable(v) for k, v in extra.items()},
         }
         _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -222,27 +222,28 @@ class ServerRound:
         return self._ask(server_round, config, MessageType.EVALUATE)
 
     def aggregate_evaluation(self, server_round: int, replies: Iterable[Message],
-                             prefix: str) -> dict[str, float]:
-        """Example-weighted mean accuracy and loss over the valid evaluation
-        replies, the spread of accuracy across clients (weighted standard
-        deviation) and how many answered; invalid ones (unbound ones too) are
-        logged, not counted."""
+                             prefix: str, metric: str = "accuracy") -> dict[str, float]:
+        """Example-weighted mean of the task's primary ``metric`` and of the
+        loss over the valid evaluation replies, the spread of the metric
+        across clients (weighted standard deviation) and how many answered;
+        invalid ones (unbound ones too) are logged, not counted."""
         results = []
         for message in replies:
             try:
                 self._requests.bind(message)
-                results.append(EvaluateReply.from_message(message))
+                reply = EvaluateReply.from_message(message)
+                results.append((reply, reply.value(metric)))
             except codec.PayloadError as err:
                 LOGGER.warning("round %d: evaluation reply from node %d rejected: %s",
                                server_round, self._requests.node_of(message), err)
         metrics: dict[str, float] = {f"{prefix}_clients": len(results)}
         if results:
-            total = sum(r.num_examples for r in results)
-            mean = sum(r.num_examples * r.accuracy for r in results) / total
-            spread = sum(r.num_examples * (r.accuracy - mean) ** 2 for r in results) / total
-            metrics[f"{prefix}_accuracy"] = mean
-            metrics[f"{prefix}_accuracy_sd"] = math.sqrt(spread)
-            metrics[f"{prefix}_loss"] = sum(r.num_examples * r.loss for r in results) / total
+            total = sum(r.num_examples for r, _ in results)
+            mean = sum(r.num_examples * value for r, value in results) / total
+            spread = sum(r.num_examples * (value - mean) ** 2 for r, value in results) / total
+            metrics[f"{prefix}_{metric}"] = mean
+            metrics[f"{prefix}_{metric}_sd"] = math.sqrt(spread)
+            metrics[f"{prefix}_loss"] = sum(r.num_examples * r.loss for r, _ in results) / total
         return metrics
 
     # -- sampling and requests ------------------------------------------------------

@@ -1,3 +1,4 @@
 """Local learning on one machine: models and tokenisers, datasets and
-partitions, encoded features, local training and evaluation, DP-SGD, and the
-attack harness. Knows nothing of rounds or strategies."""
+partitions, the tasks (what an example is, its loss and metrics: ``tasks/``),
+encoded features, local training, DP-SGD, and the attack harness. Knows
+nothing of rounds or strategies."""

@@ -24,7 +24,10 @@ it only changes what it sends. Per ``attack``:
   example-weighted averaging;
 * ``label-flip``: the client trains on its data with label y replaced by
   C − 1 − y (data poisoning; the change it sends is honest for that data);
-  ``attack-scale`` is not used.
+  ``attack-scale`` is not used. Each task rewrites its own encoding
+  (``Task.relabel``): a label-word answer, or the response of classification
+  data run as instructions; free-text instruction data has no label to flip,
+  and such a run is refused before it starts.
 
 The change is attacked before the strategy's client half computes its upload,
 so every strategy's upload (a CELLM sparse δ, FedSA's A alone, …) carries the
@@ -40,7 +43,7 @@ misbehave, and a run that asks them to is a misconfiguration.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,11 +55,11 @@ if TYPE_CHECKING:  # the server imports ``attackers``: no datasets, torch or PEF
     from datasets import Dataset
 
     from fedlora.core.adapters import State
+    from fedlora.learning.models import LoraModel
+    from fedlora.learning.tasks import Task
 
 # attacks that rewrite the trained change (``attack_change``)
 CHANGE_ATTACKS = ("scale", "sign-flip", "noise")
-LABEL_COLUMN = "label"  # the encoded datasets' label column (fedlora.learning.features)
-PROMPT_LEN_COLUMN = "prompt_len"  # present in causal-LM encodings only
 
 
 def attackers(config: RunConfig) -> frozenset[int]:
@@ -108,36 +111,12 @@ def attack_change(config: RunConfig, start: State, trained: State, names: Iterab
     return out
 
 
-def flip_labels(dataset: Dataset, num_labels: int,
-                answers: Sequence[Sequence[int]] | None = None) -> Dataset:
+def flip_labels(dataset: Dataset, task: Task, model: LoraModel) -> Dataset:
     """The data a label-flip attacker trains on: every label y becomes
-    ``num_labels`` − 1 − y (a fixed permutation with no fixed point for an
+    C − 1 − y for C classes (a fixed permutation with no fixed point for an
     even number of classes; with an odd number the middle class keeps its
-    label), in memory, the original untouched.
-
-    Sequence classification trains on the ``label`` column alone. A causal LM
-    trains on the answer tokens inside ``input_ids`` (after ``prompt_len``),
-    so for such data ``answers`` (``fedlora.learning.features.answer_tokens``) must be given and
-    the answer is rewritten too; an example whose answer is not its label's
-    (an encoding that drifted from ``fedlora.learning.features``) is an error, not a
-    silent no-op."""
-    from datasets import Dataset
-
-    columns = dataset.to_dict()
-    labels = [int(y) for y in columns[LABEL_COLUMN]]
-    if any(not 0 <= y < num_labels for y in labels):
-        raise ValueError(f"a label outside 0..{num_labels - 1}")
-    flipped = [num_labels - 1 - y for y in labels]
-    if PROMPT_LEN_COLUMN in columns:
-        if answers is None or len(answers) != num_labels:
-            raise ValueError("causal-LM data: label-flip needs each class's answer tokens")
-        rewritten = []
-        for ids, start, old, new in zip(columns["input_ids"], columns[PROMPT_LEN_COLUMN],
-                                        labels, flipped):
-            end = start + len(answers[old])
-            if list(ids[start:end]) != list(answers[old]):
-                raise ValueError("causal-LM example whose answer tokens are not its label's")
-            rewritten.append(list(ids[:start]) + list(answers[new]) + list(ids[end:]))
-        columns["input_ids"] = rewritten
-    columns[LABEL_COLUMN] = flipped
-    return Dataset.from_dict(columns, features=dataset.features)
+    label), in memory, the original untouched. The task rewrites its own
+    encoding to match (a causal LM's answer tokens, an instruction's
+    response); free text has no label and is refused (``Task.relabel``)."""
+    classes = len(model.spec.label_names)
+    return task.relabel(dataset, model, lambda label: classes - 1 - label)

@@ -24,13 +24,18 @@ def prompt_ids(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def reply(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+def reply(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
+          ids: list[int] | None = None) -> str:
     """The model's greedy continuation of ``prompt``, new tokens only, special
-    tokens dropped."""
+    tokens dropped. ``ids``: the prompt already written as token ids (an sft
+    run's own template: ``Sft.prompt_ids``) instead of ``prompt_ids``'."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in prompt_ids(tokenizer, prompt).items()}
+    encoded = prompt_ids(tokenizer, prompt) if ids is None else {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    inputs = {k: v.to(device) for k, v in encoded.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     try:

@@ -10,7 +10,12 @@ Head policy: for sequence classification the new classifier head (BERT
 ``classifier``, Llama ``score``) is trained, aggregated and sent like the LoRA
 factors (PEFT ``modules_to_save``, which PEFT sets for task type SEQ_CLS), by
 every strategy, and its bytes are counted on the wire. A frozen random head
-would cap accuracy for no gain. Causal LMs keep their LM head frozen.
+would cap accuracy for no gain. Causal LMs (tasks causal-lm and sft) keep
+their LM head frozen.
+
+What a task does with the model (encoding, loss, metrics) is in
+``fedlora.learning.tasks``; here only the head differs: a classifier over
+the classes for ``seq-cls``, the LM head for every other task.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ def resolve_model_path(name: str, gguf_file: str = "", cache: str = "") -> str:
 
 @functools.lru_cache(maxsize=8)
 def detect_task(model_path: str) -> str:
-    """``causal-lm`` for decoder-only architectures, ``seq-cls`` for encoders."""
+    """``causal-lm`` for decoder-only architectures, ``seq-cls`` for encoders
+    (``task=auto``; ``sft`` is asked for by name)."""
     config = _load_config(model_path)
     architectures = config.architectures or []
     if any(a.endswith("ForCausalLM") for a in architectures):
@@ -151,7 +157,6 @@ class LoraModel:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     initial_state: dict[str, np.ndarray]
-    label_token_ids: tuple[int, ...] = ()
 
     @property
     def pad_token_id(self) -> int:
@@ -159,25 +164,6 @@ class LoraModel:
         if pad is None:
             pad = self.tokenizer.eos_token_id
         return int(pad) if pad is not None else 0
-
-
-def _label_token_ids(tokenizer: PreTrainedTokenizerBase,
-                     label_names: tuple[str, ...]) -> tuple[int, ...]:
-    """First token of " <label word>" for each label; they must differ, because
-    a causal LM is evaluated by comparing its scores for these tokens."""
-    ids = []
-    for name in label_names:
-        tokens = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
-        if not tokens:
-            raise ConfigError(f"label word {name!r} tokenizes to nothing")
-        ids.append(int(tokens[0]))
-    if len(set(ids)) != len(ids):
-        raise ConfigError(
-            "config key 'model': its tokenizer maps two label words "
-            f"({', '.join(label_names)}) to the same first token; causal-LM "
-            "evaluation needs distinct ones"
-        )
-    return tuple(ids)
 
 
 def _load_base(spec: ModelSpec):
@@ -214,9 +200,7 @@ def _bundle(spec: ModelSpec, peft_model: PeftModel, tokenizer) -> LoraModel:
     dev = device()
     precision.heads_in_float32(peft_model)
     peft_model.to(dev)
-    label_ids = (_label_token_ids(tokenizer, spec.label_names)
-                 if spec.task == "causal-lm" else ())
-    return LoraModel(spec, peft_model, tokenizer, dev, adapter_state(peft_model), label_ids)
+    return LoraModel(spec, peft_model, tokenizer, dev, adapter_state(peft_model))
 
 
 def build_lora_model(spec: ModelSpec) -> LoraModel:

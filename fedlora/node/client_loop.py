@@ -33,7 +33,7 @@ from fedlora.core.adapters import adapter_state, set_trainable
 from fedlora.core.seeding import client_seed, dp_generator
 from fedlora.learning.privacy import PrivateTraining
 from fedlora.learning.schedule import round_lr
-from fedlora.learning.training import evaluate, train_local
+from fedlora.learning.training import train_local
 from fedlora.node.mods import Trained, attack_for
 from fedlora.node.session import Session, open_session
 from fedlora.wire import codec
@@ -88,7 +88,7 @@ def train_step(session: Session, private: PrivateTraining | None = None) -> Trai
     config = session.config
     params = set_trainable(session.model.peft, session.role.trains)
     result = train_local(
-        session.model, params, session.train,
+        session.model, params, session.train, task=session.task,
         epochs=config["local-epochs"], max_steps=config["local-steps"],
         batch_size=config["batch-size"],
         lr=round_lr(config, session.request.task.server_round), optimizer=config["optimizer"],
@@ -102,6 +102,6 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     """Evaluate the adapter this client would train from (the global one,
     with its personal tensors) on its held-out slice."""
     session = open_session(message, context)
-    accuracy, loss = evaluate(session.model, session.held_out)
-    return EvaluateReply(session.identity, len(session.held_out), accuracy,
-                         loss).to_message(message)
+    metrics = session.task.evaluate(session.model, session.held_out)
+    return EvaluateReply(session.identity, len(session.held_out),
+                         *session.task.reply_values(metrics)).to_message(message)

@@ -30,7 +30,6 @@ from fedlora.core.adapters import State, tensor_kind
 from fedlora.core.config import RunConfig
 from fedlora.core.seeding import attack_rng
 from fedlora.learning.attacks import CHANGE_ATTACKS, attack_change, attackers, flip_labels
-from fedlora.learning.features import answer_tokens
 from fedlora.learning.training import TrainResult
 from fedlora.node.session import Session
 
@@ -54,10 +53,10 @@ def honest(step: TrainStep) -> TrainStep:
 
 
 def label_flip(step: TrainStep) -> TrainStep:
-    """Train on the client's data with label y replaced by C − 1 − y."""
+    """Train on the client's data with label y replaced by C − 1 − y (the
+    task rewrites its own encoding to match: ``Task.relabel``)."""
     def flipped(session: Session) -> Trained:
-        data = flip_labels(session.train, len(session.model.spec.label_names),
-                           answer_tokens(session.model))
+        data = flip_labels(session.train, session.task, session.model)
         return step(replace(session, train=data))
     return flipped
 

@@ -39,6 +39,7 @@ from fedlora.learning.features import (
     node_dataset,
 )
 from fedlora.learning.models import LoraModel
+from fedlora.learning.tasks import Task, task_for
 from fedlora.node.client_state import ClientStore, Lineage, store_for
 from fedlora.strategies import from_message, strategy_class
 from fedlora.strategies.base import ClientHalf
@@ -53,6 +54,7 @@ class Session:
 
     request: Request
     config: RunConfig
+    task: Task
     role: ClientHalf
     model: LoraModel
     train: Dataset
@@ -102,5 +104,5 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
     received = codec.decode(request.payload, expected, config["payload-dtype-down"])
     start = role.start_state(received, template, context.state)
     load_adapter_state(model.peft, start)
-    return Session(request, config, role, model, train, held_out, identity, start,
-                   node_base.version, store)
+    return Session(request, config, task_for(config), role, model, train, held_out, identity,
+                   start, node_base.version, store)

@@ -61,9 +61,10 @@ _defer_plotting()
 from flwr_datasets.partitioner import (  # noqa: E402  (after the deferral, on purpose)
     DirichletPartitioner,
     IidPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     PathologicalPartitioner,
 )
 
-__all__ = ["DirichletPartitioner", "IidPartitioner", "Partitioner",
+__all__ = ["DirichletPartitioner", "IidPartitioner", "NaturalIdPartitioner", "Partitioner",
            "PathologicalPartitioner"]

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fedlora.core.fields import CLIENT_ACCURACY, Round
+from fedlora.core.fields import Round
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -48,14 +48,15 @@ def clock(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def round_line(record: dict[str, Any], rounds: int) -> str:
+def round_line(record: dict[str, Any], rounds: int, evaluation: str,
+               client_keys: tuple[str, ...]) -> str:
     """The one line shown per round, from its metrics.jsonl record (a count
-    that is zero and a metric the round lacks are left out)."""
-    parts = [f"round {record[Round.ROUND]}/{rounds}",
-             f"acc {record[Round.ACCURACY]:.4f} loss {record[Round.LOSS]:.4f}"
-             if record[Round.ACCURACY] is not None else "acc -",
+    that is zero and a metric the round lacks are left out). ``evaluation``
+    is the central evaluation's part, as the run's task writes it
+    (``Task.progress``); ``client_keys`` the federated evaluation's fields."""
+    parts = [f"round {record[Round.ROUND]}/{rounds}", evaluation,
              f"train_loss {record[Round.TRAIN_LOSS]:.4f}", f"clients {record[Round.CLIENTS]}"]
-    parts += [f"{key} {record[key]:.4f}" for key in CLIENT_ACCURACY
+    parts += [f"{key} {record[key]:.4f}" for key in client_keys
               if record.get(key) is not None]
     parts += [f"{key} {record[key]}" for key in (Round.REJECTED, Round.DECLINED, Round.MISSING)
               if record.get(key)]

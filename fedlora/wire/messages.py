@@ -220,17 +220,23 @@ class TrainReply:
 
 @dataclass(frozen=True)
 class EvaluateReply:
-    """A node's accuracy and loss on its own held-out slice."""
+    """A node's metrics on its own held-out slice: accuracy and loss (for an
+    instruction-tuning task, token accuracy and eval loss), and the task's
+    primary metric where it is neither (``primary``: absent from the record
+    otherwise, so a classification reply is what it always was)."""
 
     partition_id: int
     num_examples: int
     accuracy: float
     loss: float
+    primary: float | None = None
 
     def to_message(self, reply_to: Message) -> Message:
-        return Message(content=RecordDict({METRICS: MetricRecord({
-            "partition-id": self.partition_id, "num-examples": self.num_examples,
-            "accuracy": self.accuracy, "loss": self.loss})}), reply_to=reply_to)
+        metrics = {"partition-id": self.partition_id, "num-examples": self.num_examples,
+                   "accuracy": self.accuracy, "loss": self.loss}
+        if self.primary is not None:
+            metrics["primary"] = self.primary
+        return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=reply_to)
 
     @classmethod
     def from_message(cls, message: Message) -> EvaluateReply:
@@ -238,4 +244,14 @@ class EvaluateReply:
         return cls(_identity(metrics),
                    int(_number(metrics, "num-examples", low=1, high=MAX_EXAMPLES)),
                    _number(metrics, "accuracy", low=0, high=1 + 1e-9),
-                   _number(metrics, "loss", low=0))
+                   _number(metrics, "loss", low=0),
+                   _number(metrics, "primary") if "primary" in metrics else None)
+
+    def value(self, metric: str) -> float:
+        """The reply's ``metric``: its primary one, or accuracy (a
+        classification reply carries no separate primary metric)."""
+        if self.primary is not None:
+            return self.primary
+        if metric != "accuracy":
+            raise codec.PayloadError(f"no {metric} in the evaluation reply")
+        return self.accuracy

@@ -25,9 +25,10 @@ from fedlora.commands import cli
 from fedlora.core.config import ConfigError
 from fedlora.federation.results import RunWriter
 from fedlora.learning import features
-from fedlora.learning.data import load_node_examples, load_splits
 from fedlora.learning.models import ModelSpec, build_lora_model
-from fedlora.learning.training import evaluate, train_local
+from fedlora.learning.tasks import task_for
+from fedlora.learning.tasks.labels import load_node_examples, load_splits
+from fedlora.learning.training import train_local
 from fedlora.strategies import resolve
 
 
@@ -156,9 +157,9 @@ def finished_run(tmp_path_factory, tiny_bert, topic_dataset):
     names = features.splits_for(config).label_names
     model = build_lora_model(ModelSpec.from_config(config, names))
     train_local(model, [p for p in model.peft.parameters() if p.requires_grad],
-                features.encoded_splits(config).train, epochs=5, max_steps=0, batch_size=16,
-                lr=0.05, optimizer="adamw", seed=5)
-    accuracy, _ = evaluate(model, features.central_test_set(config))
+                features.encoded_splits(config).train, task=task_for(config), epochs=5,
+                max_steps=0, batch_size=16, lr=0.05, optimizer="adamw", seed=5)
+    accuracy = task_for(config).evaluate(model, features.central_test_set(config))["accuracy"]
     assert accuracy > 0.6
     out = tmp_path_factory.mktemp("finished") / "run"
     writer = RunWriter(out, config)

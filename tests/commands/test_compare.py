@@ -246,6 +246,34 @@ def test_summaries_from_finished_runs(tmp_path, capsys, no_child):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _judged_by(out: Path, metric: str) -> None:
+    """Turn the finished runs under ``out`` into runs judged by ``metric``
+    (higher is better), as an instruction-tuning run's summary says."""
+    for summary_path in out.rglob("summary.json"):
+        summary = json.loads(summary_path.read_text())
+        for key in ("final", "best"):
+            summary[f"{key}_{metric}"] = summary.pop(f"{key}_accuracy")
+        summary |= {"primary_metric": metric, "primary_direction": "higher"}
+        summary_path.write_text(json.dumps(summary))
+        rows_path = summary_path.parent / "metrics.jsonl"
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+        rows = [{metric if k == "accuracy" else k: v for k, v in row.items()} for row in rows]
+        rows_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_summaries_of_runs_judged_by_exact_match(tmp_path, capsys, no_child):
+    path, out = _finished_comparison(tmp_path)
+    _judged_by(out, "exact_match")
+    code, stdout, err = _cli(capsys, path, "--seeds", "3", "--out", out)
+    assert code == 0, err
+    assert "[1/6] avg seed 1: final exact_match 0.5000 (reused)" in stdout
+    header, rows = _csv(out)
+    assert "final_exact_match_mean" in header and "final_accuracy_mean" not in header
+    assert float(rows["avg"]["final_exact_match_mean"]) == pytest.approx(0.6)
+    table = (out / "summary.md").read_text()
+    assert "| run | seeds | final exact_match | best exact_match |" in table
+
+
 def test_one_seed_has_no_interval(tmp_path, capsys, no_child):
     path, out = _finished_comparison(tmp_path, seeds="1")
     code, _, err = _cli(capsys, path, "--seeds", "1", "--out", out)

@@ -99,3 +99,23 @@ def test_export_refuses_in_one_line(tmp_path, tiny_bert, topic_dataset, capsys):
     assert "no snapshot of round 3 (snapshots: none; see save-every)" in _one_error_line(
         capsys, code)
     assert not (tmp_path / "o").exists()
+
+
+def _free_text_sft(run):
+    """``run`` as an sft run on free text leaves it: no classes in summary.json,
+    and a dataset that export and generate must not need (it is gone)."""
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "label_names": []}))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "dataset": str(run / "gone")}))
+    return run
+
+
+@pytest.mark.slow
+def test_an_sft_run_merges_like_a_decoder(tmp_path, tiny_llama, topic_dataset, capsys):
+    run = _free_text_sft(finished_run(tmp_path / "run", tiny_llama, topic_dataset, task="sft"))
+    out = tmp_path / "merged"
+    assert cli.main(["export", str(run), "--merge", str(out)]) == 0, capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = _logits(_reference(run, tiny_llama, AutoModelForCausalLM))
+    assert torch.allclose(_logits(merged), expected, atol=1e-5, rtol=0)

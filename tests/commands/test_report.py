@@ -18,6 +18,7 @@ from PIL import Image
 
 from fedlora.commands import cli
 from fedlora.commands import report as rep
+from fedlora.core.metric import Metric
 from fedlora.federation.results import RunWriter
 from fedlora.strategies import resolve
 
@@ -232,3 +233,43 @@ def test_help_lists_report(capsys):
     assert usage.startswith("usage: fedlora report [-h] [--out OUT] [--tracker KIND[,KIND]] "
                             "[--tracker-dir DIR] [--tracker-uri URI] [--tracker-project NAME] "
                             "RUN_DIR [RUN_DIR ...]")
+
+
+# --- runs judged by another primary metric ------------------------------------------
+
+SFT = ("eval_loss", "perplexity", "token_accuracy")
+
+
+def write_sft_run(directory: Path, perplexities: list[float | None]) -> Path:
+    """An instruction-tuning run without generation: judged by perplexity,
+    where lower is better."""
+    config = resolve({"rounds": len(perplexities), "out-dir": str(directory)})
+    writer = RunWriter(directory, config)
+    for number, value in enumerate(perplexities, start=1):
+        writer.add_round({"round": number, "perplexity": value, "uplink_bytes": 10,
+                          "downlink_bytes": 20, "seconds": 1.0, "clients": 2}, SFT)
+    writer.finish({}, SFT, Metric("perplexity", higher_is_better=False))
+    return directory
+
+
+def test_the_primary_metric_and_its_direction_come_from_the_summary(tmp_path, capsys):
+    run = write_sft_run(tmp_path / "sft", [9.0, 4.0, None, 5.0])
+    summary, rows = rep.read_run(run)
+    assert (summary["primary_metric"], summary["primary_direction"]) == ("perplexity", "lower")
+    assert (summary["final_perplexity"], summary["best_perplexity"]) == (5.0, 4.0)
+    assert list(rows[0])[:5] == ["round", *SFT, "train_loss"] and "accuracy" not in rows[0]
+    out = tmp_path / "report"
+    code, stdout, err = _report(capsys, run, "--out", out)
+    assert code == 0, err
+    assert "| final perplexity | best perplexity |" in stdout
+    assert "best perplexity: the lowest, with its round" in stdout
+    assert _table(stdout)["sft"][:3] == ["4", "5.0000", "4.0000 (round 2)"]
+
+
+def test_runs_judged_by_different_metrics_are_refused(tmp_path, capsys, runs):
+    sft = write_sft_run(tmp_path / "sft", [9.0, 4.0])
+    code, stdout, err = _report(capsys, *runs, sft, "--out", tmp_path / "report")
+    assert (code, stdout) == (2, "")
+    names = rep.labels([*runs, sft])
+    assert err == ("fedlora: error: runs judged by different primary metrics cannot be "
+                   f"compared: accuracy: {names[0]}, {names[1]}; perplexity: {names[2]}\n")

@@ -15,7 +15,7 @@ from fedlora.core.adapters import (
 )
 from fedlora.learning.features import encoded_splits, model_for
 from fedlora.learning.models import ModelSpec, load_trained
-from fedlora.learning.training import evaluate
+from fedlora.learning.tasks import task_for
 from fedlora.strategies import resolve
 
 
@@ -103,14 +103,14 @@ def test_save_pretrained_loads_with_peft_from_pretrained(config, tmp_path):
     load_adapter_state(model.peft, state)
     model.peft.save_pretrained(str(tmp_path / "adapter"))
     test = encoded_splits(config).test
-    expected = evaluate(model, test)
+    expected = task_for(config).evaluate(model, test)
 
     trained = load_trained(model.spec, tmp_path / "adapter")
     assert isinstance(trained.peft, PeftModel)
     reloaded = adapter_state(trained.peft)
     for name in state:
         np.testing.assert_array_equal(reloaded[name], state[name])
-    assert evaluate(trained, test) == expected
+    assert task_for(config).evaluate(trained, test) == expected
 
 
 def test_spec_is_the_same_across_processes_by_seed(config):

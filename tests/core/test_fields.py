@@ -11,6 +11,7 @@ import pytest
 from fedlora.commands.compare.plan import Run
 from fedlora.commands.compare.stats import summarize
 from fedlora.core.fields import CLIENT_ACCURACY, ClientEval, Compared, Round, Summary
+from fedlora.core.metric import Metric
 from fedlora.federation.results import RunWriter
 
 
@@ -51,3 +52,27 @@ def test_a_summary_csv_row_holds_the_columns():
     row = summarize(Run("a", "g", {}), {1: (summary, [{Round.ROUND: 1}])})
     assert list(row) == list(Compared.COLUMNS)
     assert row[Compared.FINAL_ACCURACY_MEAN] == 0.5 and math.isnan(row[Compared.EPSILON_MEAN])
+
+
+def test_an_sft_summary_names_its_task_metrics(tmp_path):
+    writer = RunWriter(tmp_path, None)
+    writer.add_round({Round.ROUND: 1, Round.EXACT_MATCH: 0.25, Round.PERPLEXITY: 3.0,
+                      Round.UPLINK_BYTES: 10, Round.DOWNLINK_BYTES: 20, Round.CLIENTS: 2,
+                      Round.REJECTED: 0, Round.SECONDS: 1.0}, Round.SFT)
+    assert list(writer.rounds[0])[:6] == list(Round.fixed(Round.SFT))[:6]
+    summary = writer.finish({}, Round.SFT, Metric(Round.EXACT_MATCH))
+    classification_only = {Summary.FINAL_ACCURACY, Summary.FINAL_LOSS, Summary.BEST_ACCURACY,
+                           Summary.FINAL_CLIENT_ACCURACY}
+    named = {*(Summary.final(m) for m in Round.SFT), Summary.best(Round.EXACT_MATCH),
+             Summary.final_client(Round.EXACT_MATCH)}
+    extra = {Summary.STRATEGY, Summary.LABEL_NAMES, Summary.EPSILON_PER_CLIENT,
+             Summary.WALL_SECONDS, Summary.OUT_DIR}  # the round loop adds these
+    assert set(summary) == (set(_names(Summary).values()) - classification_only - extra) | named
+    assert (summary[Summary.PRIMARY_METRIC], summary[Summary.best(Round.EXACT_MATCH)]) == (
+        Round.EXACT_MATCH, 0.25)
+
+
+def test_summary_csv_is_named_after_the_primary_metric():
+    header = Compared.header(Round.EXACT_MATCH)
+    assert header[3] == "final_exact_match_mean" and len(header) == len(Compared.COLUMNS)
+    assert Compared.header(Round.ACCURACY) == Compared.COLUMNS

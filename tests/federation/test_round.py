@@ -174,6 +174,21 @@ def test_aggregate_evaluation_weighted_mean_sd_and_loss(caplog):
     assert "accuracy" in caplog.text and "loss" in caplog.text
 
 
+def test_aggregate_evaluation_of_a_primary_metric_other_than_accuracy(caplog):
+    """An instruction-tuning run's replies carry exact match as ``primary``;
+    one without it (an older node) is rejected, not read as accuracy."""
+    server, asked = _evaluation((1, 2, 3))
+    replies = [EvaluateReply(0, 10, 0.9, 1.0, primary=0.2).to_message(asked[0]),
+               EvaluateReply(1, 30, 0.9, 2.0, primary=0.6).to_message(asked[1]),
+               EvaluateReply(2, 30, 0.9, 2.0).to_message(asked[2])]
+    with caplog.at_level("WARNING"):
+        metrics = server.aggregate_evaluation(3, replies, "fed", "exact_match")
+    assert metrics == pytest.approx({
+        "fed_clients": 2, "fed_exact_match": 0.5, "fed_exact_match_sd": math.sqrt(0.03),
+        "fed_loss": 1.75})
+    assert "node 3 rejected: no exact_match" in caplog.text
+
+
 def test_aggregate_evaluation_without_valid_replies():
     server, asked = _evaluation()
     metrics = server.aggregate_evaluation(

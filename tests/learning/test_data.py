@@ -15,7 +15,8 @@ from datasets import ClassLabel, Dataset
 
 from fedlora.core.config import ConfigError
 from fedlora.learning import features
-from fedlora.learning.data import HELD_OUT_FRACTION, load_splits
+from fedlora.learning.data import HELD_OUT_FRACTION
+from fedlora.learning.tasks.labels import load_splits
 from fedlora.strategies import resolve
 
 TOPIC_TRAIN_SIZE = 320  # conftest.write_topic_dataset's default

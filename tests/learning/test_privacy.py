@@ -13,6 +13,7 @@ from fedlora.core.adapters import adapter_state, load_adapter_state, set_trainab
 from fedlora.core.config import ConfigError
 from fedlora.learning.features import client_dataset, model_for
 from fedlora.learning.privacy import PrivateTraining, steps_per_round
+from fedlora.learning.tasks import task_for
 from fedlora.learning.training import train_local
 from fedlora.strategies import resolve
 
@@ -31,7 +32,8 @@ def _train_round(config, memory: RecordDict, trains=lambda kind: True):
     private = PrivateTraining(config, memory, len(data))
     base_before = {n: p.detach().clone() for n, p in model.peft.named_parameters()
                    if not p.requires_grad}
-    result = train_local(model, params, data, epochs=1, max_steps=0, batch_size=8,
+    result = train_local(model, params, data, task=task_for(config), epochs=1, max_steps=0,
+                         batch_size=8,
                          lr=0.05, optimizer="sgd", seed=0, private=private)
     return model, private, result, base_before, len(data)
 

@@ -46,7 +46,7 @@ from conftest import LABEL_WORDS, write_topic_dataset
 from processes import listening_sockets, ours, stop
 
 from fedlora.core.config import ConfigError
-from fedlora.learning.data import load_node_examples
+from fedlora.learning.tasks.labels import load_node_examples
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # deploy/ is not an installed package

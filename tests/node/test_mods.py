@@ -15,6 +15,7 @@ from fedlora.core.adapters import tensor_kind
 from fedlora.core.config import KEYS
 from fedlora.core.seeding import attack_rng
 from fedlora.learning.attacks import attack_change, attackers
+from fedlora.learning.tasks.seq_cls import SeqCls
 from fedlora.learning.training import TrainResult
 from fedlora.node import mods
 from fedlora.node.mods import Trained
@@ -50,7 +51,7 @@ def _session(config, identity: int = 1, labels=(0, 1, 2, 3)) -> Session:
                                                  label_names=("a", "b", "c", "d")))
     start = {n: np.zeros((2, 3), np.float32) for n in NAMES}
     return Session(request=SimpleNamespace(task=SimpleNamespace(server_round=2)),
-                   config=config, role=_Half(config), model=model,
+                   config=config, task=SeqCls(config), role=_Half(config), model=model,
                    train=Dataset.from_dict({"label": list(labels)}), held_out=None,
                    identity=identity, start=start, base_version=0, store=None)
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from runs import _env, run_fedlora
 
 from fedlora.commands import cli
+from fedlora.core.fields import CLIENT_ACCURACY
 from fedlora.runtime import progress
 from fedlora.runtime.progress import Display, Lines, for_command, round_line
 
@@ -89,11 +90,11 @@ def test_the_round_line_shows_what_the_round_has():
     record = {"round": 3, "accuracy": None, "loss": None, "train_loss": 0.61234,
               "clients": 5, "rejected": 0, "declined": 0, "missing": 0, "epsilon": None,
               "uplink_bytes": 1_234_567, "downlink_bytes": 2_500_000, "seconds": 4.26}
-    assert round_line(record, 10) == ("round 3/10  acc -  train_loss 0.6123  clients 5  "
-                                      "up 1.23MB  down 2.50MB  4.3s")
+    assert round_line(record, 10, "acc -", CLIENT_ACCURACY) == (
+        "round 3/10  acc -  train_loss 0.6123  clients 5  up 1.23MB  down 2.50MB  4.3s")
     record |= {"accuracy": 0.81, "loss": 0.5, "fed_accuracy": 0.7, "personal_accuracy": 0.75,
                "rejected": 1, "missing": 2, "epsilon": 1.23456}
-    assert round_line(record, 10) == (
+    assert round_line(record, 10, "acc 0.8100 loss 0.5000", CLIENT_ACCURACY) == (
         "round 3/10  acc 0.8100 loss 0.5000  train_loss 0.6123  clients 5  "
         "personal_accuracy 0.7500  fed_accuracy 0.7000  rejected 1  missing 2  eps 1.235  "
         "up 1.23MB  down 2.50MB  4.3s")

@@ -84,6 +84,16 @@ def test_declined_train_reply_round_trip():
 def test_evaluate_reply_round_trip():
     reply = EvaluateReply(5, 40, 0.625, 0.9)
     assert EvaluateReply.from_message(reply.to_message(_request())) == reply
+    assert "primary" not in reply.to_message(_request()).content[METRICS]  # as it always was
+
+
+def test_evaluate_reply_carries_the_primary_metric_where_it_is_not_accuracy():
+    reply = EvaluateReply(5, 40, 0.625, 0.9, primary=12.5)  # e.g. a perplexity
+    back = EvaluateReply.from_message(reply.to_message(_request()))
+    assert back == reply and back.value("perplexity") == 12.5
+    assert EvaluateReply(5, 40, 0.625, 0.9).value("accuracy") == 0.625
+    with pytest.raises(codec.PayloadError, match="no exact_match"):  # an older node's reply
+        EvaluateReply(5, 40, 0.625, 0.9).value("exact_match")
 
 
 def _train_message(**changes) -> Message:

@@ -41,7 +41,11 @@ it has one, else seed 1. A ``seed`` key together with ``--seeds`` (or in a
 seeds themselves are in ``seed_list``, e.g. ``1;2;3``). ``*_mean`` is the mean
 over seeds and ``*_ci95`` the half-width of the Student-t 95% interval of that
 mean; an empty cell means "not applicable" (a ci95 of one seed, ε without DP).
-Its columns are named, with their meanings, in ``fedlora.core.fields.Compared``.
+Its columns are named, with their meanings, in ``fedlora.core.fields.Compared``. Runs are
+judged by their task's primary metric (``primary_metric`` in summary.json:
+accuracy, or exact match / perplexity for task=sft), which every run of a
+comparison must share; the ``accuracy`` columns are then named after it
+(``final_exact_match_mean``).
 
 The package, one job a module: ``plan`` (the comparison file and its checks),
 ``child`` (one child process and the signals passed on to it), ``runs`` (one

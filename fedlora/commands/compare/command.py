@@ -14,8 +14,10 @@ from fedlora.commands.compare.child import CompareInterrupted
 from fedlora.commands.compare.output import OUTPUTS, plus_minus, write_outputs
 from fedlora.commands.compare.plan import Run, load_plan, run_dir
 from fedlora.commands.compare.runs import check_reusable, simulate
+from fedlora.commands.report import short_name
 from fedlora.core.config import ConfigError
 from fedlora.core.fields import Summary
+from fedlora.core.metric import Metric
 
 
 def run_all(runs: list[Run], seeds: list[int], out: Path) -> None:
@@ -32,8 +34,9 @@ def run_all(runs: list[Run], seeds: list[int], out: Path) -> None:
                 seconds, resumed = simulate(run, seed, out)
                 note = ("resumed, " if resumed else "") + f"{seconds:.1f} s"
             summary = json.loads((directory / "summary.json").read_text())
-            final = summary[Summary.FINAL_ACCURACY]
-            print(f"[{done}/{total}] {run.label} seed {seed}: final acc "
+            metric = Metric.of_summary(summary)
+            final = summary[Summary.final(metric.name)]
+            print(f"[{done}/{total}] {run.label} seed {seed}: final {short_name(metric)} "
                   f"{plus_minus(math.nan if final is None else final)} ({note})", flush=True)
 
 

@@ -10,8 +10,17 @@ from typing import Any
 
 from fedlora.commands.compare.plan import Run, run_dir
 from fedlora.commands.compare.stats import curve, summarize
-from fedlora.commands.report import PLOTS, Curve, read_run, render_plots, write_atomically
+from fedlora.commands.report import (
+    PLOTS,
+    Curve,
+    read_run,
+    render_plots,
+    shared_metric,
+    short_name,
+    write_atomically,
+)
 from fedlora.core.fields import Compared
+from fedlora.core.metric import ACCURACY, Metric
 
 OUTPUTS = ("summary.csv", "summary.md", *PLOTS)
 
@@ -22,10 +31,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], path: Path, metric: Metric = ACCURACY) -> None:
+    """summary.csv; its header names the runs' primary ``metric``."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(Compared.COLUMNS)
+        writer.writerow(Compared.header(metric.name))
         writer.writerows([[_cell(row[c]) for c in Compared.COLUMNS] for row in rows])
 
 
@@ -50,29 +60,31 @@ def _table_row(row: dict[str, Any]) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
-def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
-    """One table per group; accuracies as mean ± ci95 over the seeds."""
+def markdown(rows: list[dict[str, Any]], seeds: list[int], metric: Metric = ACCURACY) -> str:
+    """One table per group; the primary metric as mean ± ci95 over the seeds."""
+    short = short_name(metric)
     lines = [f"Mean ± 95% CI half-width (Student t) over seeds "
-             f"{', '.join(map(str, seeds))}. \"client acc\": federated evaluation, each "
+             f"{', '.join(map(str, seeds))}. \"client {short}\": federated evaluation, each "
              "client on its own held-out slice (personal models for fedsa)."]
     for group in dict.fromkeys(row[Compared.GROUP] for row in rows):
         lines += ["", f"## {group}", "",
-                  "| run | seeds | final acc | best acc | uplink MB | downlink MB | "
-                  "s/round | mean agg_residual | ε | client acc |",
+                  f"| run | seeds | final {short} | best {short} | uplink MB | downlink MB | "
+                  f"s/round | mean agg_residual | ε | client {short} |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_table_row(row) for row in rows if row[Compared.GROUP] == group]
     return "\n".join(lines) + "\n"
 
 
-def write_plots(runs: list[Run], results: dict[str, dict], out: Path) -> None:
+def write_plots(runs: list[Run], results: dict[str, dict], out: Path,
+                metric: Metric = ACCURACY) -> None:
     """accuracy_vs_round.png and accuracy_vs_uplink.png (``fedlora report``'s
     plots), a panel per group, each run's mean curve with its 95% band."""
     panels: dict[str, list[Curve]] = {}
     for run in runs:
-        rounds, means, cis = curve(results[run.label], "round")
-        uplink_mb, _, _ = curve(results[run.label], "uplink")
+        rounds, means, cis = curve(results[run.label], "round", metric)
+        uplink_mb, _, _ = curve(results[run.label], "uplink", metric)
         panels.setdefault(run.group, []).append(Curve(run.label, rounds, uplink_mb, means, cis))
-    plots = render_plots(panels, "test accuracy (mean, 95% CI over seeds)")
+    plots = render_plots(panels, f"test {metric.name} (mean, 95% CI over seeds)")
     for name, png in (plots or {}).items():
         write_atomically(out / name, png)
 
@@ -82,9 +94,11 @@ def write_outputs(runs: list[Run], seeds: list[int], out: Path) -> str:
     returns the markdown."""
     results = {run.label: {seed: read_run(run_dir(out, run, seed)) for seed in seeds}
                for run in runs}
-    rows = [summarize(run, results[run.label]) for run in runs]
-    write_csv(rows, out / "summary.csv")
-    table = markdown(rows, seeds)
+    metric = shared_metric([summary for run in runs for summary, _ in results[run.label].values()],
+                           [f"{run.label} seed {seed}" for run in runs for seed in seeds])
+    rows = [summarize(run, results[run.label], metric) for run in runs]
+    write_csv(rows, out / "summary.csv", metric)
+    table = markdown(rows, seeds, metric)
     (out / "summary.md").write_text(table)
-    write_plots(runs, results, out)
+    write_plots(runs, results, out, metric)
     return table

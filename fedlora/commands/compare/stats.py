@@ -9,7 +9,8 @@ from typing import Any
 
 from fedlora.commands.compare.plan import Run
 from fedlora.commands.report import accuracy_points
-from fedlora.core.fields import CLIENT_ACCURACY, Compared, Round, Summary
+from fedlora.core.fields import Compared, Round, Summary, client_fields
+from fedlora.core.metric import ACCURACY, Metric
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
@@ -42,23 +43,25 @@ def _mean_residual(rows: list[dict[str, Any]]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
-def _final_client_accuracy(rows: list[dict[str, Any]]) -> float | None:
-    """Federated evaluation's accuracy at the last round that has it."""
+def _final_client_accuracy(rows: list[dict[str, Any]], metric: Metric) -> float | None:
+    """Federated evaluation's ``metric`` at the last round that has it."""
     for row in reversed(rows):
-        for key in CLIENT_ACCURACY:
+        for key in client_fields(metric.name):
             if row.get(key) is not None:
                 return row[key]
     return None
 
 
-def summarize(run: Run, results: dict[int, tuple[dict, list[dict]]]) -> dict[str, Any]:
-    """One CSV row: the run's per-seed numbers reduced to mean (and ci95)."""
+def summarize(run: Run, results: dict[int, tuple[dict, list[dict]]],
+              metric: Metric = ACCURACY) -> dict[str, Any]:
+    """One CSV row: the run's per-seed numbers reduced to mean (and ci95);
+    the ``*_accuracy_*`` columns hold the runs' primary ``metric``."""
     summaries = [summary for summary, _ in results.values()]
-    final = _present([s[Summary.FINAL_ACCURACY] for s in summaries])
+    final = _present([s[Summary.final(metric.name)] for s in summaries])
     final_mean, final_ci = mean_ci95(final)
-    best_mean, best_ci = mean_ci95(_present([s[Summary.BEST_ACCURACY] for s in summaries]))
+    best_mean, best_ci = mean_ci95(_present([s[Summary.best(metric.name)] for s in summaries]))
     client_mean, client_ci = mean_ci95(
-        _present([_final_client_accuracy(rows) for _, rows in results.values()]))
+        _present([_final_client_accuracy(rows, metric) for _, rows in results.values()]))
     return {
         Compared.GROUP: run.group, Compared.RUN: run.label, Compared.SEEDS: len(results),
         Compared.FINAL_ACCURACY_MEAN: final_mean, Compared.FINAL_ACCURACY_CI95: final_ci,
@@ -78,11 +81,11 @@ def summarize(run: Run, results: dict[int, tuple[dict, list[dict]]]) -> dict[str
     }
 
 
-def curve(results: dict[int, tuple[dict, list[dict]]], axis: str
+def curve(results: dict[int, tuple[dict, list[dict]]], axis: str, metric: Metric = ACCURACY
           ) -> tuple[list[float], list[float], list[float]]:
-    """(x, mean accuracy, ci95) at the rounds evaluated in every seed; x is the
+    """(x, mean ``metric``, ci95) at the rounds evaluated in every seed; x is the
     round or the mean cumulative uplink MB by then."""
-    per_seed = [accuracy_points(rows) for _, rows in results.values()]
+    per_seed = [accuracy_points(rows, metric) for _, rows in results.values()]
     rounds = sorted(set.intersection(*(set(points) for points in per_seed)))
     xs, means, cis = [], [], []
     for round_ in rounds:

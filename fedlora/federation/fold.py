@@ -61,8 +61,8 @@ class Fold:
     def __init__(self, strategy: LoraStrategy) -> None:
         config = strategy.config
         self.strategy = strategy
-        self.central = CentralPrivacy(config) if config["dp"] == "central" else None
-        self.robust = RobustAggregation(config) if config["robust"] != "none" else None
+        self.central = CentralPrivacy(config) if config.dp == "central" else None
+        self.robust = RobustAggregation(config) if config.robust != "none" else None
         self._folder = (CentralDP(strategy, self.central) if self.central is not None
                         else strategy)
 

@@ -61,7 +61,7 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     model, task = model_for(config), task_for(config)
     test = central_test_set(config)
     partitioner_for(config)  # bad partition settings fail here, before any round
-    strategy_type = strategy_class(config["strategy"])
+    strategy_type = strategy_class(config.strategy)
     server = ServerRound(strategy_type(config, model.initial_state), progress.rejected)
     if start.checkpoint is not None:
         server.load_state_dict(start.checkpoint.server_state())
@@ -76,9 +76,9 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     sent_config = ConfigRecord({**{k: v for k, v in config.to_dict().items() if k in own_keys},
                                 LABEL_NAMES: list(model.spec.label_names),
                                 RUN_ID: start.run_id, LINEAGE: str(start.lineage), **store})
-    rounds, started = config["rounds"], time.perf_counter()
+    rounds, started = config.rounds, time.perf_counter()
     earlier_s = start.checkpoint.wall_seconds if start.checkpoint is not None else 0.0
-    timeout = config["round-timeout"] or NO_LIMIT_S
+    timeout = config.round_timeout or NO_LIMIT_S
     for server_round in range(start.completed + 1, rounds + 1):
         round_start = time.perf_counter()
         messages = server.train_requests(server_round, sent_config, grid)

@@ -94,11 +94,11 @@ class Start:
 def start_run(config: RunConfig, default_out: Path) -> Start:
     """A new run in ``out-dir`` (or ``default_out``), or, with
     ``resume-from``, the interrupted run there."""
-    if not config["resume-from"]:
-        out_dir = prepare_out_dir(config["out-dir"] or default_out)
+    if not config.resume_from:
+        out_dir = prepare_out_dir(config.out_dir or default_out)
         return Start(config, out_dir, RunWriter(out_dir, config), new_token(),
                      Lineage([(new_token(), 1)]), None)
-    run_dir = Path(config["resume-from"]).expanduser().resolve()
+    run_dir = Path(config.resume_from).expanduser().resolve()
     saved = saved_config(run_dir)
     ignored = changed_keys(saved, config.to_dict())
     if ignored:

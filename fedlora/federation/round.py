@@ -80,7 +80,7 @@ class ServerRound:
         self.fold = Fold(strategy)
         self._on_rejected = on_rejected
         self._adapter = _own_copy(strategy.state)
-        self._per_round, self._min_replies = config["clients-per-round"], config["min-clients"]
+        self._per_round, self._min_replies = config.clients_per_round, config.min_clients
         self._formed = False  # clients-per-round nodes have been connected once
         self._completed = 0
         self.plans: dict[int, Plan] = {}  # this round's, by node id
@@ -146,7 +146,7 @@ class ServerRound:
         record.train_loss = sums.loss / sums.examples if sums.count else math.nan
         if self._epsilons:
             record.epsilon = max(self._epsilons.values())
-        if self.config["attack"] != "none":
+        if self.config.attack != "none":
             record.attackers = sum(p.partition_id in self._attackers
                                    for p in self.plans.values())
         central = self.fold.central
@@ -193,7 +193,7 @@ class ServerRound:
                     continue
                 record.uplink_bytes += len(reply.payload)
                 update = decode_update(self.plans[node], reply, self.strategy.upload_shapes,
-                                       self.config["payload-dtype-up"])
+                                       self.config.payload_dtype_up)
             except codec.PayloadError as err:
                 self._reject(server_round, node, str(err), record)
                 continue
@@ -262,7 +262,7 @@ class ServerRound:
         if len(nodes) < self._per_round:
             LOGGER.warning("round %d: %d nodes connected, fewer than clients-per-round=%d; "
                            "sampling all of them", server_round, len(nodes), self._per_round)
-        positions = sample_positions(self.config["seed"], server_round, len(nodes),
+        positions = sample_positions(self.config.seed, server_round, len(nodes),
                                      min(self._per_round, len(nodes)))
         return [(position, nodes[position]) for position in positions]
 

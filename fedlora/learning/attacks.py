@@ -67,19 +67,19 @@ def attackers(config: RunConfig) -> frozenset[int]:
     else a seeded ``attack-fraction`` of the ``num-clients`` partitions. The
     server uses this to report how many took part in a round; the client's
     mod (``fedlora.node.mods.attack_for``) to decide whether it attacks."""
-    if config["attack"] == "none":
+    if config.attack == "none":
         return frozenset()
-    return attacker_partitions(config["seed"], config["num-clients"],
-                               config["attack-fraction"])
+    return attacker_partitions(config.seed, config.num_clients,
+                               config.attack_fraction)
 
 
 def refuse_deployed(config: RunConfig) -> None:
     """Raise (one line, naming key 'attack') when a deployed node is sent a run
     with an attack: the harness exists for simulations, where the malicious
     clients are ours; a real node must never be asked to sabotage a run."""
-    if config["attack"] != "none":
+    if config.attack != "none":
         raise ConfigError(f"config key 'attack': attack is for simulations only; this node "
-                          f"(node config data-path) refuses attack={config['attack']}")
+                          f"(node config data-path) refuses attack={config.attack}")
 
 
 def _rms(array: np.ndarray) -> float:
@@ -94,7 +94,7 @@ def attack_change(config: RunConfig, start: State, trained: State, names: Iterab
     attack, is returned unchanged. All float32. ``rng`` draws the noise (one
     draw per named tensor, in sorted name order, so the result is a function
     of the rng's state)."""
-    attack, strength = config["attack"], config["attack-scale"]
+    attack, strength = config.attack, config.attack_scale
     out = {n: np.asarray(t, dtype=np.float32).copy() for n, t in trained.items()}
     if attack not in CHANGE_ATTACKS:
         return out

@@ -282,7 +282,7 @@ def make_partitioner(config: RunConfig, train_size: int, seed: int,
     the task's label column (None: the data has no labels); ``natural`` by
     the ``client-column``, one client per value. Dirichlet partitions must
     hold at least one example each."""
-    clients, kind = config["num-clients"], config["partition"]
+    clients, kind = config.num_clients, config.partition
     if clients > train_size:
         raise ConfigError(
             f"config key 'num-clients': {clients} clients but the train split has only "
@@ -291,18 +291,18 @@ def make_partitioner(config: RunConfig, train_size: int, seed: int,
     if kind == "iid":
         return IidPartitioner(num_partitions=clients)
     if kind == "natural":
-        return NaturalIdPartitioner(partition_by=config["client-column"])
+        return NaturalIdPartitioner(partition_by=config.client_column)
     if partition_by is None:
         raise ConfigError(f"config key 'partition': {kind} cuts by label, and dataset "
-                          f"{config['dataset']} has none here (free text); use iid or natural")
+                          f"{config.dataset} has none here (free text); use iid or natural")
     if kind == "dirichlet":
         return DirichletPartitioner(
             num_partitions=clients, partition_by=partition_by,
-            alpha=config["dirichlet-alpha"],
+            alpha=config.dirichlet_alpha,
             min_partition_size=1, self_balancing=False, shuffle=True, seed=seed,
         )
     return PathologicalPartitioner(
         num_partitions=clients, partition_by=partition_by,
-        num_classes_per_partition=config["labels-per-client"],
+        num_classes_per_partition=config.labels_per_client,
         class_assignment_mode="first-deterministic", shuffle=True, seed=seed,
     )

@@ -85,10 +85,10 @@ def central_test_set(config: RunConfig) -> Dataset:
 def _eval_sample(config: RunConfig, test: Dataset) -> Dataset:
     """The seeded ``eval-examples`` sample of ``test`` (all of it for 0): the
     same rows of any split as long, tokenised or not."""
-    wanted = config["eval-examples"]
+    wanted = config.eval_examples
     if not wanted or wanted >= len(test):
         return test
-    return test.shuffle(seed=config["seed"]).select(range(wanted)).flatten_indices()
+    return test.shuffle(seed=config.seed).select(range(wanted)).flatten_indices()
 
 
 def evaluation_set(config: RunConfig, model: LoraModel, whole: bool = False,
@@ -112,29 +112,29 @@ def partitioner_for(config: RunConfig) -> Partitioner:
     """The run's partitioner over the tokenised train split (cached per
     process); refuses a label-flip attack on data without labels."""
     encoded = encoded_splits(config)
-    if config["attack"] == "label-flip" and encoded.partition_by is None:
+    if config.attack == "label-flip" and encoded.partition_by is None:
         raise ConfigError(f"config key 'attack': label-flip needs labelled data, and "
-                          f"dataset {config['dataset']} is free text")
-    if (config["partition"] == "pathological"
-            and config["labels-per-client"] > len(encoded.label_names)):
+                          f"dataset {config.dataset} is free text")
+    if (config.partition == "pathological"
+            and config.labels_per_client > len(encoded.label_names)):
         raise ConfigError(
-            f"config key 'labels-per-client': {config['labels-per-client']} is more than "
+            f"config key 'labels-per-client': {config.labels_per_client} is more than "
             f"the {len(encoded.label_names)} labels in the dataset")
-    column = config["client-column"]
-    if config["partition"] == "natural" and column not in encoded.train.column_names:
+    column = config.client_column
+    if config.partition == "natural" and column not in encoded.train.column_names:
         raise ConfigError("config key 'client-column': partition=natural needs "
                           + (f"column {column!r} in the training data (task sft keeps it; "
                              f"task {task_for(config).name} here)" if column else
                              "the column that names each example's client"))
     # IidPartitioner cuts contiguous shards: shuffle first so that a file sorted
     # by label still yields IID clients.
-    shuffled = encoded.train.shuffle(seed=config["seed"]).flatten_indices()
+    shuffled = encoded.train.shuffle(seed=config.seed).flatten_indices()
     # DirichletPartitioner gives up after 10 draws that leave a client empty
     # (likely with small α and many clients); further draws use derived seeds,
     # so the assignment stays a function of the run seed.
     for attempt in range(PARTITION_ATTEMPTS):
         partitioner = make_partitioner(config, len(encoded.train),
-                                       config["seed"] + 7919 * attempt, encoded.partition_by)
+                                       config.seed + 7919 * attempt, encoded.partition_by)
         partitioner.dataset = shuffled
         try:
             partitioner.load_partition(0)  # computes the whole assignment, once
@@ -142,22 +142,22 @@ def partitioner_for(config: RunConfig) -> Partitioner:
             return partitioner
         except ValueError as err:
             failure = err
-    raise ConfigError(f"config key 'partition': the {config['partition']} split failed "
+    raise ConfigError(f"config key 'partition': the {config.partition} split failed "
                       f"({failure}); raise dirichlet-alpha or use fewer clients")
 
 
 def _check_natural(config: RunConfig, partitioner: Partitioner) -> None:
     """A natural partition has a client per value of ``client-column``."""
-    if config["partition"] == "natural" and partitioner.num_partitions != config["num-clients"]:
-        raise ConfigError(f"config key 'num-clients': {config['num-clients']}, but column "
-                          f"{config['client-column']!r} names {partitioner.num_partitions} "
+    if config.partition == "natural" and partitioner.num_partitions != config.num_clients:
+        raise ConfigError(f"config key 'num-clients': {config.num_clients}, but column "
+                          f"{config.client_column!r} names {partitioner.num_partitions} "
                           "clients (partition=natural has one per value)")
 
 
 def client_dataset(config: RunConfig, partition_id: int) -> Dataset:
     """Client ``partition_id``'s tokenised examples."""
-    if not 0 <= partition_id < config["num-clients"]:
-        raise ConfigError(f"partition id {partition_id} outside 0..{config['num-clients'] - 1}")
+    if not 0 <= partition_id < config.num_clients:
+        raise ConfigError(f"partition id {partition_id} outside 0..{config.num_clients - 1}")
     return partitioner_for(config).load_partition(partition_id)
 
 
@@ -183,6 +183,6 @@ def held_out_split(config: RunConfig, data: Dataset) -> tuple[Dataset, Dataset]:
     for training and evaluates on it too)."""
     if len(data) < 2:
         return data, data
-    held = min(len(data) - 1, max(1, round(len(data) * config["client-eval-fraction"])))
-    order = np.random.default_rng(config["seed"]).permutation(len(data))
+    held = min(len(data) - 1, max(1, round(len(data) * config.client_eval_fraction)))
+    order = np.random.default_rng(config.seed).permutation(len(data))
     return data.select(sorted(order[held:])), data.select(sorted(order[:held]))

@@ -132,16 +132,16 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config: RunConfig, label_names: tuple[str, ...],
                     rank: int | None = None) -> "ModelSpec":
-        path = resolve_model_path(config["model"], config["gguf-file"], config["model-cache"])
-        check_max_seq_len(path, config["max-seq-len"])
-        task = config["task"] if config["task"] != "auto" else detect_task(path)
+        path = resolve_model_path(config.model, config.gguf_file, config.model_cache)
+        check_max_seq_len(path, config.max_seq_len)
+        task = config.task if config.task != "auto" else detect_task(path)
         targets = config.target_modules
-        a_init = config["ffa-a-init"] if config["strategy"] == "ffa" else "kaiming"
-        return cls(path, task, tuple(label_names), rank or config["lora-rank"],
-                   config["lora-alpha"], config["lora-dropout"],
-                   tuple(targets) if targets else None, config["seed"], a_init,
-                   config["model-dtype"], config["quantization"],
-                   config["gradient-checkpointing"])
+        a_init = config.ffa_a_init if config.strategy == "ffa" else "kaiming"
+        return cls(path, task, tuple(label_names), rank or config.lora_rank,
+                   config.lora_alpha, config.lora_dropout,
+                   tuple(targets) if targets else None, config.seed, a_init,
+                   config.model_dtype, config.quantization,
+                   config.gradient_checkpointing)
 
 
 @dataclass

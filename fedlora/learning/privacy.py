@@ -63,9 +63,9 @@ HISTORY_KEY = "dp-history"  # the client's accountant history in context.state
 
 
 def steps_per_round(config: RunConfig, num_examples: int) -> int:
-    per_epoch = math.ceil(num_examples / config["batch-size"])
-    steps = config["local-epochs"] * per_epoch
-    return min(steps, config["local-steps"]) if config["local-steps"] > 0 else steps
+    per_epoch = math.ceil(num_examples / config.batch_size)
+    steps = config.local_epochs * per_epoch
+    return min(steps, config.local_steps) if config.local_steps > 0 else steps
 
 
 class PrivateTraining:
@@ -80,19 +80,19 @@ class PrivateTraining:
         self.memory = memory
         # noise and Poisson sampling (fedlora.core.seeding.dp_generator); secret by default
         self.generator = generator or secret_generator()
-        self.delta = config["dp-delta"]
-        self.sample_rate = 1.0 / math.ceil(num_examples / config["batch-size"])
+        self.delta = config.dp_delta
+        self.sample_rate = 1.0 / math.ceil(num_examples / config.batch_size)
         self.steps = steps_per_round(config, num_examples)
-        self.engine = PrivacyEngine(accountant=config["dp-accountant"])
+        self.engine = PrivacyEngine(accountant=config.dp_accountant)
         record = memory.config_records.get(HISTORY_KEY)
         if record is not None:
             self.engine.accountant.history = [
                 (float(n), float(q), int(s))
                 for n, q, s in zip(record["noise"], record["rate"], record["steps"])]
-        self.noise_multiplier = config["dp-noise-multiplier"] or get_noise_multiplier(
-            target_epsilon=config["dp-target-epsilon"], target_delta=self.delta,
-            sample_rate=self.sample_rate, steps=self.steps * config["rounds"],
-            accountant=config["dp-accountant"])
+        self.noise_multiplier = config.dp_noise_multiplier or get_noise_multiplier(
+            target_epsilon=config.dp_target_epsilon, target_delta=self.delta,
+            sample_rate=self.sample_rate, steps=self.steps * config.rounds,
+            accountant=config.dp_accountant)
         self._module = None
 
     def epsilon(self) -> float:
@@ -105,13 +105,13 @@ class PrivateTraining:
         """ε this client would have spent after training this round."""
         from opacus.accountants import create_accountant
 
-        preview = create_accountant(self.config["dp-accountant"])
+        preview = create_accountant(self.config.dp_accountant)
         preview.history = [*self.engine.accountant.history,
                            (self.noise_multiplier, self.sample_rate, self.steps)]
         return float(preview.get_epsilon(self.delta))
 
     def exceeds_budget(self) -> bool:
-        target = self.config["dp-target-epsilon"]
+        target = self.config.dp_target_epsilon
         return target > 0 and self.epsilon_after_round() > target
 
     def attach(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -120,7 +120,7 @@ class PrivateTraining:
         self._module, optimizer, loader = self.engine.make_private(
             module=module, optimizer=optimizer, data_loader=loader,
             noise_multiplier=self.noise_multiplier, noise_generator=self.generator,
-            max_grad_norm=self.config["dp-max-grad-norm"], poisson_sampling=True)
+            max_grad_norm=self.config.dp_max_grad_norm, poisson_sampling=True)
         return optimizer, loader
 
     def detach(self) -> None:
@@ -156,15 +156,15 @@ class CentralPrivacy:
         from opacus.accountants.utils import get_noise_multiplier
 
         self.config = config
-        self.delta = config["dp-delta"]
-        self.sampled = config["clients-per-round"]
-        self.sample_rate = min(1.0, self.sampled / config["num-clients"])
-        self.clipping_norm = config["dp-max-grad-norm"]
-        self.accountant = create_accountant(config["dp-accountant"])
-        self.noise_multiplier = config["dp-noise-multiplier"] or get_noise_multiplier(
-            target_epsilon=config["dp-target-epsilon"], target_delta=self.delta,
-            sample_rate=self.sample_rate, steps=config["rounds"],
-            accountant=config["dp-accountant"])
+        self.delta = config.dp_delta
+        self.sampled = config.clients_per_round
+        self.sample_rate = min(1.0, self.sampled / config.num_clients)
+        self.clipping_norm = config.dp_max_grad_norm
+        self.accountant = create_accountant(config.dp_accountant)
+        self.noise_multiplier = config.dp_noise_multiplier or get_noise_multiplier(
+            target_epsilon=config.dp_target_epsilon, target_delta=self.delta,
+            sample_rate=self.sample_rate, steps=config.rounds,
+            accountant=config.dp_accountant)
 
     def clip(self, update: list[np.ndarray]) -> None:
         """Scale ``update`` (all its tensors as one vector) to norm ≤ C, in place."""
@@ -173,7 +173,7 @@ class CentralPrivacy:
 
     def noisy_average(self, clipped_sum: list[np.ndarray]) -> list[np.ndarray]:
         """Σ clipped / m plus the Gaussian noise; records the release."""
-        rng = central_noise_rng(self.config["dp-seeded-noise"], self.config["seed"],
+        rng = central_noise_rng(self.config.dp_seeded_noise, self.config.seed,
                                 len(self.accountant.history))
         stdv = compute_stdv(self.noise_multiplier, self.clipping_norm, self.sampled)
         average = [array / self.sampled + rng.normal(0.0, stdv, array.shape)

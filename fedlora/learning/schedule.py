@@ -21,10 +21,10 @@ from fedlora.core.config import RunConfig
 
 def round_lr(config: RunConfig, server_round: int) -> float:
     """The learning rate of the clients in round ``server_round`` (1-based)."""
-    lr = config["lr"]
-    if config["lr-schedule"] == "constant":
+    lr = config.lr
+    if config.lr_schedule == "constant":
         return lr
-    rounds, low = config["rounds"], config["lr-min"]
+    rounds, low = config.rounds, config.lr_min
     progress = (server_round - 1) / (rounds - 1) if rounds > 1 else 0.0
     progress = min(max(progress, 0.0), 1.0)
     return lr - (lr - low) * (1 - math.cos(math.pi * progress)) / 2  # exactly lr in round 1

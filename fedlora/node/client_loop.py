@@ -49,7 +49,7 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
     """The training reply for a prepared session (the client's memory is
     saved to its store before the reply goes)."""
     config, task = session.config, session.request.task
-    torch.set_num_threads(max(1, int(config["client-cpus"])))
+    torch.set_num_threads(max(1, int(config.client_cpus)))
     private = _local_dp(session, context.state)  # None unless dp=local
     if private is not None and private.exceeds_budget():  # decline, spend nothing
         return TrainReply(session.identity, base_version=session.base_version,
@@ -64,7 +64,7 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
         session.store.save(context.state, task.server_round)
     result = trained.result
     return TrainReply(session.identity, result.num_examples, result.mean_loss, result.steps,
-                      result.compute_seconds, codec.encode(upload, config["payload-dtype-up"]),
+                      result.compute_seconds, codec.encode(upload, config.payload_dtype_up),
                       session.base_version,
                       private.epsilon() if private is not None else None
                       ).to_message(message)
@@ -74,10 +74,10 @@ def _local_dp(session: Session, memory: RecordDict) -> PrivateTraining | None:
     """This client's DP-SGD for the round under ``dp=local`` (its ledger
     restored from ``memory``), else None."""
     config = session.config
-    if config["dp"] != "local":
+    if config.dp != "local":
         return None
     return PrivateTraining(config, memory, len(session.train), dp_generator(
-        config["dp-seeded-noise"], config["seed"], session.request.task.server_round,
+        config.dp_seeded_noise, config.seed, session.request.task.server_round,
         session.identity))
 
 
@@ -89,10 +89,10 @@ def train_step(session: Session, private: PrivateTraining | None = None) -> Trai
     params = set_trainable(session.model.peft, session.role.trains)
     result = train_local(
         session.model, params, session.train, task=session.task,
-        epochs=config["local-epochs"], max_steps=config["local-steps"],
-        batch_size=config["batch-size"],
-        lr=round_lr(config, session.request.task.server_round), optimizer=config["optimizer"],
-        seed=client_seed(config["seed"], session.request.task.server_round, session.identity),
+        epochs=config.local_epochs, max_steps=config.local_steps,
+        batch_size=config.batch_size,
+        lr=round_lr(config, session.request.task.server_round), optimizer=config.optimizer,
+        seed=client_seed(config.seed, session.request.task.server_round, session.identity),
         private=private,
     )
     return Trained(adapter_state(session.model.peft), result)

@@ -69,7 +69,7 @@ def change_attack(step: TrainStep) -> TrainStep:
         trained = step(session)
         role, config = session.role, session.config
         sent = [n for n in role.upload_names(trained.state) if role.trains(tensor_kind(n))]
-        rng = attack_rng(config["seed"], session.request.task.server_round, session.identity)
+        rng = attack_rng(config.seed, session.request.task.server_round, session.identity)
         return replace(trained, state=attack_change(config, session.start, trained.state,
                                                     sent, rng))
     return attacked
@@ -79,7 +79,7 @@ def inflate_weight(step: TrainStep) -> TrainStep:
     """Claim ``attack-scale`` × the examples trained on (rounded, at least 1)."""
     def inflated(session: Session) -> Trained:
         trained = step(session)
-        claimed = max(1, round(trained.result.num_examples * session.config["attack-scale"]))
+        claimed = max(1, round(trained.result.num_examples * session.config.attack_scale))
         return replace(trained, result=replace(trained.result, num_examples=claimed))
     return inflated
 
@@ -92,4 +92,4 @@ def attack_for(config: RunConfig, identity: int) -> Mod:
     """The mod of the simulated client ``identity`` (its partition id): the
     run's ``attack`` if the partition is one of the run's attackers, else
     ``honest``."""
-    return ATTACKS[config["attack"]] if identity in attackers(config) else honest
+    return ATTACKS[config.attack] if identity in attackers(config) else honest

@@ -73,7 +73,7 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
     to measure the stock pattern)."""
     request = Request.from_message(message)
     config = from_message(request.run_config())
-    strategy = strategy_class(config["strategy"])
+    strategy = strategy_class(config.strategy)
     rank = request.task.rank
     data_path = context.node_config.get("data-path")
     if data_path:
@@ -101,7 +101,7 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
     role = strategy.client_half(config)
     template = model.initial_state
     expected = {n: template[n].shape for n in role.download_names(template)}
-    received = codec.decode(request.payload, expected, config["payload-dtype-down"])
+    received = codec.decode(request.payload, expected, config.payload_dtype_down)
     start = role.start_state(received, template, context.state)
     load_adapter_state(model.peft, start)
     return Session(request, config, task_for(config), role, model, train, held_out, identity,

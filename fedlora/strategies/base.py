@@ -108,10 +108,10 @@ class LoraStrategy(ABC):
     @classmethod
     def check_config(cls, config: RunConfig) -> str | None:
         """Hook: one line saying why this strategy cannot run ``config``, or None."""
-        if config["dp"] == "central" and not cls.central_dp:
+        if config.dp == "central" and not cls.central_dp:
             return (f"config key 'dp': central DP cannot cover strategy {cls.name} (its "
                     "server reads more of each client than the clipped change); use dp=local")
-        if config["quantization"] != "none" and cls.changes_base:
+        if config.quantization != "none" and cls.changes_base:
             return (f"config key 'quantization': strategy {cls.name} adds dense changes to "
                     "the base weights, which a quantised base cannot hold; use "
                     "quantization=none or a strategy that leaves the base alone")
@@ -125,12 +125,12 @@ class LoraStrategy(ABC):
         (from ``personal`` and ``federated-eval``)."""
         if cls.personal:
             return "personal"
-        return "fed" if config["federated-eval"] else None
+        return "fed" if config.federated_eval else None
 
     def __init__(self, config: RunConfig, initial_state: State) -> None:
         self.config = config
-        self.global_rank = config["lora-rank"]
-        self.scale = config["lora-alpha"] / config["lora-rank"]  # s of the global adapter
+        self.global_rank = config.lora_rank
+        self.scale = config.lora_alpha / config.lora_rank  # s of the global adapter
         self.roles = self.client_half(config)
         self.state: State = {k: v.copy() for k, v in initial_state.items()}
         self.shapes = {n: tuple(v.shape) for n, v in initial_state.items()}
@@ -157,7 +157,7 @@ class LoraStrategy(ABC):
         """(what the node decodes, the bytes sent) for ``tensors`` at
         ``payload-dtype-down``: the decoded values are what the server keeps
         as sent, so that server and node agree on the start byte for byte."""
-        return codec.round_trip(tensors, self.config["payload-dtype-down"])
+        return codec.round_trip(tensors, self.config.payload_dtype_down)
 
     def download(self, state: State) -> tuple[State, bytes]:
         """(what global-rank clients start from, its encoding) for this round."""
@@ -197,7 +197,7 @@ class LoraStrategy(ABC):
     # -- hooks: fold and merge ------------------------------------------------------
     def new_sums(self) -> RoundSums:
         """Empty round sums of the kind this strategy's replies fold into."""
-        return RoundSums(products=self.needs_products or self.config["agg-residual"])
+        return RoundSums(products=self.needs_products or self.config.agg_residual)
 
     def fold(self, sums: RoundSums, update: ClientUpdate, factors: State) -> None:
         """Fold one update already in global units (with the client's full

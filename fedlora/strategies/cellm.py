@@ -38,13 +38,13 @@ class CellmClient(FedAvgClient):
     def upload(self, start: State, trained: State,
                memory: RecordDict) -> Mapping[str, codec.SparseTensor]:
         delta = {n: start[n] - trained[n] for n in self.upload_names(trained)}
-        feedback = self.config["cellm-error-feedback"]
+        feedback = self.config.cellm_error_feedback
         if feedback and RESIDUAL_KEY in memory.array_records:
             kept = memory.array_records[RESIDUAL_KEY]
             delta = {n: delta[n] + kept[n].numpy() for n in delta}
-        sent = top_k(delta, self.config["cellm-up-density"])
+        sent = top_k(delta, self.config.cellm_up_density)
         if feedback:  # the remainder: what was meant minus what the server will decode
-            received, _ = codec.round_trip(sent, self.config["payload-dtype-up"])
+            received, _ = codec.round_trip(sent, self.config.payload_dtype_up)
             memory.array_records[RESIDUAL_KEY] = ArrayRecord(
                 {n: Array(delta[n] - received[n]) for n in delta})
         return sent
@@ -74,7 +74,7 @@ class Cellm(LoraStrategy):
         self.moments: dict[str, np.ndarray] = {}
 
     def download(self, state: State) -> tuple[State, bytes]:
-        density = self.config["cellm-down-density"]
+        density = self.config.cellm_down_density
         if density >= 1.0:
             return super().download(state)
         return self.encode_download(top_k(state, density))
@@ -87,8 +87,8 @@ class Cellm(LoraStrategy):
 
     def merge(self, sums: RoundSums) -> State:
         delta = sums.mean()
-        lr = self.config["cellm-server-lr"]
-        if self.config["cellm-server-optimizer"] == "sgd":
+        lr = self.config.cellm_server_lr
+        if self.config.cellm_server_optimizer == "sgd":
             return {n: self.state[n] - lr * delta[n] for n in self.state}
         self.step += 1
         (beta1, beta2), merged = ADAM_BETAS, {}

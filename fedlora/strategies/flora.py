@@ -46,7 +46,7 @@ class FLoRA(LoraStrategy):
 
     def merge(self, sums: RoundSums) -> State:
         self.merges += 1
-        rng = fresh_adapter_rng(self.config["seed"], self.merges)
+        rng = fresh_adapter_rng(self.config.seed, self.merges)
         merged = {**self.state, **sums.mean()}
         for a_name, b_name in lora_pairs(sorted(merged)):
             rank, width = merged[a_name].shape

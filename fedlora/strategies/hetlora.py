@@ -46,7 +46,7 @@ class HetLoRA(LoraStrategy):
         # under a robust mode a lower-rank client arrives with the ranks it was
         # not sent filled in from the global (fedlora.strategies.robust): S_k
         # is still the norm of its own ranks' product
-        own = factors if self.config["robust"] == "none" else first_ranks(factors, update.rank)
+        own = factors if self.config.robust == "none" else first_ranks(factors, update.rank)
         sums.add(update, factors, weight=update_norm(own, self.scale))
 
     def merge(self, sums: RoundSums) -> State:

@@ -131,6 +131,6 @@ class LoraFair(LoraStrategy):
             if not np.any(ideal):
                 continue  # nothing to align to (e.g. B still 0 everywhere)
             merged[b_name] = merged[b_name] + correct_b(
-                ideal, merged[b_name], merged[a_name], self.config["fair-lambda"],
-                self.config["fair-steps"], self.config["fair-lr"])
+                ideal, merged[b_name], merged[a_name], self.config.fair_lambda,
+                self.config.fair_steps, self.config.fair_lr)
         return merged

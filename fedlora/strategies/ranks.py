@@ -44,17 +44,17 @@ CLIENT_RANKS = Key(str, "", "per-client LoRA ranks, e.g. 2,4,8: partition i trai
 
 
 def check_client_ranks(config: RunConfig) -> str | None:
-    too_big = [r for r in parse_ranks(config["client-ranks"]) if r > config["lora-rank"]]
+    too_big = [r for r in parse_ranks(config.client_ranks) if r > config.lora_rank]
     if too_big:
         return (f"config key 'client-ranks': rank {too_big[0]} is above lora-rank "
-                f"({config['lora-rank']}), the global rank")
+                f"({config.lora_rank}), the global rank")
     return None
 
 
 def rank_of(config: RunConfig, partition_id: int) -> int:
     """The rank partition ``partition_id`` trains at."""
-    ranks = parse_ranks(config["client-ranks"])
-    return ranks[partition_id % len(ranks)] if ranks else config["lora-rank"]
+    ranks = parse_ranks(config.client_ranks)
+    return ranks[partition_id % len(ranks)] if ranks else config.lora_rank
 
 
 def shapes_at(shapes: Mapping[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:

@@ -79,7 +79,7 @@ def resolve(overrides: Mapping[str, Any], check_scope: bool = True) -> RunConfig
     """The validated run config: core keys, the strategies' keys, and the
     chosen strategy's own cross-checks (``LoraStrategy.check_config``)."""
     config = resolve_keys(overrides, strategy_keys(), check_scope)
-    problem = strategy_class(config["strategy"]).check_config(config)
+    problem = strategy_class(config.strategy).check_config(config)
     if problem:
         raise ConfigError(problem)
     return config

@@ -114,11 +114,11 @@ class RobustAggregation:
     """One robust mode of a run, applied to each round's candidates."""
 
     def __init__(self, config: RunConfig) -> None:
-        self.mode = config["robust"]
-        self.norm_factor = config["robust-norm-factor"]
-        self.weight_factor = config["robust-weight-factor"]
-        self.fraction = config["robust-fraction"]
-        self.global_rank = config["lora-rank"]
+        self.mode = config.robust
+        self.norm_factor = config.robust_norm_factor
+        self.weight_factor = config.robust_weight_factor
+        self.fraction = config.robust_fraction
+        self.global_rank = config.lora_rank
 
     def screen(self, candidates: Sequence[Candidate], sent: State, names: Sequence[str],
                rebuild: Rebuild) -> Screened:

@@ -41,7 +41,7 @@ class FedAvgMomentum(LoraStrategy):
 
     def __init__(self, config: RunConfig, initial_state: State) -> None:
         super().__init__(config, initial_state)
-        self.beta = config["momentum-beta"]
+        self.beta = config.momentum_beta
         self.velocity: State = {}  # v by tensor name; empty = zero (before round 1)
 
     def merge(self, sums: RoundSums) -> State:

@@ -24,10 +24,10 @@ TASKS: dict[str, type[Task]] = {task.name: task for task in (SeqCls, CausalLm, S
 
 def task_name(config: RunConfig) -> str:
     """The run's task: ``task``, or for ``auto`` the model's kind."""
-    if config["task"] != "auto":
-        return config["task"]
-    return detect_task(resolve_model_path(config["model"], config["gguf-file"],
-                                          config["model-cache"]))
+    if config.task != "auto":
+        return config.task
+    return detect_task(resolve_model_path(config.model, config.gguf_file,
+                                          config.model_cache))
 
 
 def task_for(config: RunConfig) -> Task:

@@ -62,7 +62,7 @@ class CausalLm(Classification):
     name = "causal-lm"
 
     def encoder(self, model: LoraModel) -> Callable[[dict], dict]:
-        tokenizer, max_len = model.tokenizer, self.config["max-seq-len"]
+        tokenizer, max_len = model.tokenizer, self.config.max_seq_len
         label_token_ids(tokenizer, model.spec.label_names)  # distinct, or one line now
 
         def pieces(text: str) -> list[int]:

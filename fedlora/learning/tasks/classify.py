@@ -51,12 +51,12 @@ class Classification(Task):
 
     def splits(self) -> TaskSplits:
         config = self.config
-        return load_splits(config["dataset"], config["text-column"], config["label-column"],
-                           config["seed"])
+        return load_splits(config.dataset, config.text_column, config.label_column,
+                           config.seed)
 
     def node_examples(self, data_path: str, label_names: tuple[str, ...]) -> Dataset:
-        return load_node_examples(data_path, label_names, self.config["text-column"],
-                                  self.config["label-column"])
+        return load_node_examples(data_path, label_names, self.config.text_column,
+                                  self.config.label_column)
 
     def for_model(self, test: Dataset, label_names: tuple[str, ...], where: str,
                   label_map: Mapping[str, str] | None = None) -> Dataset:

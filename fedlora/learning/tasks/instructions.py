@@ -96,20 +96,20 @@ def _from_messages(conversation) -> tuple[list[dict], str, str]:
 def _detect(raw: Raw, config: RunConfig, source: str) -> tuple[str, dict[str, str]]:
     """The shape of ``raw``'s train split and its columns."""
     train = raw.splits["train"]
-    messages = pick_column(train, config["messages-column"], MESSAGES_CANDIDATES, "messages",
+    messages = pick_column(train, config.messages_column, MESSAGES_CANDIDATES, "messages",
                            "messages-column", source)
-    if messages and not (config["prompt-column"] or config["response-column"]):
+    if messages and not (config.prompt_column or config.response_column):
         return "chat", {MESSAGES: messages}
-    prompt = pick_column(train, config["prompt-column"], PROMPT_CANDIDATES, "prompt",
+    prompt = pick_column(train, config.prompt_column, PROMPT_CANDIDATES, "prompt",
                          "prompt-column", source)
-    response = pick_column(train, config["response-column"], RESPONSE_CANDIDATES,
+    response = pick_column(train, config.response_column, RESPONSE_CANDIDATES,
                            "response", "response-column", source)
     if prompt and response:
         columns = {"prompt": prompt, RESPONSE: response}
         if prompt == "instruction" and ALPACA_INPUT in train.column_names:
             columns[INPUT] = ALPACA_INPUT
         return "pairs", columns
-    text, label = detect(raw, train, config["text-column"], config["label-column"], source)
+    text, label = detect(raw, train, config.text_column, config.label_column, source)
     if text and label and not (prompt or response):
         return "labelled", {}
     raise ConfigError(f"dataset {source}: cannot detect instruction data among columns "
@@ -152,7 +152,7 @@ def _rows(ds: Dataset, shape: str, columns: dict[str, str], keep: list[str],
 
 def _client_columns(config: RunConfig, ds: Dataset, source: str) -> list[str]:
     """The column ``partition=natural`` cuts by (``client-column``), kept."""
-    column = config["client-column"]
+    column = config.client_column
     if not column:
         return []
     if column not in ds.column_names:
@@ -163,7 +163,7 @@ def _client_columns(config: RunConfig, ds: Dataset, source: str) -> list[str]:
 
 def _prompt_format(config: RunConfig) -> Callable[[str, tuple[str, ...]], str]:
     """``sft-prompt`` as a function of (text, classes), checked once."""
-    template = config["sft-prompt"]
+    template = config.sft_prompt
     if "{text}" not in template:
         raise ConfigError(f"config key 'sft-prompt': {template!r} has no {{text}} field")
     try:
@@ -201,7 +201,7 @@ def _free_text(raw: Raw, shape: str, columns: dict[str, str], config: RunConfig,
     if dropped:
         LOGGER.warning("dataset %s: %d example%s with an empty response dropped", source,
                        dropped, "" if dropped == 1 else "s")
-    splits = with_test_split(Raw(DatasetDict(normalised), raw.home, raw.sources), config["seed"])
+    splits = with_test_split(Raw(DatasetDict(normalised), raw.home, raw.sources), config.seed)
     return TaskSplits(splits["train"], splits["test"], (),
                       raw.sources.get("test", raw.sources["train"]), None)
 
@@ -209,13 +209,13 @@ def _free_text(raw: Raw, shape: str, columns: dict[str, str], config: RunConfig,
 @cached_by(*SFT_KEYS)
 def load_instructions(config: RunConfig) -> TaskSplits:
     """The run's dataset as instruction splits (cached per process)."""
-    source = config["dataset"]
+    source = config.dataset
     raw = load_raw(source)
     shape, columns = _detect(raw, config, source)
     if shape != "labelled":
         return _free_text(raw, shape, columns, config, source)
-    labelled = labelled_splits(raw, source, config["text-column"], config["label-column"],
-                               config["seed"])
+    labelled = labelled_splits(raw, source, config.text_column, config.label_column,
+                               config.seed)
     classes = labelled.label_names
     return TaskSplits(as_instructions(labelled.train, classes, config),
                       as_instructions(labelled.test, classes, config), classes,
@@ -227,8 +227,8 @@ def node_instructions(config: RunConfig, data_path: str,
     """A deployed node's own instruction examples from its ``data-path``;
     labelled data is labelled by the server's classes (``label_names``)."""
     if label_names:
-        examples = load_node_examples(data_path, label_names, config["text-column"],
-                                      config["label-column"])
+        examples = load_node_examples(data_path, label_names, config.text_column,
+                                      config.label_column)
         return as_instructions(examples, label_names, config)
     try:
         file = node_file(Path(data_path).expanduser())

@@ -24,7 +24,7 @@ class SeqCls(Classification):
     name = "seq-cls"
 
     def encoder(self, model: LoraModel) -> Callable[[dict], dict]:
-        tokenizer, max_len = model.tokenizer, self.config["max-seq-len"]
+        tokenizer, max_len = model.tokenizer, self.config.max_seq_len
 
         def encode(batch: dict) -> dict:
             ids = tokenizer(batch[TEXT], truncation=True, max_length=max_len)["input_ids"]

@@ -104,14 +104,14 @@ class Sft(Task):
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
-        path = resolve_model_path(config["model"], config["gguf-file"], config["model-cache"])
+        path = resolve_model_path(config.model, config.gguf_file, config.model_cache)
         if detect_task(path) != "causal-lm":
             raise ConfigError(f"config key 'task': sft trains a decoder, and model "
-                              f"{config['model']} is an encoder")
+                              f"{config.model} is an encoder")
 
     @property
     def generates(self) -> bool:
-        return self.config["max-new-tokens"] > 0
+        return self.config.max_new_tokens > 0
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -142,13 +142,13 @@ class Sft(Task):
         return (MESSAGES, INPUT)  # the response text stays: exact match compares it
 
     def _template(self, model: LoraModel) -> str:
-        return templates.choose(self.config["sft-template"], model.tokenizer,
-                                self.config["model"])
+        return templates.choose(self.config.sft_template, model.tokenizer,
+                                self.config.model)
 
     def _eos(self, model: LoraModel) -> int:
         eos = model.tokenizer.eos_token_id
         if eos is None:
-            raise ConfigError(f"config key 'model': the tokenizer of {self.config['model']} "
+            raise ConfigError(f"config key 'model': the tokenizer of {self.config.model} "
                               "has no EOS token, which task sft appends to every response")
         return int(eos)
 
@@ -164,7 +164,7 @@ class Sft(Task):
 
     def encoder(self, model: LoraModel) -> Callable[[dict], dict]:
         template, tokenizer = self._template(model), model.tokenizer
-        max_len = self.config["max-seq-len"]
+        max_len = self.config.max_seq_len
         if max_len < 2:
             raise ConfigError(f"config key 'max-seq-len': {max_len} leaves no room for a "
                               "prompt token and a response token")
@@ -226,7 +226,7 @@ class Sft(Task):
             mask[i, width - len(prompt):] = 1
         from transformers import GenerationConfig
 
-        greedy = GenerationConfig(max_new_tokens=self.config["max-new-tokens"],
+        greedy = GenerationConfig(max_new_tokens=self.config.max_new_tokens,
                                   do_sample=False, eos_token_id=eos, pad_token_id=pad)
         with warnings.catch_warnings(), autocast(model.device):
             warnings.simplefilter("ignore")
@@ -262,7 +262,7 @@ class Sft(Task):
         from datasets import Dataset
 
         columns = data.to_dict()
-        max_len = self.config["max-seq-len"]
+        max_len = self.config.max_seq_len
         labels = [int(y) for y in columns[LABEL]]
         if any(not 0 <= y < len(classes) for y in labels):
             raise ValueError(f"a label outside 0..{len(classes) - 1}")

@@ -21,6 +21,7 @@ from fedlora.learning import precision
 from fedlora.learning.features import client_dataset
 from fedlora.learning.models import ModelSpec, build_lora_model
 from fedlora.learning.privacy import PrivateTraining
+from fedlora.learning.tasks import task_for
 from fedlora.learning.training import train_local
 from fedlora.strategies import resolve
 
@@ -48,8 +49,8 @@ def _train(config, dp: bool) -> tuple[dict[str, np.ndarray], int]:
         private = PrivateTraining(config, RecordDict(), len(data),
                                   dp_generator(True, config["seed"], 1, 0))
     params = set_trainable(model.peft, lambda kind: True)
-    train_local(model, params, data, epochs=1, max_steps=3, batch_size=4, lr=0.01,
-                optimizer="adamw", seed=7, private=private)
+    train_local(model, params, data, task=task_for(config), epochs=1, max_steps=3,
+                batch_size=4, lr=0.01, optimizer="adamw", seed=7, private=private)
     return adapter_state(model.peft), len(calls)
 
 
@@ -82,8 +83,9 @@ def test_a_bfloat16_base_trains_float32_adapters(request, topic_dataset, model_f
     assert any(".modules_to_save." in n for n in adapters) == (model.spec.task == "seq-cls")
     before = adapter_state(model.peft)
     params = set_trainable(model.peft, lambda kind: True)
-    result = train_local(model, params, client_dataset(config, 0), epochs=1, max_steps=2,
-                         batch_size=4, lr=0.05, optimizer="adamw", seed=3)
+    result = train_local(model, params, client_dataset(config, 0), task=task_for(config),
+                         epochs=1, max_steps=2, batch_size=4, lr=0.05, optimizer="adamw",
+                         seed=3)
     assert np.isfinite(result.mean_loss) and result.steps == 2
     after = adapter_state(model.peft)
     assert all(v.dtype == np.float32 for v in after.values())

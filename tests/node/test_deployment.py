@@ -380,7 +380,7 @@ def test_a_node_with_bad_data_fails_alone_with_a_clear_line(troubled_run, deploy
                           rf"client failed: .*{re.escape(reason)}", troubled_run["output"])
     assert rejected == ["1", "2", "3"], troubled_run["output"][-4000:]
     node_log = deployment.log("superexec-bad").read_text(errors="replace")
-    assert re.search(rf"^fedlora\.config\.ConfigError: {re.escape(reason)}$", node_log,
+    assert re.search(rf"^fedlora\.core\.config\.ConfigError: {re.escape(reason)}$", node_log,
                      re.MULTILINE), node_log[-3000:]
 
 

@@ -17,7 +17,7 @@ from conftest import LABEL_WORDS, write_alpaca
 from fedlora.core.config import ConfigError
 from fedlora.learning import features
 from fedlora.learning.tasks import instructions as inst
-from fedlora.learning.tasks import task_for
+from fedlora.learning.tasks import task_for, templates
 from fedlora.learning.tasks.sft import (
     IGNORE,
     join,
@@ -43,11 +43,17 @@ def _jsonl(path: Path, rows: list) -> Path:
 
 # ------------------------------------------------------------ pure pieces by hand
 
-def test_join_keeps_the_prompt_head_and_one_response_token():
+def test_join_keeps_the_prompt_head_its_closing_and_a_short_response_whole():
     assert join([1, 2, 3], [4, 5, 9], 10) == ([1, 2, 3, 4, 5, 9], 3)  # fits
     assert join([1, 2, 3], [4, 5, 9], 5) == ([1, 2, 3, 4, 5], 3)  # response cut
-    assert join(list(range(10)), [4, 9], 5) == ([0, 1, 2, 3, 4], 4)  # prompt head + 1
-    assert join([1, 2, 3], [4, 9], 4) == ([1, 2, 3, 4], 3)
+    # a long prompt is cut to its head and closing; a short response stays whole
+    assert join(list(range(10)), [4, 9], 6, [98, 99]) == ([0, 1, 98, 99, 4, 9], 4)
+    assert join(list(range(10)), [4, 9], 5) == ([0, 1, 2, 4, 9], 3)
+    # a long response keeps half, and at least one token, whatever the prompt
+    assert join(list(range(10)), list(range(20, 30)), 6, [98, 99]) == (
+        [0, 98, 99, 20, 21, 22], 3)
+    assert join(list(range(10)), list(range(20, 30)), 2) == ([0, 20], 1)
+    assert join([1, 2, 3], [4, 9], 4) == ([1, 2, 4, 9], 2)
 
 
 def test_targets_cover_the_response_only():
@@ -286,12 +292,17 @@ def test_alpaca_and_plain_templates(tiny_chat_llama, tiny_llama, tmp_path):
         features.encoded_splits(_config(tiny_llama, path, **{"sft-template": "chat"}))
 
 
-def test_truncation_keeps_a_response_token(tiny_chat_llama, tmp_path):
+def test_truncation_keeps_the_answer_marker_and_a_short_answer(tiny_chat_llama, tmp_path):
     long = " ".join(["word"] * 80)
     path = _jsonl(tmp_path / "long.jsonl", [{"prompt": long, "response": "end"}] * 10)
-    row = features.encoded_splits(_config(tiny_chat_llama, path, **{
-        "max-seq-len": 16})).train[0]
-    assert len(row["input_ids"]) == 16 and row["prompt_len"] == 15
+    config = _config(tiny_chat_llama, path, **{"max-seq-len": 16})
+    row = features.encoded_splits(config).train[0]
+    model = features.model_for(config)
+    answer = task_for(config).response_ids(model, "end")
+    closing = templates.closing_ids("chat", model.tokenizer)
+    assert len(row["input_ids"]) == 16 and row["prompt_len"] == 16 - len(answer)
+    assert row["input_ids"][row["prompt_len"]:] == answer  # the EOS kept
+    assert row["input_ids"][:row["prompt_len"]][-len(closing):] == closing
 
 
 def test_evaluation_metrics_agree_with_their_definitions(tiny_chat_llama, tmp_path):

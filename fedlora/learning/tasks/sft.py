@@ -6,7 +6,8 @@ Data: any instruction shape, or labelled data as instructions
 
 Encoding: prompt ids, then the response's ids and EOS; the loss is on the
 response tokens only (``prompt_len`` marks where they start). Truncation to
-``max-seq-len`` keeps the prompt's head and at least one response token.
+``max-seq-len`` keeps at least one response token (a short one whole) and
+the prompt's head and closing tokens (``join``).
 The training loss is the mean over response tokens; with ``dp=local`` the
 mean over examples of each example's own mean, so that DP-SGD's per-example
 clipping sees one example per row (not a long answer's many tokens).
@@ -62,11 +63,27 @@ PERPLEXITY = Metric(Round.PERPLEXITY, higher_is_better=False)
 _TRAILING = string.punctuation + string.whitespace
 
 
-def join(prompt: Sequence[int], response: Sequence[int], max_len: int) -> tuple[list[int], int]:
-    """(ids, prompt length) of prompt + response cut to ``max_len``: the
-    prompt's head, and at least one response token."""
-    kept = min(len(prompt), max_len - 1)
-    return [*prompt[:kept], *response[: max_len - kept]], kept
+def join(prompt: Sequence[int], response: Sequence[int], max_len: int,
+         closing: Sequence[int] = ()) -> tuple[list[int], int]:
+    """(ids, prompt length) of prompt + response cut to ``max_len``.
+
+    The response keeps what the prompt leaves, but at least one token and at
+    least half of ``max_len`` where it has that many: a short answer (a
+    class name, with its EOS) stays whole, because a model that never sees
+    the EOS after a short answer never learns to stop, and its greedy
+    replies never match.
+    A prompt that must be cut keeps its head and its ``closing`` tokens (the
+    template's end of the user turn and start of the answer, e.g.
+    ``<|im_end|>\n<|im_start|>assistant\n``), so a truncated example still
+    asks for an answer where generation will."""
+    whole = min(len(response), max_len // 2)
+    answer = max(1, whole, max_len - len(prompt))
+    room = max_len - min(answer, len(response))
+    if len(prompt) <= room:
+        return [*prompt, *response[: max_len - len(prompt)]], len(prompt)
+    tail = list(closing) if len(closing) < room else []
+    kept = [*prompt[: room - len(tail)], *tail]
+    return [*kept, *response[: max_len - room]], room
 
 
 def targets_of(ids: torch.Tensor, mask: torch.Tensor, prompt_lens: Sequence[int]) -> torch.Tensor:
@@ -169,13 +186,15 @@ class Sft(Task):
             raise ConfigError(f"config key 'max-seq-len': {max_len} leaves no room for a "
                               "prompt token and a response token")
         self._eos(model)
+        closing = templates.closing_ids(template, tokenizer)
 
         def encode(batch: dict) -> dict:
             ids, starts = [], []
             for turns, context, response in zip(batch[MESSAGES], batch[INPUT],
                                                  batch[RESPONSE]):
                 prompt = templates.prompt_ids(template, tokenizer, turns, context)
-                joined, start = join(prompt, self.response_ids(model, response), max_len)
+                joined, start = join(prompt, self.response_ids(model, response), max_len,
+                                     closing)
                 ids.append(joined)
                 starts.append(start)
             return {"input_ids": ids, PROMPT_LEN: starts}

@@ -85,3 +85,15 @@ def prompt_ids(template: str, tokenizer: PreTrainedTokenizerBase, messages: list
     if template != "chat" and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id, *ids]
     return ids
+
+
+_CUT = "\u2063"  # a character no prompt ends with: where the last user turn's text stops
+
+
+def closing_ids(template: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids ``template`` writes after the last user turn's text (the
+    turn's end and the answer's start): what a prompt cut to ``max-seq-len``
+    keeps at its end (``fedlora.learning.tasks.sft.join``)."""
+    text = prompt_text(template, tokenizer, [{"role": "user", "content": _CUT}], "")
+    after = text[text.rindex(_CUT) + len(_CUT):]
+    return tokenizer(after, add_special_tokens=False)["input_ids"] if after else []

@@ -50,8 +50,10 @@ class ExactSum:
     anything.
 
     The server adds one term per reply and tensor (``RoundSums``), so this is
-    on every update's path, and for the product sums (one d×k matrix per LoRA
-    module) it was most of the server's time per update. A term is therefore
+    on every update's path, and for streamed product sums (one d×k matrix per
+    LoRA module: FlexLoRA's and LoRA-FAIR's ΔW*) it is most of the server's
+    time per update (the ``agg_residual`` diagnostic alone forms ΔW* from
+    kept factors instead: ``fedlora.strategies.sums``). A term is therefore
     cut ``CHUNK`` entries at a time, in two scratch arrays of that size kept
     per thread (``_scratch``): the scratch and the bins' slices stay in a
     core's cache through the dozen operations, where whole megabyte-sized
@@ -65,6 +67,14 @@ class ExactSum:
         self._bins = [np.zeros(self.shape, np.float64) for _ in _SCALES]
         self._since_carry = 0
         self.count = 0
+
+    def copy(self) -> ExactSum:
+        """An independent sum in the very state this one is in (bins, carry
+        count): adding the same terms to both keeps them bit for bit equal."""
+        other = ExactSum(self.shape)
+        other._bins = [total.copy() for total in self._bins]
+        other._since_carry, other.count = self._since_carry, self.count
+        return other
 
     def add(self, term: np.ndarray | float) -> None:
         """Add ``term`` (converted to float64, exactly)."""

@@ -129,9 +129,11 @@ class Fold:
         """(``merge``, ``base_change``), or None (logged, strategy state as
         before) when they fail numerically or give something not finite: a
         bad round leaves the global adapter and base unchanged instead of
-        crashing or poisoning them."""
+        crashing or poisoning them. The sums' deferred ΔW* is formed first
+        (``RoundSums.settle``), so the round's ``aggregate_s`` counts it."""
         strategy = self.strategy
         before = strategy.state_dict()
+        sums.settle()
         try:
             merged = strategy.merge(sums)
             increment = strategy.base_change(sums, merged) if changes_base else None

@@ -97,7 +97,7 @@ class LoraStrategy(ABC):
     name: ClassVar[str]  # the ``strategy`` value
     client_half: ClassVar[type[ClientHalf]]
     keys: ClassVar[Mapping[str, Key]] = {}  # its own config keys (``fedlora keys``)
-    needs_products: ClassVar[bool] = False  # merge reads RoundSums.ideal
+    needs_products: ClassVar[bool] = False  # merge reads RoundSums.ideal (streamed: exact)
     heterogeneous_ranks: ClassVar[bool] = False  # takes client-ranks
     personal: ClassVar[bool] = False  # clients keep personal tensors: federated evaluation
     changes_base: ClassVar[bool] = False  # base_change may return an increment
@@ -197,7 +197,8 @@ class LoraStrategy(ABC):
     # -- hooks: fold and merge ------------------------------------------------------
     def new_sums(self) -> RoundSums:
         """Empty round sums of the kind this strategy's replies fold into."""
-        return RoundSums(products=self.needs_products or self.config.agg_residual)
+        return RoundSums(products=self.needs_products or self.config.agg_residual,
+                         streamed_products=self.needs_products)
 
     def fold(self, sums: RoundSums, update: ClientUpdate, factors: State) -> None:
         """Fold one update already in global units (with the client's full

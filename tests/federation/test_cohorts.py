@@ -26,6 +26,7 @@ from fedlora.federation.round import ServerRound, cohorts_of
 from fedlora.strategies import resolve, strategies, strategy_class
 from fedlora.wire import codec
 from fedlora.wire.messages import (
+    Request,
     TrainReply,
     cohort_reply,
     cohort_requests,
@@ -41,7 +42,7 @@ def _run(tmp_path: Path, name: str, tiny_bert, topic_dataset, strategy: str,
          cohort: int, **keys) -> tuple[bytes, list[dict], InProcessGrid]:
     config = resolve({"model": str(tiny_bert), "dataset": str(topic_dataset),
                       "strategy": strategy, "partition": "iid", "num-clients": len(NODES),
-                      "clients-per-round": 6, "rounds": 2, "local-steps": 2,
+                      "clients-per-round": 6, "rounds": 3, "local-steps": 2,
                       "batch-size": 4, "max-seq-len": 32, "eval-examples": 16,
                       "lr": 0.01, "cohort-size": cohort, "out-dir": str(tmp_path / name),
                       **keys})
@@ -67,7 +68,7 @@ def test_a_cohort_trains_the_same_bytes_as_its_clients_alone(strategy, tmp_path,
     cohort, cohort_rows, cohort_grid = _run(tmp_path, "cohort", tiny_bert, topic_dataset,
                                             strategy, 4)
     trains = [m for m in cohort_grid.pushed if is_cohort(m)]
-    assert [cohort_size(m) for m in trains] == [4, 2, 4, 2]  # two rounds, 6 clients each
+    assert [cohort_size(m) for m in trains] == [4, 2] * 3  # three rounds, 6 clients each
     assert not any(is_cohort(m) for m in alone_grid.pushed)
     assert cohort == alone
     base_changes = strategy_class(strategy).changes_base
@@ -97,13 +98,13 @@ def test_cohorts_are_the_sampled_order_cut_in_pieces():
     assert cohorts_of([5, 1, 9], 1) == [(5,), (1,), (9,)]
 
 
-def _server(cohort: int, seed: int = 42) -> ServerRound:
+def _server(cohort: int, seed: int = 42, strategy: str = "fedavg") -> ServerRound:
     config = resolve({"num-clients": 20, "clients-per-round": 10, "cohort-size": cohort,
-                      "seed": seed, "lora-rank": 2})
+                      "seed": seed, "lora-rank": 2, "strategy": strategy})
     shapes = {"m.q.lora_A.weight": (2, 6), "m.q.lora_B.weight": (5, 2),
               "m.classifier.weight": (3, 5)}
     state = {n: np.full(s, 0.5, np.float32) for n, s in shapes.items()}
-    return ServerRound(strategy_class("fedavg")(config, state))
+    return ServerRound(strategy_class(strategy)(config, state))
 
 
 def _cohorts(server: ServerRound, server_round: int, nodes) -> list[list[int]]:
@@ -124,6 +125,29 @@ def test_the_cohorts_depend_on_seed_and_round_alone():
     assert _cohorts(_server(4, seed=7), 3, nodes) != first  # another seed
     # cohort-size only cuts the round's sample: the same clients, in the same order
     assert sum(_cohorts(_server(3), 3, nodes), []) == sum(first, [])
+
+
+@pytest.mark.parametrize("cohort", [1, 4])
+def test_a_cohorts_clients_are_sent_the_whole_base_change(cohort):
+    """A cohort's clients hold no base copy between messages (a fresh memory
+    each, in whichever worker): each is sent the change from version 0,
+    whatever its node acknowledged before; alone, only what it lacks."""
+    server = _server(cohort, strategy="flora")
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # small steps: the increments are smaller than the dense change
+        server.base.apply({"m.q.weight": (rng.standard_normal((5, 1), np.float32),
+                                          rng.standard_normal((1, 6), np.float32))})
+    nodes = list(range(1000, 1020))
+    for node in nodes:
+        server.base.acknowledge(node, 2)
+    with server_identity():
+        messages = server.train_requests(1, ConfigRecord({}), Grid(nodes))
+    requests = (sum((cohort_requests(m) for m in messages), []) if cohort > 1
+                else [Request.from_message(m) for m in messages])
+    assert len(requests) == 10
+    assert {(r.task.base_from, r.task.base_version) for r in requests} == {
+        (0 if cohort > 1 else 2, 3)}
+    assert all(r.base is not None for r in requests)
 
 
 def _cohort_round(server: ServerRound) -> tuple[list[Message], dict[int, bytes]]:

@@ -12,6 +12,11 @@ budget declines instead), let the strategy say what goes back, save the
 client's memory, encode. The adapter and the optimiser are rebuilt for every
 message.
 
+A cohort message (``cohort-size`` > 1, simulation only) carries several
+clients' requests: ``train_cohort`` opens a session for each and trains them
+one after another through the same path, and the reply carries one update
+per client; a deployed node refuses it.
+
 Randomness: every draw of a local round (shuffling, dropout) comes from
 ``fedlora.core.seeding.client_seed`` (seed, round, client), so a reply does not
 depend on which Ray worker computed it or what that worker did before; DP

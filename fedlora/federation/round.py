@@ -78,6 +78,19 @@ def cohorts_of(nodes: list[int], size: int) -> list[tuple[int, ...]]:
     return [tuple(nodes[i:i + size]) for i in range(0, len(nodes), size)]
 
 
+def _not_a_reply_to(message: Message, clients: int) -> codec.PayloadError | None:
+    """Why ``message`` cannot be the reply to a cohort of ``clients``, or None."""
+    try:
+        if not is_cohort(message):
+            return codec.PayloadError("not a cohort's reply")
+        if cohort_size(message) != clients:
+            return codec.PayloadError(f"{cohort_size(message)} clients in a reply to a "
+                                      f"cohort of {clients}")
+    except codec.PayloadError as err:
+        return err
+    return None
+
+
 def _own_copy(state: Mapping[str, np.ndarray]) -> State:
     """float32, C-ordered copies: what the global adapter is between rounds."""
     return {name: np.array(value, dtype=np.float32, order="C") for name, value in state.items()}
@@ -129,7 +142,8 @@ class ServerRound:
     # -- training -----------------------------------------------------------------
     def train_requests(self, server_round: int, config: ConfigRecord,
                        grid: Grid) -> list[Message]:
-        """Sample the round's nodes, plan them, and one training request each."""
+        """Sample the round's nodes, plan them, and one training request each
+        (or each cohort of them: ``cohort-size``)."""
         self.plans = {node: Plan(node, position, self.strategy.rank_for(position))
                       for position, node in self._sample(server_round, grid)}
         return self._ask(server_round, config, MessageType.TRAIN)
@@ -227,15 +241,7 @@ class ServerRound:
             self._reject(server_round, self._requests.node_of(message), str(err), record)
             self._decode_s += time.perf_counter() - started
             return
-        try:
-            whole = None
-            if not message.has_error() and not is_cohort(message):
-                whole = codec.PayloadError("not a cohort's reply")
-            elif not message.has_error() and cohort_size(message) != len(nodes):
-                whole = codec.PayloadError(f"{cohort_size(message)} clients in a reply to a "
-                                           f"cohort of {len(nodes)}")
-        except codec.PayloadError as err:
-            whole = err
+        whole = None if message.has_error() else _not_a_reply_to(message, len(nodes))
         self._decode_s += time.perf_counter() - started
         for index, node in enumerate(nodes):
             started = time.perf_counter()

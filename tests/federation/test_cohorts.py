@@ -198,12 +198,26 @@ def test_a_bad_update_in_a_cohort_rejects_that_client_only(caplog):
     assert sum("duplicate" in line for line in rejected) == 4
 
 
-def test_a_failed_cohort_rejects_each_of_its_clients_and_a_missing_one_is_missing():
+def test_a_failed_cohort_rejects_each_of_its_clients(caplog):
+    caplog.set_level(logging.WARNING)
     server = _server(4)
     messages, uploads = _cohort_round(server)
     failed = Message(Error(code=0, reason="Traceback ...\nValueError: the worker died"),
                      reply_to=messages[0])
-    _, row = aggregate(server, [failed, _reply(messages[2], uploads)])
+    partition = cohort_requests(messages[1])[0].task.partition_id
+    single = TrainReply(partition, 10, 0.5, 1, 0.0, uploads[partition]).to_message(messages[1])
+    _, row = aggregate(server, [failed, single, _reply(messages[2], uploads)])
     assert row["sampled"] == 10 and row["clients"] == 2
-    assert row["rejected"] == 4 and row["missing"] == 4
+    assert row["rejected"] == 8 and row["missing"] == 0
+    rejected = [r.message for r in caplog.records if "rejected" in r.message]
+    assert sum("client failed: ValueError: the worker died" in r for r in rejected) == 4
+    assert sum("not a cohort's reply" in r for r in rejected) == 4
+
+
+def test_a_cohort_not_answered_is_missing():
+    server = _server(4)
+    messages, uploads = _cohort_round(server)
+    _, row = aggregate(server, [_reply(messages[2], uploads)])
+    assert row["sampled"] == 10 and row["clients"] == 2
+    assert row["rejected"] == 0 and row["missing"] == 8
 

@@ -221,3 +221,33 @@ def test_a_cohort_not_answered_is_missing():
     assert row["sampled"] == 10 and row["clients"] == 2
     assert row["rejected"] == 0 and row["missing"] == 8
 
+
+
+class _DiesInRound3(InProcessGrid):
+    """Stops the server once round 3's cohorts have trained (their clients'
+    states are saved, the round is never checkpointed)."""
+
+    def push_messages(self, messages) -> list[str]:
+        ids = super().push_messages(messages)
+        if sum(is_cohort(m) for m in self.pushed) > 4:
+            raise RuntimeError("server killed")
+        return ids
+
+
+@pytest.mark.e2e
+def test_a_cohort_run_resumes_to_the_same_bytes(tmp_path, tiny_bert, topic_dataset,
+                                                run_identity):
+    whole, whole_rows, _ = _run(tmp_path, "whole", tiny_bert, topic_dataset, "fedsa", 4)
+    config = resolve({"model": str(tiny_bert), "dataset": str(topic_dataset),
+                      "strategy": "fedsa", "partition": "iid", "num-clients": len(NODES),
+                      "clients-per-round": 6, "rounds": 3, "local-steps": 2,
+                      "batch-size": 4, "max-seq-len": 32, "eval-examples": 16,
+                      "lr": 0.01, "cohort-size": 4, "out-dir": str(tmp_path / "cut")})
+    with pytest.raises(RuntimeError, match="server killed"):
+        run_federation(_DiesInRound3(NODES), config, simulation=True)
+    run_federation(InProcessGrid(NODES), resolve({"resume-from": str(tmp_path / "cut")}),
+                   simulation=True)
+    cut = tmp_path / "cut"
+    assert (cut / "adapter" / "adapter_model.safetensors").read_bytes() == whole
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert _comparable(rows, False) == _comparable(whole_rows, False)

@@ -73,8 +73,8 @@ def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
         # Ray's GCS, raylet and helpers ran; no more than the machine had
         assert row["cpu_s_driver"] > 1 and row["cpu_s_workers"] > 1 and row["cpu_s_ray"] > 0
         assert 0 < row["cpu_busy"] <= 1.05
-        assert row["server_ms_per_update"] == pytest.approx(
-            1000 * row["aggregate_s"] / row["updates"], abs=0.01)
+        assert row["server_ms_per_update"] == pytest.approx(  # aggregate_s is to 1 ms
+            1000 * row["aggregate_s"] / row["updates"], abs=0.5 / row["updates"] + 0.01)
     assert [r["cohort_size"] for r in (default, cohorts, small)] == [1, 2, 1]
     assert cohorts["work"] == "default" and not STOCK_FIELDS & set(cohorts)
     assert (default["work"], small["work"]) == ("default", "small")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from uuid import uuid4
 
 import numpy as np
-from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
+from flwr.common import MessageType
 
 from fedlora.wire import codec
 from fedlora.wire.messages import Request, Task, TrainReply
@@ -165,3 +167,36 @@ def round_replies(server, rng: np.random.Generator) -> list[Message]:
         replies.append(train_reply(node, upload, int(rng.integers(1, 5000)),
                                    float(rng.random() * 3), plan.partition_id))
     return replies
+
+
+class InProcessGrid:
+    """Flower's Grid as the round loop uses it, whose nodes are this
+    process's client loop: a pushed message is answered at once, each node
+    keeping its own state between messages as a ClientApp's context does."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.states = {node: RecordDict() for node in nodes}
+        self.replies: dict[str, Message] = {}
+        self.pushed: list[Message] = []  # every message pushed, in order
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.states)
+
+    def push_messages(self, messages) -> list[str]:
+        from fedlora.node.client_loop import handle_evaluate, handle_train
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
+            node = message.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config={}, state=self.states[node],
+                              run_config={})
+            self.pushed.append(message)
+            handler = (handle_train if message.metadata.message_type == MessageType.TRAIN
+                       else handle_evaluate)
+            self.replies[message.metadata.message_id] = handler(message, context)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids) -> list[Message]:
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]

@@ -21,9 +21,13 @@ skips that pair):
 
 Every client does the same fixed local work (``local-steps`` optimiser steps
 of ``batch-size`` examples) in every round, and all K clients train in every
-round. One JSON object per run pair is printed (``work``: default or small;
-definitions in BENCHMARKS.md), then one with the floors of issue #16 that
-these rows can judge (``FLOORS``: value, limit, whether it holds):
+round. ``--cohort-size 1,16,64`` runs every K once per cohort size
+(``cohort-size``: clients one message carries; rows say ``cohort_size``),
+and ``--work small`` gives those rows the small work. One JSON object per run
+(or run pair) is printed (``work``: default or small; definitions in
+BENCHMARKS.md), then one with the floors of issue #16 that these rows can
+judge (``FLOORS``: value, limit, whether it holds; read from the rows of
+cohort size 1, today's path, except the one every row has):
 
 * ``wall_s``: the whole run in the child: data and model loading, Ray start,
   all rounds, central evaluation, results written.
@@ -45,7 +49,8 @@ these rows can judge (``FLOORS``: value, limit, whether it holds):
   wall-clock time beyond perfectly parallel compute, per client update.
 * ``clients_per_s = updates / rounds_s``: client updates finished per
   second of the rounds (``rounds_s`` is the rounds' time, without startup).
-* ``aggregate_s``: Σ over rounds of the server's aggregation time.
+* ``aggregate_s``: Σ over rounds of the server's aggregation time;
+  ``server_ms_per_update`` is it per client update, in milliseconds.
 * ``peak_rss_mb``: the peak of the summed RSS of the child process and all
   its descendants (Ray's GCS, raylet and workers), sampled every 0.5 s.
 * ``cpu_s_driver``, ``cpu_s_workers``, ``cpu_s_ray``: CPU seconds (user and
@@ -251,6 +256,8 @@ def measure(mode: str, overrides: dict, work_dir: Path, work: str = "default") -
     out_dir = work_dir / f"{mode}-{overrides['num-clients']}"
     if work != "default":
         out_dir = out_dir.with_name(f"{out_dir.name}-{work}")
+    if overrides.get("cohort-size", 1) != 1:
+        out_dir = out_dir.with_name(f"{out_dir.name}-cohort-{overrides['cohort-size']}")
     command = [sys.executable, "-m", "fedlora", "bench-scale", "--child", mode,
                "--out", str(out_dir), "--overrides", json.dumps(overrides)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -276,9 +283,10 @@ def _mb(value: float | None) -> float | None:
 
 
 def summarise(clients: int, rounds: int, ours: dict, stock: dict | None,
-              work: str = "default") -> dict:
+              work: str = "default", cohort: int = 1) -> dict:
     workers, wall, compute = ours["workers"], ours["wall_s"], ours["compute_s"]
-    row = {"clients": clients, "work": work, "rounds": rounds, "updates": ours["updates"],
+    row = {"clients": clients, "work": work, "cohort_size": cohort, "rounds": rounds,
+           "updates": ours["updates"],
            "workers": workers, "wall_s": round(wall, 2), "compute_s": round(compute, 2),
            "efficiency": round(compute / (workers * wall), 3),
            "startup_s": round(wall - ours["rounds_s"], 2),
@@ -292,6 +300,8 @@ def summarise(clients: int, rounds: int, ours: dict, stock: dict | None,
            "clients_per_s": round(ours["updates"] / ours["rounds_s"], 2)
            if ours["rounds_s"] > 0 else None,
            "aggregate_s": round(ours["aggregate_s"], 3),
+           "server_ms_per_update": round(1000 * ours["aggregate_s"] / max(ours["updates"], 1),
+                                         2),
            "peak_rss_mb": round(ours["peak_rss_mb"], 1)}
     if "cpu_s_driver" in ours:
         cpu = {key: round(ours[key], 1)
@@ -313,7 +323,7 @@ def summarise(clients: int, rounds: int, ours: dict, stock: dict | None,
 def floors(rows: list[dict]) -> list[dict]:
     """Each floor of ``FLOORS`` these rows can judge: its value and whether
     it holds."""
-    by = {(row["work"], row["clients"]): row for row in rows}
+    by = {(row["work"], row["clients"]): row for row in rows if row["cohort_size"] == 1}
     judged = []
     for name, work, clients, value_of, limit, at_most in FLOORS:
         if work is None:
@@ -327,6 +337,18 @@ def floors(rows: list[dict]) -> list[dict]:
     return judged
 
 
+def _sizes(text: str) -> list[int]:
+    """``--cohort-size``: positive integers, comma-separated."""
+    try:
+        sizes = [int(item) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs cohort sizes >= 1, "
+                                         "comma-separated (1,16,64)")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora bench-scale",
                                      description=__doc__.splitlines()[0])
@@ -334,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="numbers of virtual clients K (default: 10 100 500)")
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                         help=f"run-config keys (benchmark defaults: {BENCH_KEYS})")
+    parser.add_argument("--cohort-size", type=_sizes, default=[1], metavar="C[,C...]",
+                        help="cohort sizes, each run at every K (default: 1, one client "
+                             "a message)")
+    parser.add_argument("--work", choices=("default", "small"), default="default",
+                        help=f"the per-K rows' work (small: {SMALL_WORK})")
     parser.add_argument("--no-stock", action="store_true",
                         help=f"skip the stock comparison (at the largest K, {SMALL_WORK})")
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary dir)")
@@ -356,20 +383,26 @@ def main(argv: list[str] | None = None) -> int:
         key, value = parse_set_option(item)
         base[key] = value
     base = absolute_paths(base)
+    work = {**base, **(SMALL_WORK if args.work == "small" else {})}
     for clients in args.clients:  # every setting checked before anything runs
-        resolve({**base, "num-clients": clients, "clients-per-round": clients})
+        for cohort in args.cohort_size:
+            resolve({**work, "num-clients": clients, "clients-per-round": clients,
+                     "cohort-size": cohort})
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work_dir = Path(args.work_dir or tmp)
         for clients in args.clients:
-            overrides = {**base, "num-clients": clients, "clients-per-round": clients}
-            ours = measure("fedlora", overrides, work_dir)
-            rows.append(summarise(clients, resolve(overrides)["rounds"], ours, None))
-            print(json.dumps(rows[-1]), flush=True)
+            for cohort in args.cohort_size:
+                overrides = {**work, "num-clients": clients, "clients-per-round": clients,
+                             "cohort-size": cohort}
+                ours = measure("fedlora", overrides, work_dir, args.work)
+                rows.append(summarise(clients, resolve(overrides)["rounds"], ours, None,
+                                      args.work, cohort))
+                print(json.dumps(rows[-1]), flush=True)
         if not args.no_stock:  # against stock where orchestration dominates
             clients = max(args.clients)
             small = {**base, **SMALL_WORK, "num-clients": clients,
-                     "clients-per-round": clients}
+                     "clients-per-round": clients, "cohort-size": 1}  # stock's is 1
             ours = measure("fedlora", small, work_dir, "small")
             stock = measure("stock", small, work_dir, "small")
             rows.append(summarise(clients, resolve(small)["rounds"], ours, stock, "small"))

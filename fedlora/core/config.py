@@ -181,6 +181,10 @@ KEYS: dict[str, Key] = {
     "min-clients": Key(int, 1, "fewest valid updates that change the global adapter "
                        "in a round (otherwise it stays as it was), and fewest connected "
                        "nodes a round after the first waits for", positive),
+    "cohort-size": Key(int, 1, "simulation: clients one message carries (a cohort, trained "
+                       "one after another in one worker; the cohorts are the round's "
+                       "sampled clients in order, a function of seed and round); 1 = one "
+                       "message per client. A deployed node refuses a cohort", positive),
     "round-timeout": Key(float, 0.0, "seconds a round waits for replies, then goes on "
                          "without the missing ones; 0 = no limit (a dead node is given "
                          "up by the SuperLink after about a minute)", non_negative),

@@ -34,25 +34,32 @@ from fedlora.wire.messages import TrainReply
 
 class Requests:
     """One phase's requests (a round's training, or its evaluation), by the
-    id the link gave each at push; each may be answered once."""
+    id the link gave each at push; each client a request asks may be
+    answered once. A request asks one client (its node), or a cohort's
+    (``cohorts``: the node ids of each message's clients, in order)."""
 
-    def __init__(self, messages: Iterable[Message] = ()) -> None:
+    def __init__(self, messages: Iterable[Message] = (),
+                 cohorts: Iterable[tuple[int, ...]] | None = None) -> None:
         self.messages = list(messages)
-        self._by_id: dict[str, Message] = {}
+        self.cohorts = list(cohorts) if cohorts is not None else None
+        self._by_id: dict[str, int] = {}  # message id → index in messages
         self._indexed = 0  # messages[:_indexed] are in _by_id
-        self._answered: set[str] = set()
+        self._answered: set[tuple[str, int]] = set()  # (request id, client's node)
 
     def __len__(self) -> int:
-        return len(self.messages)
+        """The clients asked."""
+        if self.cohorts is None:
+            return len(self.messages)
+        return sum(len(cohort) for cohort in self.cohorts)
 
     @property
     def answered(self) -> int:
-        """Requests that a reply was bound to."""
+        """Clients a reply was bound to."""
         return len(self._answered)
 
-    def asked(self, reply: Message) -> Message | None:
-        """The request of this phase that ``reply`` answers, or None. Ids are
-        read when needed: with a window of messages in flight
+    def _index(self, reply: Message) -> int | None:
+        """The index of the request of this phase that ``reply`` answers, or
+        None. Ids are read when needed: with a window of messages in flight
         (``fedlora.federation.replies``) some are pushed after others are
         answered. They are pushed in order, so the ids are read on from where
         the last look stopped (a round's lookups cost O(messages) in all);
@@ -63,12 +70,18 @@ class Requests:
         while answers not in self._by_id and self._indexed < len(self.messages):
             message = self.messages[self._indexed]
             if not message.metadata.message_id:
-                self._by_id.update({m.metadata.message_id: m for m in self.messages
+                self._by_id.update({m.metadata.message_id: i
+                                    for i, m in enumerate(self.messages)
                                     if m.metadata.message_id})
                 break
-            self._by_id[message.metadata.message_id] = message
+            self._by_id[message.metadata.message_id] = self._indexed
             self._indexed += 1
         return self._by_id.get(answers)
+
+    def asked(self, reply: Message) -> Message | None:
+        """The request of this phase that ``reply`` answers, or None."""
+        index = self._index(reply)
+        return self.messages[index] if index is not None else None
 
     def node_of(self, reply: Message) -> int:
         """The node a reply is about. The SuperLink answers for a node that
@@ -83,25 +96,41 @@ class Requests:
         """The node whose request ``reply`` answers, that request now
         answered; ``PayloadError`` when it answers none of this phase's
         requests, another node's, or one already answered."""
-        asked = self.asked(reply)
-        if asked is None:
+        asked, _ = self.cohort_of(reply)
+        node = asked.metadata.dst_node_id
+        self.claim(asked, node)
+        return node
+
+    def cohort_of(self, reply: Message) -> tuple[Message, tuple[int, ...]]:
+        """The request ``reply`` answers and the clients (node ids) it asked,
+        none of them answered yet by this; ``PayloadError`` when it answers
+        none of this phase's requests, or one sent to another node."""
+        index = self._index(reply)
+        if index is None:
             raise codec.PayloadError("it answers no request of this round (stale or forged)")
+        asked = self.messages[index]
         node = asked.metadata.dst_node_id
         if reply.metadata.src_node_id not in (node, SUPERLINK_NODE_ID):
             raise codec.PayloadError(f"it answers the request sent to node {node}")
-        if asked.metadata.message_id in self._answered:
+        return asked, (self.cohorts[index] if self.cohorts is not None else (node,))
+
+    def claim(self, asked: Message, node: int) -> None:
+        """Mark the client ``node`` of request ``asked`` answered;
+        ``PayloadError`` when it was already (a duplicate)."""
+        key = (asked.metadata.message_id, node)
+        if key in self._answered:
             raise codec.PayloadError("a second reply to one request (duplicate)")
-        self._answered.add(asked.metadata.message_id)
-        return node
+        self._answered.add(key)
 
 
-def typed_reply(node: int, message: Message, base: BaseLedger | None) -> TrainReply:
+def typed_reply(node: int, message: Message, base: BaseLedger | None,
+                index: int | None = None) -> TrainReply:
     """The typed reply. For a strategy that changes the base, one that
     trained on another base version than the one sent is refused, and a
     failed node is sent every change again next time (it may have lost what
-    it held)."""
+    it held). ``index``: client ``index``'s reply in a cohort reply."""
     try:
-        reply = TrainReply.from_message(message)
+        reply = TrainReply.from_message(message, index)
         if base is not None and reply.base_version != base.version:
             raise codec.PayloadError(f"trained on base version {reply.base_version}, "
                                      f"not {base.version}")

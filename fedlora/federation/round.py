@@ -56,10 +56,39 @@ from fedlora.strategies.base import LoraStrategy, Plan
 from fedlora.strategies.sums import ClientUpdate
 from fedlora.wire import codec
 from fedlora.wire.basedelta import BaseLedger, base_weight_name
-from fedlora.wire.messages import EvaluateReply, Request, Task, TrainReply
+from fedlora.wire.messages import (
+    EvaluateReply,
+    Request,
+    Task,
+    TrainReply,
+    cohort_message,
+    cohort_size,
+    is_cohort,
+)
 
 LOGGER = logging.getLogger(__name__)
 WAIT_FOR_NODES_S = 1.0  # how often the connected nodes are counted while too few are
+
+
+def cohorts_of(nodes: list[int], size: int) -> list[tuple[int, ...]]:
+    """The round's sampled nodes, in their sampled order (a function of
+    (seed, round) alone: ``sample_positions``), cut into cohorts of ``size``
+    (the last one may be smaller). Never a function of the workers or
+    machines, so neither are a run's bytes."""
+    return [tuple(nodes[i:i + size]) for i in range(0, len(nodes), size)]
+
+
+def _not_a_reply_to(message: Message, clients: int) -> codec.PayloadError | None:
+    """Why ``message`` cannot be the reply to a cohort of ``clients``, or None."""
+    try:
+        if not is_cohort(message):
+            return codec.PayloadError("not a cohort's reply")
+        if cohort_size(message) != clients:
+            return codec.PayloadError(f"{cohort_size(message)} clients in a reply to a "
+                                      f"cohort of {clients}")
+    except codec.PayloadError as err:
+        return err
+    return None
 
 
 def _own_copy(state: Mapping[str, np.ndarray]) -> State:
@@ -113,7 +142,8 @@ class ServerRound:
     # -- training -----------------------------------------------------------------
     def train_requests(self, server_round: int, config: ConfigRecord,
                        grid: Grid) -> list[Message]:
-        """Sample the round's nodes, plan them, and one training request each."""
+        """Sample the round's nodes, plan them, and one training request each
+        (or each cohort of them: ``cohort-size``)."""
         self.plans = {node: Plan(node, position, self.strategy.rank_for(position))
                       for position, node in self._sample(server_round, grid)}
         return self._ask(server_round, config, MessageType.TRAIN)
@@ -178,28 +208,72 @@ class ServerRound:
 
     def _updates(self, server_round: int, replies: Iterable[Message],
                  record: RoundRecord) -> Iterator[ClientUpdate]:
-        """The valid updates among ``replies``, one at a time; declined,
-        failed and invalid replies are counted in ``record`` (the latter two
-        logged)."""
+        """The valid updates among ``replies``, one at a time (a cohort's
+        reply gives each of its clients'); declined, failed and invalid
+        replies are counted in ``record`` (the latter two logged)."""
         for message in replies:
+            if self._requests.cohorts is not None:
+                yield from self._cohort_updates(server_round, message, record)
+                continue
             started = time.perf_counter()
             node = self._requests.node_of(message)
             try:
                 node = self._requests.bind(message)
-                reply = typed_reply(node, message, self.base)
-                self._note_privacy(server_round, node, reply)
-                if reply.declined:
-                    record.declined += 1
-                    continue
-                record.uplink_bytes += len(reply.payload)
-                update = decode_update(self.plans[node], reply, self.strategy.upload_shapes,
-                                       self.config.payload_dtype_up)
+                update = self._update(server_round, node, message, None, record)
             except codec.PayloadError as err:
                 self._reject(server_round, node, str(err), record)
                 continue
             finally:
                 self._decode_s += time.perf_counter() - started
-            yield update
+            if update is not None:
+                yield update
+
+    def _cohort_updates(self, server_round: int, message: Message,
+                        record: RoundRecord) -> Iterator[ClientUpdate]:
+        """Each client's update in a cohort's reply, bound, validated and
+        rejected one client at a time as single replies are; a reply that
+        fails as a whole (a failed worker, an unbound or malformed reply)
+        rejects each of the clients it answers."""
+        started = time.perf_counter()
+        try:
+            asked, nodes = self._requests.cohort_of(message)
+        except codec.PayloadError as err:
+            self._reject(server_round, self._requests.node_of(message), str(err), record)
+            self._decode_s += time.perf_counter() - started
+            return
+        whole = None if message.has_error() else _not_a_reply_to(message, len(nodes))
+        self._decode_s += time.perf_counter() - started
+        for index, node in enumerate(nodes):
+            started = time.perf_counter()
+            try:
+                self._requests.claim(asked, node)
+                if whole is not None:
+                    raise whole
+                update = self._update(server_round, node, message, index, record)
+            except codec.PayloadError as err:
+                self._reject(server_round, node, str(err), record)
+                continue
+            finally:
+                self._decode_s += time.perf_counter() - started
+            if update is not None:
+                yield update
+
+    def _update(self, server_round: int, node: int, message: Message, index: int | None,
+                record: RoundRecord) -> ClientUpdate | None:
+        """Node ``node``'s update in ``message`` (client ``index``'s of a
+        cohort reply), validated against its plan; None when it declined."""
+        plan = self.plans[node]
+        reply = typed_reply(node, message, self.base, index)
+        if index is not None and reply.partition_id != plan.partition_id:
+            raise codec.PayloadError(f"client {index} of the cohort answers as partition "
+                                     f"{reply.partition_id}, not {plan.partition_id}")
+        self._note_privacy(server_round, node, reply)
+        if reply.declined:
+            record.declined += 1
+            return None
+        record.uplink_bytes += len(reply.payload)
+        return decode_update(plan, reply, self.strategy.upload_shapes,
+                             self.config.payload_dtype_up)
 
     def _reject(self, server_round: int, node: int, reason: str, record: RoundRecord) -> None:
         LOGGER.warning("round %d: reply from node %d rejected: %s", server_round, node, reason)
@@ -268,21 +342,40 @@ class ServerRound:
 
     def _ask(self, server_round: int, config: ConfigRecord,
              message_type: str) -> list[Message]:
-        """One message per planned node: its download (the strategy encodes
-        it once per rank) and the base changes it has not seen."""
+        """One message per planned node (one per cohort of the planned nodes
+        for training with ``cohort-size`` > 1): each client's download (the
+        strategy encodes it once per rank) and the base changes it has not
+        seen. A cohort's clients keep no copy of the base between messages
+        (the worker that trains them changes), so with cohorts every message
+        carries the whole change, from version 0."""
         self.strategy.start_round(_own_copy(self._adapter))
-        messages, self._downlink_bytes = [], 0
-        for plan in self.plans.values():
-            _, payload = self.strategy.download_for(plan)
-            since, base = (self.base.update_for(plan.node_id) if self.base is not None
-                           else (0, None))
-            task = Task(server_round, plan.partition_id, plan.rank,
-                        self.base.version if self.base is not None else 0, since)
-            request = Request({}, task, payload, base)
-            self._downlink_bytes += len(request.payload) + len(base or b"")
-            messages.append(request.to_message(plan.node_id, message_type, config))
-        self._requests = Requests(messages)
+        self._downlink_bytes = 0
+        cohorts = self.config.cohort_size > 1
+        requests = {node: self._request(server_round, plan, forget_base=cohorts)
+                    for node, plan in self.plans.items()}
+        if cohorts and message_type == MessageType.TRAIN:
+            groups = cohorts_of(list(self.plans), self.config.cohort_size)
+            messages = [cohort_message([requests[node] for node in group], group[0], config)
+                        for group in groups]
+            self._requests = Requests(messages, groups)
+        else:
+            messages = [request.to_message(node, message_type, config)
+                        for node, request in requests.items()]
+            self._requests = Requests(messages)
         return messages
+
+    def _request(self, server_round: int, plan: Plan, forget_base: bool) -> Request:
+        """One client's request: its download and the base changes."""
+        _, payload = self.strategy.download_for(plan)
+        if self.base is not None and forget_base:
+            self.base.forget(plan.node_id)
+        since, base = (self.base.update_for(plan.node_id) if self.base is not None
+                       else (0, None))
+        task = Task(server_round, plan.partition_id, plan.rank,
+                    self.base.version if self.base is not None else 0, since)
+        request = Request({}, task, payload, base)
+        self._downlink_bytes += len(request.payload) + len(base or b"")
+        return request
 
     # -- checkpoint -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

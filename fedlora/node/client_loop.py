@@ -12,6 +12,11 @@ budget declines instead), let the strategy say what goes back, save the
 client's memory, encode. The adapter and the optimiser are rebuilt for every
 message.
 
+A cohort message (``cohort-size`` > 1, simulation only) carries several
+clients' requests: ``train_cohort`` opens a session for each and trains them
+one after another through the same path, and the reply carries one update
+per client; a deployed node refuses it.
+
 Randomness: every draw of a local round (shuffling, dropout) comes from
 ``fedlora.core.seeding.client_seed`` (seed, round, client), so a reply does not
 depend on which Ray worker computed it or what that worker did before; DP
@@ -24,38 +29,89 @@ client and an attack around it for the run seed's malicious partitions.
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import torch
 from flwr.app import Context, Message, RecordDict
 
 from fedlora.core.adapters import adapter_state, set_trainable
+from fedlora.core.config import ConfigError
 from fedlora.core.seeding import client_seed, dp_generator
 from fedlora.learning.privacy import PrivateTraining
 from fedlora.learning.schedule import round_lr
 from fedlora.learning.training import train_local
 from fedlora.node.mods import Trained, attack_for
-from fedlora.node.session import Session, open_session
+from fedlora.node.session import Session, open_request, open_session
 from fedlora.wire import codec
-from fedlora.wire.messages import EvaluateReply, TrainReply
+from fedlora.wire.messages import (
+    EvaluateReply,
+    Request,
+    TrainReply,
+    cohort_reply,
+    cohort_requests,
+    is_cohort,
+)
+
+LOGGER = logging.getLogger(__name__)
 
 
 def handle_train(message: Message, context: Context) -> Message:
-    """Train this client's adapter as the request asks; reply with the upload."""
+    """Train this client's adapter as the request asks (each client's of a
+    cohort message); reply with the upload (with each client's)."""
+    if is_cohort(message):
+        return cohort_reply(message, train_cohort(cohort_requests(message), context))
     return local_update(message, context, open_session(message, context))
+
+
+def train_cohort(requests: list[Request], context: Context) -> list[TrainReply | str]:
+    """Train a cohort's clients (``cohort-size`` > 1): one reply per client,
+    in the cohort's order, or the one-line reason that client failed (the
+    server rejects that client alone). Each client is a session of its own,
+    as if its request had come alone: its partition's data, its memory
+    restored from and saved to its own store (so from a fresh ``RecordDict``:
+    the worker holds no client between messages), its seed
+    (``client_seed``), its mod and its DP ledger. The base model is the
+    worker's cached one. Today they train one after another; this is the
+    seam where a batched multi-LoRA pass would go (issue #29, item 2).
+
+    A deployed node (``data-path``: its own data) is one client and refuses
+    a cohort: ``ConfigError`` in one line."""
+    if context.node_config.get("data-path"):
+        raise ConfigError(f"a cohort of {len(requests)} clients sent to a deployed node: "
+                          "a node with its own data-path is one client (cohort-size is "
+                          "for simulations; set cohort-size=1)")
+    replies: list[TrainReply | str] = []
+    for request in requests:
+        if not request.run_id:
+            raise codec.PayloadError("a cohort message without the run's id (its clients "
+                                     "keep their state in the run's store)")
+        client = Context(context.run_id, context.node_id, context.node_config,
+                         RecordDict(), context.run_config)
+        try:
+            replies.append(train_reply(client, open_request(request, client)))
+        except Exception as err:  # noqa: BLE001 - one client's failure is its own reply
+            LOGGER.exception("cohort client %d failed", request.task.partition_id)
+            lines = str(err).strip().splitlines()
+            replies.append(f"{type(err).__name__}: {lines[-1] if lines else ''}")
+    return replies
 
 
 def local_update(message: Message, context: Context, session: Session) -> Message:
     """The training reply for a prepared session (the client's memory is
     saved to its store before the reply goes)."""
+    return train_reply(context, session).to_message(message)
+
+
+def train_reply(context: Context, session: Session) -> TrainReply:
+    """``local_update``'s reply, typed."""
     config, task = session.config, session.request.task
     torch.set_num_threads(max(1, int(config.client_cpus)))
     private = _local_dp(session, context.state)  # None unless dp=local
     if private is not None and private.exceeds_budget():  # decline, spend nothing
         return TrainReply(session.identity, base_version=session.base_version,
                           epsilon=private.epsilon(),
-                          epsilon_after_round=private.epsilon_after_round()
-                          ).to_message(message)
+                          epsilon_after_round=private.epsilon_after_round())
     # an honest client's mod is the identity; an attacker's wraps the honest step
     train = attack_for(config, session.identity)(partial(train_step, private=private))
     trained = train(session)
@@ -66,8 +122,7 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
     return TrainReply(session.identity, result.num_examples, result.mean_loss, result.steps,
                       result.compute_seconds, codec.encode(upload, config.payload_dtype_up),
                       session.base_version,
-                      private.epsilon() if private is not None else None
-                      ).to_message(message)
+                      private.epsilon() if private is not None else None)
 
 
 def _local_dp(session: Session, memory: RecordDict) -> PrivateTraining | None:

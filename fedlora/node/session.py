@@ -71,7 +71,16 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
     (``context.state``) restored from its store. ``model`` and ``data``
     replace the cached ones (``fedlora.commands.bench_scale`` builds them per message
     to measure the stock pattern)."""
-    request = Request.from_message(message)
+    return open_request(Request.from_message(message), context,
+                        evaluate=message.metadata.message_type == MessageType.EVALUATE,
+                        model=model, data=data)
+
+
+def open_request(request: Request, context: Context, *, evaluate: bool = False,
+                 model: LoraModel | None = None, data: Dataset | None = None) -> Session:
+    """``open_session`` for a request already read (one client of a cohort
+    message, ``fedlora.node.client_loop.train_cohort``); ``evaluate``: an
+    evaluation request (its memory restored after the round's training)."""
     config = from_message(request.run_config())
     strategy = strategy_class(config.strategy)
     rank = request.task.rank
@@ -91,7 +100,7 @@ def open_session(message: Message, context: Context, model: LoraModel | None = N
                           request.store_required, request.run_id,
                           request.task.partition_id, Lineage.parse(request.lineage))
         store.restore(context.state, request.task.server_round,
-                      inclusive=message.metadata.message_type == MessageType.EVALUATE)
+                      inclusive=evaluate)
     train, held_out = ((held_out_split(config, data) if strategy.evaluation_prefix(config)
                         else (data, data)))
     node_base = NodeBase(context.state)

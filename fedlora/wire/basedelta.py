@@ -159,16 +159,23 @@ class NodeBase:
 
 
 def base_weights(model: PeftModel) -> dict[str, torch.nn.Parameter]:
-    """The LoRA-adapted base weights of ``model``, by base parameter name."""
-    found = {}
-    for name, param in model.named_parameters():
-        if name.endswith(".base_layer.weight"):
-            plain = name.removeprefix("base_model.model.").replace(".base_layer.weight",
-                                                                   ".weight")
-            found[plain] = param
-    return found
+    """The LoRA-adapted base weights of ``model``, by base parameter name.
+    Found once per model: every client session asks (twice), and walking a
+    model's parameters cost a few ms each time, which a cohort's clients
+    (``cohort-size``) pay one after another."""
+    found = _BASE_WEIGHTS.get(model)
+    if found is None:
+        found = _BASE_WEIGHTS[model] = {}
+        for name, param in model.named_parameters():
+            if name.endswith(".base_layer.weight"):
+                plain = name.removeprefix("base_model.model.").replace(".base_layer.weight",
+                                                                       ".weight")
+                found[plain] = param
+    return dict(found)
 
 
+_BASE_WEIGHTS: weakref.WeakKeyDictionary[PeftModel, dict[str, torch.nn.Parameter]] = (
+    weakref.WeakKeyDictionary())
 _PRISTINE: weakref.WeakKeyDictionary[PeftModel, dict[str, torch.Tensor]] = (
     weakref.WeakKeyDictionary())  # the original weights of each model changed once
 

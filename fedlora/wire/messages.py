@@ -11,11 +11,20 @@ A request (training or evaluation) carries four records:
   the node has not seen yet (``fedlora.wire.basedelta``).
 
 A training reply carries ``payload`` (the upload) and ``metrics``; an
-evaluation reply ``metrics`` only. The typed classes below are the only code
-that reads or writes these records: ``from_message`` turns a missing or
-mistyped field into a ``codec.PayloadError`` naming it, so the server logs
-and rejects a malformed reply instead of crashing on it, and nothing a client
-claims is used before it is checked.
+evaluation reply ``metrics`` only.
+
+A cohort (``cohort-size`` > 1, simulation only) is several clients' training
+requests in one message: the shared ``config``, a ``cohort`` record with the
+number of clients C, and each client's ``task``, ``payload`` and ``base``
+records under the name ``<record>.<i>`` (i = 0 … C−1, the cohort's order).
+Its reply holds client i's ``metrics.<i>`` and ``payload.<i>`` as a single
+reply holds them, or ``error.<i>`` with the reason that client failed.
+
+The typed classes and functions below are the only code that reads or writes
+these records: ``from_message`` turns a missing or mistyped field into a
+``codec.PayloadError`` naming it, so the server logs and rejects a malformed
+reply instead of crashing on it, and nothing a client claims is used before
+it is checked.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ TASK = "task"
 PAYLOAD = "payload"
 BASE = "base"
 METRICS = "metrics"
+COHORT = "cohort"
+ERROR = "error"
 LABEL_NAMES = "label-names"  # in the config record: the run's classes
 # also in the config record, for the client's state store (fedlora.node.client_state):
 RUN_ID = "fedlora-run-id"  # the run's id, kept across a resume
@@ -64,13 +75,28 @@ def _identity(metrics: MetricRecord) -> int:
     return value
 
 
-def _reply_metrics(message: Message) -> MetricRecord:
-    """A reply's metrics record; ``PayloadError`` for a failed node (its
-    error's last line) or a reply without one."""
+def member(name: str, index: int | None) -> str:
+    """The name of a record of a message's client ``index`` (a cohort's), or
+    ``name`` itself (``index`` None: a one-client message)."""
+    return name if index is None else f"{name}.{index}"
+
+
+def failure(reason: str) -> codec.PayloadError:
+    """A failed client's reply, as the error the server rejects it with."""
+    lines = reason.strip().splitlines()
+    return codec.PayloadError(f"client failed: {lines[-1] if lines else '?'}")
+
+
+def _reply_metrics(message: Message, index: int | None = None) -> MetricRecord:
+    """A reply's metrics record (client ``index``'s in a cohort reply);
+    ``PayloadError`` for a failed node or client (its error's last line) or
+    a reply without one."""
     if message.has_error():
-        reason = message.error.reason.strip().splitlines()
-        raise codec.PayloadError(f"client failed: {reason[-1] if reason else '?'}")
-    metrics = message.content.metric_records.get(METRICS)
+        raise failure(message.error.reason)
+    error = message.content.config_records.get(member(ERROR, index))
+    if error is not None:
+        raise failure(str(error.get("reason", "")))
+    metrics = message.content.metric_records.get(member(METRICS, index))
     if metrics is None:
         raise codec.PayloadError("reply has no metrics record")
     return metrics
@@ -126,13 +152,18 @@ class Request:
 
     @classmethod
     def from_message(cls, message: Message) -> Request:
-        content = message.content
-        if CONFIG not in content.config_records or TASK not in content.config_records:
+        return cls.from_content(message.content)
+
+    @classmethod
+    def from_content(cls, content: RecordDict, index: int | None = None) -> Request:
+        """The request in ``content`` (client ``index``'s of a cohort)."""
+        task = member(TASK, index)
+        if CONFIG not in content.config_records or task not in content.config_records:
             raise codec.PayloadError("request lacks its config or task record")
-        base = content.array_records.get(BASE)
+        base = content.array_records.get(member(BASE, index))
         return cls(dict(content.config_records[CONFIG]),
-                   Task.from_record(content.config_records[TASK]),
-                   codec.from_record(content.array_records.get(PAYLOAD)),
+                   Task.from_record(content.config_records[task]),
+                   codec.from_record(content.array_records.get(member(PAYLOAD, index))),
                    codec.from_record(base) if base is not None else None)
 
     @property
@@ -181,25 +212,33 @@ class TrainReply:
         return self.payload is None
 
     def to_message(self, reply_to: Message) -> Message:
+        return Message(content=self.to_content(), reply_to=reply_to)
+
+    def to_content(self, content: RecordDict | None = None,
+                   index: int | None = None) -> RecordDict:
+        """This reply's records, added to ``content`` (as client ``index``'s
+        of a cohort reply)."""
+        content = RecordDict() if content is None else content
         metrics = MetricRecord({"partition-id": self.partition_id,
                                 "base-version": self.base_version})
         if self.epsilon is not None:
             metrics["epsilon"] = self.epsilon
-        content = RecordDict({METRICS: metrics})
+        content[member(METRICS, index)] = metrics
         if self.payload is None:
             metrics["declined"] = 1
             metrics["epsilon-after-round"] = self.epsilon_after_round or math.nan
         else:
             metrics.update({"num-examples": self.num_examples, "train-loss": self.train_loss,
                             "steps": self.steps, "compute-seconds": self.compute_seconds})
-            content[PAYLOAD] = codec.to_record(self.payload)
-        return Message(content=content, reply_to=reply_to)
+            content[member(PAYLOAD, index)] = codec.to_record(self.payload)
+        return content
 
     @classmethod
-    def from_message(cls, message: Message) -> TrainReply:
-        """The typed reply; ``PayloadError`` when the node failed or sent a
-        malformed or implausible one."""
-        metrics = _reply_metrics(message)
+    def from_message(cls, message: Message, index: int | None = None) -> TrainReply:
+        """The typed reply (client ``index``'s of a cohort reply);
+        ``PayloadError`` when the node or client failed or sent a malformed
+        or implausible one."""
+        metrics = _reply_metrics(message, index)
         partition = _identity(metrics)
         version = int(_number(metrics, "base-version", low=0, high=MAX_EXAMPLES, default=0))
         epsilon = (_number(metrics, "epsilon", low=0) if "epsilon" in metrics else None)
@@ -207,15 +246,15 @@ class TrainReply:
             return cls(partition, base_version=version, epsilon=epsilon,
                        epsilon_after_round=float(metrics.get("epsilon-after-round",
                                                              math.nan)))
-        records = message.content.array_records
-        if PAYLOAD not in records:
+        records, payload = message.content.array_records, member(PAYLOAD, index)
+        if payload not in records:
             raise codec.PayloadError("reply has no payload record")
         weight = _number(metrics, "num-examples", low=1, high=MAX_EXAMPLES)
         return cls(partition, int(weight) if weight.is_integer() else weight,
                    _number(metrics, "train-loss", low=0, default=0.0),
                    int(_number(metrics, "steps", low=0, high=MAX_EXAMPLES, default=0)),
                    _number(metrics, "compute-seconds", low=0, default=0.0),
-                   codec.from_record(records[PAYLOAD]), version, epsilon)
+                   codec.from_record(records[payload]), version, epsilon)
 
 
 @dataclass(frozen=True)
@@ -255,3 +294,46 @@ class EvaluateReply:
         if metric != "accuracy":
             raise codec.PayloadError(f"no {metric} in the evaluation reply")
         return self.accuracy
+
+
+def is_cohort(message: Message) -> bool:
+    """Whether ``message`` is a cohort request (or a cohort's reply)."""
+    return not message.has_error() and COHORT in message.content.config_records
+
+
+def cohort_message(requests: list[Request], node_id: int,
+                   config_record: ConfigRecord) -> Message:
+    """One training message carrying ``requests`` (a cohort's clients, in
+    order, sharing ``config_record``), addressed to ``node_id``."""
+    content = RecordDict({CONFIG: config_record,
+                          COHORT: ConfigRecord({"size": len(requests)})})
+    for index, request in enumerate(requests):
+        for name, record in request.to_content(config_record).items():
+            if name != CONFIG:
+                content[member(name, index)] = record
+    return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+
+
+def cohort_size(message: Message) -> int:
+    """How many clients a cohort request or reply carries."""
+    value = message.content.config_records[COHORT].get("size")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_EXAMPLES:
+        raise codec.PayloadError(f"bad cohort size {value!r}")
+    return value
+
+
+def cohort_requests(message: Message) -> list[Request]:
+    """Each client's request in a cohort message, in the cohort's order."""
+    return [Request.from_content(message.content, index)
+            for index in range(cohort_size(message))]
+
+
+def cohort_reply(reply_to: Message, replies: list[TrainReply | str]) -> Message:
+    """A cohort's reply: client i's ``TrainReply``, or the reason it failed."""
+    content = RecordDict({COHORT: ConfigRecord({"size": len(replies)})})
+    for index, reply in enumerate(replies):
+        if isinstance(reply, str):
+            content[member(ERROR, index)] = ConfigRecord({"reason": reply})
+        else:
+            reply.to_content(content, index)
+    return Message(content=content, reply_to=reply_to)

@@ -24,10 +24,11 @@ from processes import describe, ours, stop, watch
 from runs import FEDLORA, run_fedlora
 
 BIN = Path(sys.executable).parent
-BENCH_FIELDS = {"clients", "work", "rounds", "updates", "workers", "wall_s", "compute_s",
-                "efficiency", "startup_s", "ray_ready_s", "rounds_start_s", "first_round_s",
-                "end_s", "overhead_ms_per_client", "clients_per_s", "aggregate_s",
-                "peak_rss_mb", "cpu_s_driver", "cpu_s_workers", "cpu_s_ray", "cpu_busy"}
+BENCH_FIELDS = {"clients", "work", "cohort_size", "rounds", "updates", "workers", "wall_s",
+                "compute_s", "efficiency", "startup_s", "ray_ready_s", "rounds_start_s",
+                "first_round_s", "end_s", "overhead_ms_per_client", "clients_per_s",
+                "aggregate_s", "server_ms_per_update", "peak_rss_mb", "cpu_s_driver",
+                "cpu_s_workers", "cpu_s_ray", "cpu_busy"}
 STOCK_FIELDS = {"stock_wall_s", "stock_peak_rss_mb", "speedup_vs_stock"}
 
 
@@ -46,18 +47,20 @@ def _small(tiny_bert: Path, topic_dataset: Path, **keys) -> list[str]:
 
 @pytest.mark.e2e
 def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
-    """One row per K with the default work, then the small-work pair against
-    stock, then the floors those rows can judge; every run is real."""
+    """One row per K and cohort size with the default work, then the
+    small-work pair against stock, then the floors those rows can judge;
+    every run is real."""
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"))
-    command = [*FEDLORA, "bench-scale", "--clients", "4", "--work-dir", str(tmp_path / "w"),
-               *_small(tiny_bert, topic_dataset)]
+    command = [*FEDLORA, "bench-scale", "--clients", "4", "--cohort-size", "1,2",
+               "--work-dir", str(tmp_path / "w"), *_small(tiny_bert, topic_dataset)]
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     finally:
         stop(ours(env["FLWR_HOME"]))
     assert done.returncode == 0, done.stderr[-3000:]
-    default, small, verdict = (json.loads(line) for line in done.stdout.strip().splitlines())
-    for row in (default, small):
+    default, cohorts, small, verdict = (json.loads(line)
+                                        for line in done.stdout.strip().splitlines())
+    for row in (default, cohorts, small):
         assert BENCH_FIELDS <= set(row), sorted(BENCH_FIELDS - set(row))
         assert row["clients"] == 4 and row["updates"] == 4 and row["workers"] >= 1
         assert 0 < row["compute_s"] < row["wall_s"] * row["workers"]
@@ -70,6 +73,10 @@ def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
         # Ray's GCS, raylet and helpers ran; no more than the machine had
         assert row["cpu_s_driver"] > 1 and row["cpu_s_workers"] > 1 and row["cpu_s_ray"] > 0
         assert 0 < row["cpu_busy"] <= 1.05
+        assert row["server_ms_per_update"] == pytest.approx(  # aggregate_s is to 1 ms
+            1000 * row["aggregate_s"] / row["updates"], abs=0.5 / row["updates"] + 0.01)
+    assert [r["cohort_size"] for r in (default, cohorts, small)] == [1, 2, 1]
+    assert cohorts["work"] == "default" and not STOCK_FIELDS & set(cohorts)
     assert (default["work"], small["work"]) == ("default", "small")
     assert not STOCK_FIELDS & set(default) and STOCK_FIELDS <= set(small)
     assert small["speedup_vs_stock"] == pytest.approx(small["stock_wall_s"] / small["wall_s"],
@@ -78,9 +85,10 @@ def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
     # only the floor every K has is judged at K = 4
     assert [f["floor"] for f in verdict["floors"]] == ["startup_s at every K"]
     startup = verdict["floors"][0]
-    assert startup["value"] == max(default["startup_s"], small["startup_s"])
+    assert startup["value"] == max(default["startup_s"], cohorts["startup_s"],
+                                   small["startup_s"])
     assert startup["holds"] == (startup["value"] <= startup["limit"])
-    for run in ("fedlora-4", "fedlora-4-small", "stock-4-small"):
+    for run in ("fedlora-4", "fedlora-4-cohort-2", "fedlora-4-small", "stock-4-small"):
         metrics = (tmp_path / "w" / run / "metrics.jsonl").read_text().splitlines()
         assert json.loads(metrics[-1])["clients"] == 4
 

@@ -102,3 +102,23 @@ def test_central_dp_simulation(tmp_path, tiny_bert, topic_dataset):
         reference.step(noise_multiplier=1.0, sample_rate=0.5)
         assert row["epsilon"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
         assert "agg_residual" not in row
+
+
+def test_a_cohort_simulation_gives_the_bytes_of_one_client_a_message(tmp_path, tiny_bert,
+                                                                     topic_dataset):
+    """cohort-size=4 through Ray: 2 messages a round instead of 8, each
+    worker training its cohort's clients one after another; the same
+    adapter bytes and metrics as one client a message."""
+    adapters, rows = {}, {}
+    for cohort in (1, 4):
+        where = tmp_path / f"cohort-{cohort}"
+        where.mkdir()
+        _, rows[cohort], _ = check_run(where, tiny_bert, topic_dataset, clients=(8, 8),
+                                       **{"clients-per-round": 8, "partition": "iid",
+                                          "cohort-size": cohort})
+        adapters[cohort] = (where / "run" / "adapter" / "adapter_model.safetensors"
+                            ).read_bytes()
+    assert adapters[4] == adapters[1]
+    timings = {"seconds", "compute_s", "compute_max_s", "aggregate_s", "evaluate_s"}
+    assert ([{k: v for k, v in row.items() if k not in timings} for row in rows[4]]
+            == [{k: v for k, v in row.items() if k not in timings} for row in rows[1]])

@@ -14,50 +14,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from uuid import uuid4
 
 import pytest
 from conftest import write_alpaca
-from flwr.app import Context, Message, RecordDict
-from flwr.common import MessageType
+from fakes import InProcessGrid
 
 from fedlora.federation.loop import run_federation
-from fedlora.node.client_loop import handle_evaluate, handle_train
 from fedlora.strategies import resolve, strategies, strategy_class
 
 MODES = {"plain": {}, "dp-local": {"dp": "local", "dp-noise-multiplier": 0.5,
                                    "dp-seeded-noise": True},
          "median": {"robust": "median"}}
 SFT_METRICS = ("eval_loss", "perplexity", "token_accuracy", "exact_match")
-
-
-class InProcessGrid:
-    """Flower's Grid as the round loop uses it, whose nodes are this
-    process's client loop: a pushed message is answered at once, each node
-    keeping its own state between messages as a ClientApp's context does."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.states = {node: RecordDict() for node in nodes}
-        self.replies: dict[str, Message] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.states)
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
-            node = message.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config={}, state=self.states[node],
-                              run_config={})
-            handler = (handle_train if message.metadata.message_type == MessageType.TRAIN
-                       else handle_evaluate)
-            self.replies[message.metadata.message_id] = handler(message, context)
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, ids) -> list[Message]:
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
 @pytest.fixture(scope="module")

@@ -381,6 +381,22 @@ def test_a_failed_message_is_an_error_reply_and_the_trainer_goes_on(trainer, tin
     assert trainer.process.poll() is None
 
 
+@pytest.mark.e2e
+def test_a_trainer_refuses_a_cohort_in_one_line_and_goes_on(trainer, tiny_bert):
+    content = _content(_config(tiny_bert))
+    requests = [Request.from_content(content)] * 2
+    with server_identity():
+        cohort = messages.cohort_message(requests, NODE, content.config_records[messages.CONFIG])
+    reply = trainer_link.forward(message(SERVER, NODE, cohort.content, message_id="cohort"),
+                                 _context(trainer.node_config()))
+    assert reply.has_error() and len(reply.error.reason.splitlines()) == 1
+    assert reply.error.reason.startswith(f"trainer at {trainer.address}: FAILED_PRECONDITION: "
+                                         "ConfigError: a cohort of 2 clients sent to a "
+                                         "deployed node")
+    good = trainer_link.forward(_train_message(content), _context(trainer.node_config()))
+    assert messages.TrainReply.from_message(good).partition_id == NODE
+
+
 # -- 6: flags it cannot work with --------------------------------------------------------
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["secret-missing", "secret-short", "data-not-a-dir"])

@@ -323,7 +323,8 @@ def summarise(clients: int, rounds: int, ours: dict, stock: dict | None,
 def floors(rows: list[dict]) -> list[dict]:
     """Each floor of ``FLOORS`` these rows can judge: its value and whether
     it holds."""
-    by = {(row["work"], row["clients"]): row for row in rows if row["cohort_size"] == 1}
+    by = {(row["work"], row["clients"]): row for row in rows
+          if row.get("cohort_size", 1) == 1}  # rows from before cohorts have none
     judged = []
     for name, work, clients, value_of, limit, at_most in FLOORS:
         if work is None:

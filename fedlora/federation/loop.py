@@ -37,7 +37,14 @@ from fedlora.learning.tasks import task_for
 from fedlora.runtime.progress import Lines, round_line
 from fedlora.strategies import strategy_class
 from fedlora.wire.basedelta import BASE_DELTA_FILE, save_base_delta, write_base
-from fedlora.wire.messages import CLIENT_STORE, LABEL_NAMES, LINEAGE, RUN_ID, STORE_REQUIRED
+from fedlora.wire.messages import (
+    CLIENT_STORE,
+    LABEL_NAMES,
+    LINEAGE,
+    RUN_ID,
+    STORE_REQUIRED,
+    clients_in,
+)
 
 NO_LIMIT_S = float("inf")  # round-timeout 0: wait until each reply (or the SuperLink's error)
 
@@ -82,8 +89,9 @@ def run_federation(grid: Grid, config: RunConfig, in_flight: int = 0,
     for server_round in range(start.completed + 1, rounds + 1):
         round_start = time.perf_counter()
         messages = server.train_requests(server_round, sent_config, grid)
-        progress.round_started(server_round, rounds, len(messages))
-        replies = progress.counted(replies_as_they_arrive(grid, messages, timeout, in_flight))
+        progress.round_started(server_round, rounds, sum(map(clients_in, messages)))
+        replies = progress.counted(replies_as_they_arrive(grid, messages, timeout, in_flight),
+                                   clients_in)
         record = server.aggregate_train(server_round, replies)
         record.central = dict.fromkeys(task.metrics)
         if server_round % config.eval_every == 0 or server_round == rounds:

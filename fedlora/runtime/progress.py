@@ -86,8 +86,10 @@ class Lines:
     def round_started(self, server_round: int, rounds: int, sampled: int) -> None:
         """Round ``server_round`` of ``rounds`` has sent its ``sampled`` requests."""
 
-    def counted(self, replies: Iterable[T]) -> Iterable[T]:
-        """``replies`` as they come, each counted as done."""
+    def counted(self, replies: Iterable[T], clients: Callable[[T], int] = lambda _: 1
+                ) -> Iterable[T]:
+        """``replies`` as they come, each counted as ``clients(reply)`` clients
+        done (a cohort's reply answers for several)."""
         return replies
 
     def rejected(self) -> None:
@@ -172,9 +174,10 @@ class Display(Lines):
         self._round_began = self.now()
         self.refresh()
 
-    def counted(self, replies: Iterable[T]) -> Iterator[T]:
+    def counted(self, replies: Iterable[T], clients: Callable[[T], int] = lambda _: 1
+                ) -> Iterator[T]:
         for reply in replies:
-            self._received += 1
+            self._received += clients(reply)
             yield reply
 
     def rejected(self) -> None:

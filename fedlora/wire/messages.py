@@ -322,6 +322,18 @@ def cohort_size(message: Message) -> int:
     return value
 
 
+def clients_in(message: Message) -> int:
+    """How many clients ``message`` is for: a cohort's size, else 1 (what the
+    progress line counts). A malformed size counts as 1 here; the server's
+    intake rejects that reply's clients."""
+    if not is_cohort(message):
+        return 1
+    try:
+        return cohort_size(message)
+    except codec.PayloadError:
+        return 1
+
+
 def cohort_requests(message: Message) -> list[Request]:
     """Each client's request in a cohort message, in the cohort's order."""
     return [Request.from_content(message.content, index)

@@ -51,6 +51,20 @@ def test_quiet_never_shows_the_display(monkeypatch):
     assert type(for_command(quiet=True)) is Lines
 
 
+def test_a_cohort_reply_counts_as_its_clients():
+    console = Console(file=io.StringIO(), force_terminal=True, width=150)
+    t = [100.0]
+    display = Display(console, now=lambda: t[0])
+    with display:
+        display.round_started(1, 5, 8)  # two cohorts of 4 clients
+        replies = display.counted(iter(["first", "second"]), lambda reply: 4)
+        next(replies)
+        t[0] = 110.0
+        assert display.etas()[0] == 10.0  # 4 of 8 clients in 10 s, not 1 of 8
+        display.refresh()
+    assert "clients 4/8" in console.file.getvalue()
+
+
 def test_on_a_terminal_counts_and_etas(capsys):
     console = Console(file=io.StringIO(), force_terminal=True, width=150)
     t = [100.0]

@@ -22,6 +22,15 @@ Opacus × PEFT traps, handled at the root:
 
 Sampling: Poisson with rate q = 1 / ceil(n / batch-size), ceil(n / batch-size)
 steps per epoch (``local-steps`` caps them), as Opacus's ``DPDataLoader``.
+An empty Poisson batch is a step too, as in DP-SGD (Abadi et al.) and Opacus:
+the clipped-gradient sum of no examples (zero) plus the Gaussian noise, divided
+by the expected batch size, accounted like any other step; skipping it would
+make the release depend on the sample and leave the ledger short of the plan.
+The loader yields ``None`` for it (Opacus's own empty batch is built from the
+first non-empty one and fails when the first batch is empty), and
+``step_without_examples`` hands the optimiser the empty per-sample gradients a
+forward pass over no rows would have left, so clipping, noise, scaling and
+accounting are Opacus's.
 
 Randomness: the noise and the Poisson sample come from a generator drawn
 from the operating system (``fedlora.core.seeding``), never from the run seed,
@@ -41,6 +50,7 @@ object is made: every worker and server of a run without DP skips it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -121,7 +131,17 @@ class PrivateTraining:
             module=module, optimizer=optimizer, data_loader=loader,
             noise_multiplier=self.noise_multiplier, noise_generator=self.generator,
             max_grad_norm=self.config.dp_max_grad_norm, poisson_sampling=True)
+        loader.collate_fn = functools.partial(_none_when_empty, loader.collate_fn)
         return optimizer, loader
+
+    def step_without_examples(self, optimizer: torch.optim.Optimizer) -> None:
+        """DP-SGD's step on an empty Poisson batch: Opacus's DPOptimizer gets
+        zero per-sample gradients (no rows), so its empty-batch clipping gives a
+        zero sum, to which it adds its noise, divides by the expected batch
+        size, records the step in the accountant and steps the optimiser."""
+        for param in optimizer.params:
+            param.grad_sample = param.new_zeros((0, *param.shape))
+        optimizer.step()
 
     def detach(self) -> None:
         """Remove Opacus's hooks from the (cached) model and save the ledger."""
@@ -133,6 +153,11 @@ class PrivateTraining:
             "noise": [float(h[0]) for h in history],
             "rate": [float(h[1]) for h in history],
             "steps": [int(h[2]) for h in history]})
+
+
+def _none_when_empty(collate, rows: list) -> dict | None:
+    """``None`` for an empty Poisson batch (see ``step_without_examples``)."""
+    return None if len(rows) == 0 else collate(rows)
 
 
 class CentralPrivacy:

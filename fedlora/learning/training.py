@@ -40,7 +40,10 @@ def train_local(model: LoraModel, params: list[torch.nn.Parameter], data: Datase
     through torch's global generator), so the result does not depend on what
     this process ran before. With ``private`` the optimiser clips and noises
     per-example gradients (Opacus), batches are Poisson-sampled, both from
-    the private generator, and the task's loss is a per-example mean."""
+    the private generator, and the task's loss is a per-example mean; an
+    empty Poisson batch is still a step (noise only, accounted: DP-SGD's
+    analysis assumes every planned step is released), so ``steps`` counts it
+    and ``mean_loss`` does not (it has no loss)."""
     if len(data) == 0:
         raise ValueError("client has no training examples")
     torch.manual_seed(seed)
@@ -52,15 +55,14 @@ def train_local(model: LoraModel, params: list[torch.nn.Parameter], data: Datase
     if private is not None:
         opt, loader = private.attach(model.peft, opt, loader)
     try:
-        return _optimise(model, task, opt, loader, epochs, max_steps, len(data),
-                         per_example=private is not None)
+        return _optimise(model, task, opt, loader, epochs, max_steps, len(data), private)
     finally:
         if private is not None:
             private.detach()
 
 
 def _optimise(model: LoraModel, task: Task, opt: torch.optim.Optimizer, loader: DataLoader,
-              epochs: int, max_steps: int, num_examples: int, per_example: bool
+              epochs: int, max_steps: int, num_examples: int, private: PrivateTraining | None
               ) -> TrainResult:
     losses, compute, steps = [], 0.0, 0
     limit = max_steps if max_steps > 0 else math.inf
@@ -68,17 +70,21 @@ def _optimise(model: LoraModel, task: Task, opt: torch.optim.Optimizer, loader: 
         for batch in loader:
             if steps >= limit:
                 break
-            if batch["input_ids"].shape[0] == 0:  # an empty Poisson batch
-                continue
             started = time.perf_counter()
-            with autocast(model.device):
-                loss = task.loss(model, batch, per_example=per_example)
-            loss.backward()
-            opt.step()
+            if batch is None:  # an empty Poisson batch (only under DP): a noise-only step
+                private.step_without_examples(opt)
+                loss = None
+            else:
+                with autocast(model.device):
+                    loss = task.loss(model, batch, per_example=private is not None)
+                loss.backward()
+                opt.step()
             opt.zero_grad(set_to_none=True)
             compute += time.perf_counter() - started
-            losses.append(float(loss.detach()))
+            if loss is not None:
+                losses.append(float(loss.detach()))
             steps += 1
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError("local training diverged (non-finite loss)")
+    # the mean over the batches that had examples (0.0 if every Poisson batch was empty)
     return TrainResult(num_examples, steps, sum(losses) / max(len(losses), 1), compute)

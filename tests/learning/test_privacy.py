@@ -104,3 +104,59 @@ def test_budget_is_enforced(tiny_bert, topic_dataset):
 def test_dp_keys_are_validated(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         resolve(overrides)
+
+
+def _train_with_sample(config, client: int, sample_seed: int, max_steps: int):
+    """One round of client ``client`` whose Poisson sample and noise come from
+    ``sample_seed``; the adapter's trainable tensors before and after."""
+    model = model_for(config)
+    load_adapter_state(model.peft, model.initial_state)
+    params = set_trainable(model.peft, lambda kind: True)
+    data = client_dataset(config, client)
+    private = PrivateTraining(config, RecordDict(), len(data),
+                              generator=torch.Generator().manual_seed(sample_seed))
+    before = [p.detach().clone() for p in params]
+    result = train_local(model, params, data, task=task_for(config), epochs=1,
+                         max_steps=max_steps, batch_size=config.batch_size, lr=0.05,
+                         optimizer="sgd", seed=0, private=private)
+    return private, result, [p.detach() - b for p, b in zip(params, before)], len(data)
+
+
+def _first_poisson_batch(n: int, sample_seed: int) -> list[int]:
+    """The first batch Opacus's Poisson sampler draws from ``sample_seed`` (the
+    sampler draws first from the generator, so this is the batch training sees)."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = UniformWithReplacementSampler(
+        num_samples=n, sample_rate=1.0 / n, generator=torch.Generator().manual_seed(sample_seed))
+    return next(iter(sampler))
+
+
+EMPTY_FIRST = 0  # a sample seed whose first batch of 80 examples at q = 1/80 is empty
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step(tiny_bert, topic_dataset):
+    config = _config(tiny_bert, topic_dataset, **{"batch-size": 1, "dp-noise-multiplier": 1.0})
+    n = len(client_dataset(config, 0))
+    assert _first_poisson_batch(n, EMPTY_FIRST) == []  # the forced empty batch
+    private, result, change, _ = _train_with_sample(config, 0, EMPTY_FIRST, max_steps=1)
+    assert result.steps == 1 and result.mean_loss == 0.0  # no loss: nothing was seen
+    assert private.engine.accountant.history == [(1.0, 1.0 / n, 1)]
+    assert all(delta.abs().sum() > 0 for delta in change)  # the noise moved every tensor
+    # noise alone: another client's examples (same size, same sample) give the same step
+    assert len(client_dataset(config, 1)) == n
+    _, _, other, _ = _train_with_sample(config, 1, EMPTY_FIRST, max_steps=1)
+    for mine, theirs in zip(change, other):
+        assert torch.equal(mine, theirs)
+
+
+def test_empty_poisson_batches_are_accounted_as_planned(tiny_bert, topic_dataset):
+    # batch-size 1: about a third of the Poisson batches are empty, the first one among them
+    config = _config(tiny_bert, topic_dataset, **{"batch-size": 1, "dp-noise-multiplier": 1.1})
+    private, result, _, n = _train_with_sample(config, 0, EMPTY_FIRST, max_steps=0)
+    planned = steps_per_round(config, n)
+    assert result.steps == planned == n
+    assert private.engine.accountant.history == [(1.1, 1.0 / n, planned)]
+    reference = RDPAccountant()
+    reference.history = [(1.1, 1.0 / n, planned)]
+    assert private.epsilon() == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)

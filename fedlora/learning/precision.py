@@ -7,7 +7,10 @@
   float32: PEFT keeps LoRA factors in float32 (``autocast_adapter_dtype``),
   and a trained head (``modules_to_save``) is cast here and fed float32
   inputs, so the wire (``fedlora.core.adapters``: float32 arrays) and the
-  optimiser never see bf16.
+  optimiser never see bf16. On a CPU it saves memory only: a CPU without
+  native bf16 matrix units computes it far slower than float32 (20× per
+  step for SmolLM2 on the development machine, BENCHMARKS.md "Instruction
+  tuning"), so it is logged as a warning there.
 - ``quantization=4bit`` is QLoRA's base (Dettmers et al. 2023): NF4 with
   double quantisation, bf16 compute; ``8bit`` is LLM.int8(). Both are
   bitsandbytes' CUDA kernels: without bitsandbytes or a GPU the run is refused
@@ -30,12 +33,14 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 import torch
 
 from fedlora.core.config import ConfigError
 
+LOGGER = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECKPOINTING = {"use_reentrant": True}  # see the module docstring (Opacus)
 HEADS = ["classifier", "score"]  # sequence-classification heads: trained, never quantised
@@ -56,6 +61,9 @@ def check_quantization(quantization: str) -> None:
 def load_options(dtype: str, quantization: str, task: str) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments for the base model."""
     options: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if dtype == "bfloat16" and not torch.cuda.is_available():
+        LOGGER.warning("model-dtype=bfloat16 on a CPU halves the base's memory but can make "
+                       "each step many times slower than float32 (no bf16 matrix units)")
     if quantization == "none":
         return options
     check_quantization(quantization)

@@ -97,6 +97,14 @@ def test_float32_is_the_default_and_passed_explicitly():
     assert precision.load_options("bfloat16", "none", "seq-cls") == {"dtype": torch.bfloat16}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for a CPU-only machine")
+def test_a_bfloat16_base_on_a_cpu_is_warned_slow(caplog):
+    precision.load_options("float32", "none", "causal-lm")
+    assert not caplog.records
+    precision.load_options("bfloat16", "none", "causal-lm")
+    assert "bfloat16 on a CPU" in caplog.text and caplog.records[0].levelname == "WARNING"
+
+
 # --- quantisation: the refusals ---------------------------------------------------
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,

@@ -36,6 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -215,16 +216,9 @@ class ServerRound:
             if self._requests.cohorts is not None:
                 yield from self._cohort_updates(server_round, message, record)
                 continue
-            started = time.perf_counter()
-            node = self._requests.node_of(message)
-            try:
-                node = self._requests.bind(message)
-                update = self._update(server_round, node, message, None, record)
-            except codec.PayloadError as err:
-                self._reject(server_round, node, str(err), record)
-                continue
-            finally:
-                self._decode_s += time.perf_counter() - started
+            update = self._bound_update(server_round, self._requests.node_of(message),
+                                        message, None, record,
+                                        partial(self._requests.bind, message))
             if update is not None:
                 yield update
 
@@ -244,19 +238,34 @@ class ServerRound:
         whole = None if message.has_error() else _not_a_reply_to(message, len(nodes))
         self._decode_s += time.perf_counter() - started
         for index, node in enumerate(nodes):
-            started = time.perf_counter()
-            try:
-                self._requests.claim(asked, node)
-                if whole is not None:
-                    raise whole
-                update = self._update(server_round, node, message, index, record)
-            except codec.PayloadError as err:
-                self._reject(server_round, node, str(err), record)
-                continue
-            finally:
-                self._decode_s += time.perf_counter() - started
+            update = self._bound_update(server_round, node, message, index, record,
+                                        partial(self._claim, asked, node, whole))
             if update is not None:
                 yield update
+
+    def _claim(self, asked: Message, node: int, whole: codec.PayloadError | None) -> int:
+        """Client ``node`` of cohort request ``asked`` answered (``whole``:
+        why its reply fails as a whole, raised after the claim)."""
+        self._requests.claim(asked, node)
+        if whole is not None:
+            raise whole
+        return node
+
+    def _bound_update(self, server_round: int, node: int, message: Message, index: int | None,
+                      record: RoundRecord, bind: Callable[[], int]) -> ClientUpdate | None:
+        """Client ``index``'s update in ``message`` (the whole reply's for
+        None) once ``bind`` ties it to its request and returns its node; a
+        ``PayloadError`` on the way rejects the client (``node`` until bound)
+        and gives None, as does a declined client. Counted as decoding time."""
+        started = time.perf_counter()
+        try:
+            node = bind()
+            return self._update(server_round, node, message, index, record)
+        except codec.PayloadError as err:
+            self._reject(server_round, node, str(err), record)
+            return None
+        finally:
+            self._decode_s += time.perf_counter() - started
 
     def _update(self, server_round: int, node: int, message: Message, index: int | None,
                 record: RoundRecord) -> ClientUpdate | None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # imported where a model is used: resolving a run config load
     from peft import PeftModel
 
 State = dict[str, np.ndarray]
+TENSOR_KINDS = ("lora_A", "lora_B", "head")  # what tensor_kind tells apart
 
 
 def tensor_kind(name: str) -> str:

@@ -182,9 +182,14 @@ KEYS: dict[str, Key] = {
                        "in a round (otherwise it stays as it was), and fewest connected "
                        "nodes a round after the first waits for", positive),
     "cohort-size": Key(int, 1, "simulation: clients one message carries (a cohort, trained "
-                       "one after another in one worker; the cohorts are the round's "
+                       "by one worker as cohort-pass says; the cohorts are the round's "
                        "sampled clients in order, a function of seed and round); 1 = one "
                        "message per client. A deployed node refuses a cohort", positive),
+    "cohort-pass": Key(str, "batched", "how a worker trains a cohort: batched (one forward "
+                       "and backward pass for all its clients, each client's update equal "
+                       "to its update alone up to float rounding; one after another where "
+                       "it cannot apply, e.g. dp=local) or sequential (one after another: "
+                       "the very bytes of cohort-size=1)", one_of("batched", "sequential")),
     "round-timeout": Key(float, 0.0, "seconds a round waits for replies, then goes on "
                          "without the missing ones; 0 = no limit (a dead node is given "
                          "up by the SuperLink after about a minute)", non_negative),

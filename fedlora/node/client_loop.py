@@ -14,8 +14,9 @@ message.
 
 A cohort message (``cohort-size`` > 1, simulation only) carries several
 clients' requests: ``train_cohort`` opens a session for each and trains them
-one after another through the same path, and the reply carries one update
-per client; a deployed node refuses it.
+in one batched pass (``fedlora.learning.cohort_pass``) or one after another
+through the same path, and the reply carries one update per client; a
+deployed node refuses it.
 
 Randomness: every draw of a local round (shuffling, dropout) comes from
 ``fedlora.core.seeding.client_seed`` (seed, round, client), so a reply does not
@@ -30,19 +31,24 @@ client and an attack around it for the run seed's malicious partitions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from fedlora.core.adapters import adapter_state, set_trainable
+from fedlora.core.adapters import TENSOR_KINDS, adapter_state, load_adapter_state, set_trainable
 from fedlora.core.config import ConfigError
 from fedlora.core.seeding import client_seed, dp_generator
+from fedlora.learning.cohort_pass import Member, NotBatchable, train_members
 from fedlora.learning.privacy import PrivateTraining
 from fedlora.learning.schedule import round_lr
 from fedlora.learning.training import train_local
-from fedlora.node.mods import Trained, attack_for
+from fedlora.node.mods import Trained, attack_for, honest
 from fedlora.node.session import Session, open_request, open_session
+from fedlora.strategies import strategy_class
 from fedlora.wire import codec
 from fedlora.wire.messages import (
     EvaluateReply,
@@ -72,8 +78,12 @@ def train_cohort(requests: list[Request], context: Context) -> list[TrainReply |
     restored from and saved to its own store (so from a fresh ``RecordDict``:
     the worker holds no client between messages), its seed
     (``client_seed``), its mod and its DP ledger. The base model is the
-    worker's cached one. Today they train one after another; this is the
-    seam where a batched multi-LoRA pass would go (issue #29, item 2).
+    worker's cached one.
+
+    ``cohort-pass=batched`` trains the clients in one batched pass
+    (``fedlora.learning.cohort_pass``) where it applies, and the others one
+    after another, with one log line saying why; ``sequential`` trains all
+    one after another (the bytes of ``cohort-size=1``).
 
     A deployed node (``data-path``: its own data) is one client and refuses
     a cohort: ``ConfigError`` in one line."""
@@ -81,20 +91,98 @@ def train_cohort(requests: list[Request], context: Context) -> list[TrainReply |
         raise ConfigError(f"a cohort of {len(requests)} clients sent to a deployed node: "
                           "a node with its own data-path is one client (cohort-size is "
                           "for simulations; set cohort-size=1)")
-    replies: list[TrainReply | str] = []
-    for request in requests:
+    replies: list[TrainReply | str | None] = [None] * len(requests)
+    batch: list[tuple[int, Context, Session]] = []
+    for index, request in enumerate(requests):
         if not request.run_id:
             raise codec.PayloadError("a cohort message without the run's id (its clients "
                                      "keep their state in the run's store)")
         client = Context(context.run_id, context.node_id, context.node_config,
                          RecordDict(), context.run_config)
-        try:
-            replies.append(train_reply(client, open_request(request, client)))
-        except Exception as err:  # noqa: BLE001 - one client's failure is its own reply
-            LOGGER.exception("cohort client %d failed", request.task.partition_id)
-            lines = str(err).strip().splitlines()
-            replies.append(f"{type(err).__name__}: {lines[-1] if lines else ''}")
+        with _one_client(replies, index, request):
+            session = open_request(request, client)
+            reason = _not_batched(session)
+            if reason is None:
+                batch.append((index, client, session))
+            else:  # trained now, before the next session overwrites the model's adapter
+                if reason:
+                    LOGGER.info("cohort client %d trains alone: %s",
+                                request.task.partition_id, reason)
+                replies[index] = train_reply(client, session)
+    if len(batch) == 1:
+        index, client, session = batch[0]
+        with _one_client(replies, index, requests[index]):
+            load_adapter_state(session.model.peft, session.start)
+            replies[index] = train_reply(client, session)
+    elif batch:
+        _train_batched(batch, requests, replies)
     return replies
+
+
+@contextmanager
+def _one_client(replies: list, index: int, request: Request) -> Iterator[None]:
+    """One cohort client's failure becomes its reply: its one-line reason."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - one client's failure is its own reply
+        LOGGER.exception("cohort client %d failed", request.task.partition_id)
+        lines = str(err).strip().splitlines()
+        replies[index] = f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+def _not_batched(session: Session) -> str | None:
+    """Why this cohort client trains alone ("" where nothing needs saying:
+    ``cohort-pass=sequential``), or None where the batched pass takes it."""
+    config = session.config
+    if config.cohort_pass == "sequential":
+        return ""
+    if config.dp == "local":
+        return "dp=local (Opacus clips each client's per-example gradients in its own model)"
+    if config.gradient_checkpointing:
+        return ("gradient-checkpointing (its recomputed forward pass would redraw dropout "
+                "outside the clients' own generators)")
+    if strategy_class(config.strategy).changes_base:
+        return f"strategy {config.strategy} changes the base weights, which each client writes"
+    if attack_for(config, session.identity) is not honest:
+        return f"attack {config.attack} wraps this client's training step"
+    return None
+
+
+def _train_batched(batch: list[tuple[int, Context, Session]], requests: list[Request],
+                   replies: list) -> None:
+    """Train ``batch``'s sessions together, one batched pass per model
+    (a model per rank); all one after another, with one log line, where the
+    model cannot be batched."""
+    by_model: dict[int, list[tuple[int, Context, Session]]] = {}
+    for item in batch:
+        by_model.setdefault(id(item[2].model), []).append(item)
+    for group in by_model.values():
+        first = group[0][2]
+        config, server_round = first.config, first.request.task.server_round
+        torch.set_num_threads(max(1, int(config.client_cpus)))
+        members = [Member({n: torch.tensor(np.asarray(v, dtype=np.float32),  # a copy:
+                                           device=first.model.device)  # start stays as sent
+                           for n, v in session.start.items()},
+                          frozenset(k for k in TENSOR_KINDS if session.role.trains(k)),
+                          session.train,
+                          client_seed(config.seed, server_round, session.identity))
+                   for _, _, session in group]
+        try:
+            train_members(first.model, members, task=first.task, epochs=config.local_epochs,
+                          max_steps=config.local_steps, batch_size=config.batch_size,
+                          lr=round_lr(config, server_round), optimizer=config.optimizer)
+        except NotBatchable as why:
+            LOGGER.info("a cohort of %d clients trains one after another: %s", len(group), why)
+            for index, client, session in group:
+                with _one_client(replies, index, requests[index]):
+                    load_adapter_state(session.model.peft, session.start)
+                    replies[index] = train_reply(client, session)
+            continue
+        for (index, client, session), member in zip(group, members):
+            with _one_client(replies, index, requests[index]):
+                state = {n: t.detach().to("cpu", torch.float32).numpy().copy()
+                         for n, t in member.tensors.items()}
+                replies[index] = reply_for(client, session, Trained(state, member.result()))
 
 
 def local_update(message: Message, context: Context, session: Session) -> Message:
@@ -105,7 +193,7 @@ def local_update(message: Message, context: Context, session: Session) -> Messag
 
 def train_reply(context: Context, session: Session) -> TrainReply:
     """``local_update``'s reply, typed."""
-    config, task = session.config, session.request.task
+    config = session.config
     torch.set_num_threads(max(1, int(config.client_cpus)))
     private = _local_dp(session, context.state)  # None unless dp=local
     if private is not None and private.exceeds_budget():  # decline, spend nothing
@@ -114,7 +202,14 @@ def train_reply(context: Context, session: Session) -> TrainReply:
                           epsilon_after_round=private.epsilon_after_round())
     # an honest client's mod is the identity; an attacker's wraps the honest step
     train = attack_for(config, session.identity)(partial(train_step, private=private))
-    trained = train(session)
+    return reply_for(context, session, train(session), private)
+
+
+def reply_for(context: Context, session: Session, trained: Trained,
+              private: PrivateTraining | None = None) -> TrainReply:
+    """The reply of a trained client: the strategy's upload, encoded, after
+    the client's memory is saved to its store."""
+    config, task = session.config, session.request.task
     upload = session.role.upload(session.start, trained.state, context.state)
     if session.store is not None:
         session.store.save(context.state, task.server_round)

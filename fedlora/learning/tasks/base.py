@@ -169,12 +169,23 @@ class Task(ABC):
                                                           pad_id=model.pad_token_id),
                       generator)
 
-    @abstractmethod
     def loss(self, model: LoraModel, batch: dict[str, torch.Tensor], *,
              per_example: bool) -> torch.Tensor:
         """The training loss of a batch: with ``per_example``, the mean over
         examples of each example's own mean (what DP-SGD's per-example
         clipping needs: one example per row)."""
+        return self.loss_of(model, self.logits(model, batch), batch, per_example=per_example)
+
+    def logits(self, model: LoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's output logits for a batch (rows in the batch's order).
+        Split from the loss so that one forward pass can serve several
+        clients' batches (``fedlora.learning.cohort_pass``)."""
+        return model.peft(**inputs(model, batch)).logits
+
+    @abstractmethod
+    def loss_of(self, model: LoraModel, logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                *, per_example: bool) -> torch.Tensor:
+        """``loss`` of a batch whose ``logits`` are already computed."""
 
     # -- evaluation ----------------------------------------------------------------
     @abstractmethod

@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from fedlora.core.config import ConfigError
-from fedlora.learning.tasks.base import inputs, pad_batch
+from fedlora.learning.tasks.base import pad_batch
 from fedlora.learning.tasks.classify import Classification
 from fedlora.learning.tasks.labels import LABEL, TEXT
 
@@ -102,12 +103,12 @@ class CausalLm(Classification):
         batch[PROMPT_LEN] = torch.tensor([row[PROMPT_LEN] for row in rows])
         return batch
 
-    def loss(self, model: LoraModel, batch: dict[str, torch.Tensor], *,
-             per_example: bool) -> torch.Tensor:
-        # the answer is one label word and EOS, about as long for every
-        # class: the token mean stands in for the per-example mean
-        return model.peft(**inputs(model, batch), labels=batch["lm_labels"].to(model.device)
-                          ).loss
+    def loss_of(self, model: LoraModel, logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                *, per_example: bool) -> torch.Tensor:
+        """transformers' own causal-LM loss on the answer tokens. The answer
+        is one label word and EOS, about as long for every class: the token
+        mean stands in for the per-example mean."""
+        return ForCausalLMLoss(logits, batch["lm_labels"].to(logits.device), logits.shape[-1])
 
     def class_scores(self, model: LoraModel, batch: dict[str, torch.Tensor],
                      logits: torch.Tensor) -> torch.Tensor:

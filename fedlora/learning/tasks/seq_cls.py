@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from fedlora.learning.tasks.base import inputs, pad_batch
+from fedlora.learning.tasks.base import pad_batch
 from fedlora.learning.tasks.classify import Classification
 from fedlora.learning.tasks.labels import LABEL, TEXT
 
@@ -37,9 +38,12 @@ class SeqCls(Classification):
         batch[LABEL] = torch.tensor([row[LABEL] for row in rows], dtype=torch.long)
         return batch
 
-    def loss(self, model: LoraModel, batch: dict[str, torch.Tensor], *,
-             per_example: bool) -> torch.Tensor:
-        return model.peft(**inputs(model, batch), labels=batch[LABEL].to(model.device)).loss
+    def loss_of(self, model: LoraModel, logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                *, per_example: bool) -> torch.Tensor:
+        """The classifier's cross-entropy, the mean over examples: what
+        transformers' sequence classifiers compute for single-label classes."""
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]),
+                               batch[LABEL].to(logits.device).view(-1))
 
     def class_scores(self, model: LoraModel, batch: dict[str, torch.Tensor],
                      logits: torch.Tensor) -> torch.Tensor:

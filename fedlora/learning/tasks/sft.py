@@ -208,10 +208,9 @@ class Sft(Task):
                                       [row[PROMPT_LEN] for row in rows])
         return batch
 
-    def loss(self, model: LoraModel, batch: dict[str, torch.Tensor], *,
-             per_example: bool) -> torch.Tensor:
-        logits = model.peft(**inputs(model, batch)).logits
-        nll, counted = token_losses(logits, batch["targets"].to(model.device))
+    def loss_of(self, model: LoraModel, logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                *, per_example: bool) -> torch.Tensor:
+        nll, counted = token_losses(logits, batch["targets"].to(logits.device))
         if per_example:
             return (nll.sum(dim=1) / counted.sum(dim=1).clamp(min=1)).mean()
         return nll.sum() / counted.sum().clamp(min=1)

@@ -99,8 +99,10 @@ def train_members(model: LoraModel, members: Sequence[Member], *, task: Task, ep
         for name, tensor in member.tensors.items():
             tensor.requires_grad_(tensor_kind(name) in member.trains)
     params = [t for m in members for t in m.tensors.values() if t.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer == "adamw"
-           else torch.optim.SGD(params, lr=lr))
+    # torch's multi-tensor kernels: the same elementwise arithmetic over many
+    # small tensors, without a Python loop per tensor
+    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+           if optimizer == "adamw" else torch.optim.SGD(params, lr=lr, foreach=True))
     limit = max_steps if max_steps > 0 else math.inf
     streams = {id(m): _batches(task, model, m, batch_size, epochs, limit) for m in members}
     model.peft.train()

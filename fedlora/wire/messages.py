@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
 from fedlora.wire import codec
 
+R = TypeVar("R", ConfigRecord, MetricRecord, ArrayRecord)
 CONFIG = "config"
 TASK = "task"
 PAYLOAD = "payload"
@@ -87,16 +88,24 @@ def failure(reason: str) -> codec.PayloadError:
     return codec.PayloadError(f"client failed: {lines[-1] if lines else '?'}")
 
 
+def _record(content: RecordDict, name: str, kind: type[R]) -> R | None:
+    """The record ``name`` of ``content`` if it is a ``kind``, else None. One
+    lookup: flwr's ``config_records``-style views copy every record of the
+    message on each access, which a cohort of C clients would pay C times."""
+    record = content.get(name)
+    return record if isinstance(record, kind) else None
+
+
 def _reply_metrics(message: Message, index: int | None = None) -> MetricRecord:
     """A reply's metrics record (client ``index``'s in a cohort reply);
     ``PayloadError`` for a failed node or client (its error's last line) or
     a reply without one."""
     if message.has_error():
         raise failure(message.error.reason)
-    error = message.content.config_records.get(member(ERROR, index))
+    error = _record(message.content, member(ERROR, index), ConfigRecord)
     if error is not None:
         raise failure(str(error.get("reason", "")))
-    metrics = message.content.metric_records.get(member(METRICS, index))
+    metrics = _record(message.content, member(METRICS, index), MetricRecord)
     if metrics is None:
         raise codec.PayloadError("reply has no metrics record")
     return metrics
@@ -157,13 +166,13 @@ class Request:
     @classmethod
     def from_content(cls, content: RecordDict, index: int | None = None) -> Request:
         """The request in ``content`` (client ``index``'s of a cohort)."""
-        task = member(TASK, index)
-        if CONFIG not in content.config_records or task not in content.config_records:
+        config = _record(content, CONFIG, ConfigRecord)
+        task = _record(content, member(TASK, index), ConfigRecord)
+        if config is None or task is None:
             raise codec.PayloadError("request lacks its config or task record")
-        base = content.array_records.get(member(BASE, index))
-        return cls(dict(content.config_records[CONFIG]),
-                   Task.from_record(content.config_records[task]),
-                   codec.from_record(content.array_records.get(member(PAYLOAD, index))),
+        base = _record(content, member(BASE, index), ArrayRecord)
+        return cls(dict(config), Task.from_record(task),
+                   codec.from_record(_record(content, member(PAYLOAD, index), ArrayRecord)),
                    codec.from_record(base) if base is not None else None)
 
     @property
@@ -246,15 +255,15 @@ class TrainReply:
             return cls(partition, base_version=version, epsilon=epsilon,
                        epsilon_after_round=float(metrics.get("epsilon-after-round",
                                                              math.nan)))
-        records, payload = message.content.array_records, member(PAYLOAD, index)
-        if payload not in records:
+        payload = _record(message.content, member(PAYLOAD, index), ArrayRecord)
+        if payload is None:
             raise codec.PayloadError("reply has no payload record")
         weight = _number(metrics, "num-examples", low=1, high=MAX_EXAMPLES)
         return cls(partition, int(weight) if weight.is_integer() else weight,
                    _number(metrics, "train-loss", low=0, default=0.0),
                    int(_number(metrics, "steps", low=0, high=MAX_EXAMPLES, default=0)),
                    _number(metrics, "compute-seconds", low=0, default=0.0),
-                   codec.from_record(records[payload]), version, epsilon)
+                   codec.from_record(payload), version, epsilon)
 
 
 @dataclass(frozen=True)
@@ -298,7 +307,8 @@ class EvaluateReply:
 
 def is_cohort(message: Message) -> bool:
     """Whether ``message`` is a cohort request (or a cohort's reply)."""
-    return not message.has_error() and COHORT in message.content.config_records
+    return (not message.has_error()
+            and _record(message.content, COHORT, ConfigRecord) is not None)
 
 
 def cohort_message(requests: list[Request], node_id: int,
@@ -316,7 +326,8 @@ def cohort_message(requests: list[Request], node_id: int,
 
 def cohort_size(message: Message) -> int:
     """How many clients a cohort request or reply carries."""
-    value = message.content.config_records[COHORT].get("size")
+    record = _record(message.content, COHORT, ConfigRecord)
+    value = record.get("size") if record is not None else None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_EXAMPLES:
         raise codec.PayloadError(f"bad cohort size {value!r}")
     return value

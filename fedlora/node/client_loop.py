@@ -126,8 +126,13 @@ def _one_client(replies: list, index: int, request: Request) -> Iterator[None]:
         yield
     except Exception as err:  # noqa: BLE001 - one client's failure is its own reply
         LOGGER.exception("cohort client %d failed", request.task.partition_id)
-        lines = str(err).strip().splitlines()
-        replies[index] = f"{type(err).__name__}: {lines[-1] if lines else ''}"
+        replies[index] = _reason(err)
+
+
+def _reason(err: Exception) -> str:
+    """A failed client's reply: the error's type and last line."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
 
 
 def _not_batched(session: Session) -> str | None:
@@ -177,6 +182,11 @@ def _train_batched(batch: list[tuple[int, Context, Session]], requests: list[Req
                 with _one_client(replies, index, requests[index]):
                     load_adapter_state(session.model.peft, session.start)
                     replies[index] = train_reply(client, session)
+            continue
+        except Exception as err:  # noqa: BLE001 - the pass failed: each client's reply says so
+            LOGGER.exception("the batched pass of %d cohort clients failed", len(group))
+            for index, _, _ in group:
+                replies[index] = _reason(err)
             continue
         for (index, client, session), member in zip(group, members):
             with _one_client(replies, index, requests[index]):

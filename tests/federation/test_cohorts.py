@@ -334,3 +334,41 @@ def test_a_cohort_run_resumes_to_the_same_bytes(tmp_path, tiny_bert, topic_datas
     assert (cut / "adapter" / "adapter_model.safetensors").read_bytes() == whole
     rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert _comparable(rows, False) == _comparable(whole_rows, False)
+
+
+@pytest.mark.e2e
+def test_a_model_the_pass_cannot_batch_trains_its_cohort_one_after_another(
+        tmp_path, tiny_bert, run_identity, topic_dataset, monkeypatch, caplog):
+    from fedlora.learning.cohort_pass import NotBatchable
+    from fedlora.node import client_loop
+
+    def refuse(model, members, **kw):
+        raise NotBatchable("a LoRA variant (DoRA) is not batched")
+
+    monkeypatch.setattr(client_loop, "train_members", refuse)
+    caplog.set_level(logging.INFO, logger="fedlora.node.client_loop")
+    alone, alone_rows, _ = _run(tmp_path, "alone", tiny_bert, topic_dataset, "fedavg", 1)
+    cohort, cohort_rows, _ = _run(tmp_path, "cohort", tiny_bert, topic_dataset, "fedavg", 4)
+    assert cohort == alone
+    assert _comparable(cohort_rows, False) == _comparable(alone_rows, False)
+    assert sum("trains one after another: a LoRA variant" in r.message
+               for r in caplog.records) == 6  # cohorts of 4 and 2, three rounds
+
+
+@pytest.mark.e2e
+def test_a_failed_batched_pass_rejects_its_cohorts_clients(tmp_path, tiny_bert, run_identity,
+                                                           topic_dataset, monkeypatch, caplog):
+    from fedlora.node import client_loop
+
+    def fail(model, members, **kw):
+        if len(members) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(model, members, **kw)
+
+    real = client_loop.train_members
+    monkeypatch.setattr(client_loop, "train_members", fail)
+    caplog.set_level(logging.WARNING)
+    _, rows, _ = _run(tmp_path, "cohort", tiny_bert, topic_dataset, "fedavg", 4)
+    assert [(row["clients"], row["rejected"]) for row in rows] == [(4, 2)] * 3
+    assert sum("client failed: RuntimeError: CUDA out of memory" in r.message
+               for r in caplog.records) == 6

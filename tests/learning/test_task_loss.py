@@ -5,6 +5,7 @@ when given the labels: runs keep their bytes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedlora.learning.features import client_dataset, model_for
@@ -23,23 +24,17 @@ def _config(model_dir, dataset, **keys):
                     "clients-per-round": 2, "max-seq-len": 24, **keys})
 
 
-def test_the_classifier_loss_is_transformers_own(tiny_bert, topic_dataset, quiet_datasets):
-    config = _config(tiny_bert, topic_dataset)
+@pytest.mark.parametrize(("model_fixture", "keys", "labels"), [
+    ("tiny_bert", {}, "label"),                          # seq-cls: the classifier
+    ("tiny_llama", {"task": "causal-lm"}, "lm_labels"),  # causal-lm: the label word
+], ids=["seq-cls", "causal-lm"])
+def test_the_loss_is_transformers_own(model_fixture, keys, labels, request, topic_dataset,
+                                      quiet_datasets):
+    config = _config(request.getfixturevalue(model_fixture), topic_dataset, **keys)
     model, task = model_for(config), task_for(config)
     batch = _first_batch(model, task, config)
     model.peft.eval()
     with torch.no_grad():
-        theirs = model.peft(**inputs(model, batch), labels=batch["label"]).loss
-        ours = task.loss(model, batch, per_example=False)
-    assert torch.equal(ours, theirs)
-
-
-def test_the_label_word_loss_is_transformers_own(tiny_llama, topic_dataset, quiet_datasets):
-    config = _config(tiny_llama, topic_dataset, task="causal-lm")
-    model, task = model_for(config), task_for(config)
-    batch = _first_batch(model, task, config)
-    model.peft.eval()
-    with torch.no_grad():
-        theirs = model.peft(**inputs(model, batch), labels=batch["lm_labels"]).loss
+        theirs = model.peft(**inputs(model, batch), labels=batch[labels]).loss
         ours = task.loss(model, batch, per_example=False)
     assert torch.equal(ours, theirs)

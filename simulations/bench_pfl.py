@@ -3,16 +3,22 @@ the peer of issue #29 ("A peer, side by side"). pfl reports being 7–72× faste
 than other open-source FL simulators by keeping its workers lean; this runs its
 own simulation API on fedlora's benchmark so that clients/s compare directly.
 
-Run from the repository root (one JSON line per K)::
+Run from the repository root (one JSON line per run)::
 
     python simulations/bench_pfl.py --clients 100 --work small
     python simulations/bench_pfl.py --clients 100 --work default
     python simulations/bench_pfl.py --clients 100 --work small --workers 1
 
-and fedlora on the same workload::
+and side by side with fedlora on the same workload, in one invocation::
 
-    fedlora bench-scale --clients 100 --work small --cohort-size 64 --no-stock \\
-        --set dataset=../shared/data/ag_news
+    python simulations/bench_pfl.py --clients 100 500 --work small \\
+        --fedlora-cohort-size 1,50 --reps 2
+
+``--fedlora-cohort-size`` runs, after each pfl run, ``fedlora bench-scale``'s
+own child (``fedlora.commands.bench_scale.measure``: the same run and
+measurements as that command) once per cohort size on the same overrides,
+and ends with one line per K and cohort size: the median clients/s and wall
+time of each side over ``--reps`` alternations, and their ratio.
 
 The workload is built by fedlora's own code, so only the orchestration differs:
 
@@ -74,10 +80,14 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+from fedlora.commands import bench_scale
 from fedlora.commands.bench_scale import BENCH_KEYS, SMALL_WORK, TreeRss
 from fedlora.commands.prepare import absolute_paths
 from fedlora.core.config import parse_set_option
@@ -239,8 +249,15 @@ def main() -> None:
                              "gives each client client-cpus = 1)")
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                         help=f"run-config keys (defaults: {BENCH_KEYS}, dataset={DATASET})")
+    parser.add_argument("--fedlora-cohort-size", type=bench_scale.cohort_sizes, default=[],
+                        metavar="C[,C...]", help="also run fedlora bench-scale's child at "
+                        "these cohort sizes after each pfl run, and compare")
+    parser.add_argument("--reps", type=int, default=1,
+                        help="alternations of the runs (default: 1)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reps < 1:
+        parser.error(f"--reps: {args.reps}; needs at least 1")
     if args.child:
         result = run_child(json.loads(args.child), args.threads)
         if result is not None:
@@ -251,14 +268,26 @@ def main() -> None:
         key, value = parse_set_option(item)
         base[key] = value
     base = absolute_paths(base)
-    for clients in args.clients:
-        overrides = {**base, "num-clients": clients, "clients-per-round": clients}
-        if resolve(overrides).strategy != "fedavg":
-            parser.error("--set strategy: pfl runs FedAvg here (fedavg only)")
-        run = measure(overrides, args.workers,
-                      args.threads or max(1, os.cpu_count() // args.workers))
-        print(json.dumps({
-            "peer": "pfl", "clients": clients, "work": args.work,
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-pfl-") as work_dir:
+        for rep in range(args.reps):
+            for clients in args.clients:
+                overrides = {**base, "num-clients": clients, "clients-per-round": clients}
+                if resolve(overrides).strategy != "fedavg":
+                    parser.error("--set strategy: pfl runs FedAvg here (fedavg only)")
+                rows.append(pfl_row(overrides, args, rep))
+                print(json.dumps(rows[-1]), flush=True)
+                for cohort in args.fedlora_cohort_size:
+                    rows.append(fedlora_row({**overrides, "cohort-size": cohort},
+                                            args.work, rep, Path(work_dir)))
+                    print(json.dumps(rows[-1]), flush=True)
+    for line in side_by_side(rows):
+        print(json.dumps(line), flush=True)
+
+
+def pfl_row(overrides: dict, args: argparse.Namespace, rep: int) -> dict:
+    run = measure(overrides, args.workers, args.threads or max(1, os.cpu_count() // args.workers))
+    return {"peer": "pfl", "rep": rep, "clients": overrides["num-clients"], "work": args.work,
             "rounds": resolve(overrides).rounds, "workers": run["workers"],
             "threads": run["threads"], "updates": run["updates"],
             "wall_s": round(run["wall_s"], 2),
@@ -267,8 +296,38 @@ def main() -> None:
             "first_round_s": round(run["first_round_s"], 2),
             "clients_per_s": round(run["updates"] / run["rounds_s"], 2),
             "peak_rss_mb": round(run["peak_rss_mb"], 1),
-            "cpu_busy": round(run["cpu_busy"], 3)}), flush=True)
+            "cpu_busy": round(run["cpu_busy"], 3)}
 
+
+def fedlora_row(overrides: dict, work: str, rep: int, work_dir: Path) -> dict:
+    """``fedlora bench-scale``'s row for one run of these overrides."""
+    run = bench_scale.measure("fedlora", overrides, work_dir / f"rep-{rep}", work)
+    row = bench_scale.summarise(overrides["num-clients"], resolve(overrides).rounds, run, None,
+                                work, overrides["cohort-size"])
+    return {"peer": "fedlora", "rep": rep, **row}
+
+
+def side_by_side(rows: list[dict]) -> list[dict]:
+    """Per K and fedlora cohort size: each side's median clients/s and wall
+    time over the reps, and fedlora's clients/s over pfl's."""
+    def median(peer: str, clients: int, key: str, cohort: int | None = None) -> float:
+        return statistics.median(row[key] for row in rows if row["peer"] == peer
+                                 and row["clients"] == clients
+                                 and row.get("cohort_size") == cohort)
+
+    lines = []
+    for clients, cohort in sorted({(row["clients"], row["cohort_size"]) for row in rows
+                                   if row["peer"] == "fedlora"}):
+        pfl = median("pfl", clients, "clients_per_s")
+        ours = median("fedlora", clients, "clients_per_s", cohort)
+        lines.append({"side_by_side": clients, "cohort_size": cohort,
+                      "reps": sum(row["peer"] == "pfl" and row["clients"] == clients
+                                  for row in rows),
+                      "pfl_clients_per_s": pfl, "fedlora_clients_per_s": ours,
+                      "fedlora_over_pfl": round(ours / pfl, 2),
+                      "pfl_wall_s": median("pfl", clients, "wall_s"),
+                      "fedlora_wall_s": median("fedlora", clients, "wall_s", cohort)})
+    return lines
 
 if __name__ == "__main__":
     main()

@@ -38,13 +38,14 @@ cohort size 1, today's path, except the one every row has):
 * ``efficiency = compute_s / (workers × wall_s)``: the share of the workers'
   time spent in local compute (1 is perfect).
 * ``startup_s``: ``wall_s`` minus the rounds' time (data and model loading,
-  Ray start, results written); ``rounds_efficiency`` is ``efficiency`` over
-  the rounds alone (the first round still includes whatever is left of the
-  workers' warm-up, ``fedlora.commands.warmup``). Its parts: ``ray_ready_s`` (until
-  Ray is up), ``rounds_start_s`` (until the round loop starts: the driver's
-  own preparation done) and ``end_s`` (after the last round: central
-  evaluation, results, Flower and Ray stopped); ``first_round_s`` is round
-  1's time.
+  Ray start, the workers' warm-up, results written); ``rounds_efficiency``
+  is ``efficiency`` over the rounds alone (a local Ray's workers are warm
+  before round 1, ``fedlora.commands.warmup``; on a cluster the first round
+  still includes their warm-up). Its parts: ``ray_ready_s`` (until Ray is
+  up), ``rounds_start_s`` (until the round loop starts: the driver's own
+  preparation done and a local Ray's workers warm) and ``end_s`` (after the
+  last round: central evaluation, results, Flower and Ray stopped);
+  ``first_round_s`` is round 1's time.
 * ``overhead_ms_per_client = (wall_s − compute_s / workers) / updates``: the
   wall-clock time beyond perfectly parallel compute, per client update.
 * ``clients_per_s = updates / rounds_s``: client updates finished per
@@ -338,7 +339,7 @@ def floors(rows: list[dict]) -> list[dict]:
     return judged
 
 
-def _sizes(text: str) -> list[int]:
+def cohort_sizes(text: str) -> list[int]:
     """``--cohort-size``: positive integers, comma-separated."""
     try:
         sizes = [int(item) for item in text.split(",")]
@@ -357,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="numbers of virtual clients K (default: 10 100 500)")
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                         help=f"run-config keys (benchmark defaults: {BENCH_KEYS})")
-    parser.add_argument("--cohort-size", type=_sizes, default=[1], metavar="C[,C...]",
+    parser.add_argument("--cohort-size", type=cohort_sizes, default=[1], metavar="C[,C...]",
                         help="cohort sizes, each run at every K (default: 1, one client "
                              "a message)")
     parser.add_argument("--work", choices=("default", "small"), default="default",

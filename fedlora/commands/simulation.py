@@ -116,10 +116,13 @@ def _check_answers_as_gcs(address: str) -> None:
         channel.close()
 
 
-def start_ray(config: RunConfig, verbose: bool = False) -> int:
+def start_ray(config: RunConfig, verbose: bool = False,
+              readiness: warmup.WorkerReadiness | None = None) -> int:
     """Start (or attach to) Ray for this run; returns how many client workers
     (Ray actors) it can run at once. Fails in one line when the cluster cannot
-    host a single client with ``client-cpus``/``client-gpus``."""
+    host a single client with ``client-cpus``/``client-gpus``. ``readiness``
+    listens for the warmed workers' reports where a local Ray's prestarted
+    workers warm up (``fedlora.commands.warmup``)."""
     address = config.ray_address
     host = address.removeprefix("ray://").rpartition(":")[0]
     if not address or host in LOOPBACK_HOSTS:
@@ -134,6 +137,8 @@ def start_ray(config: RunConfig, verbose: bool = False) -> int:
         environment = warmup.worker_environment(config, verbose)
         try:
             if not address and warmup.every_prestarted_worker_serves(config):
+                if readiness is not None:
+                    environment.update(readiness.listen())
                 with warmup.inherited(environment):  # those it prestarts included
                     ray.init(**backend["init_args"])
             else:  # the workers started for Flower's actors only
@@ -297,46 +302,48 @@ def simulate(config: RunConfig, verbose: bool = False,
         logging.getLogger("flwr").setLevel(logging.ERROR)
     phases = {} if phases is None else phases
     preparation = Preparation(prepare)
-    try:
-        workers = start_ray(config, verbose)
-    except BaseException:
-        preparation.wait()  # a problem with the run's own data or model comes first
-        raise
-    phases["ray_ready"] = time.perf_counter()
-    if progress is not None:
-        progress.warming(workers)
-    client_app = client_app or project_client_app()
-    server_app = ServerApp()
-    failure: list[BaseException] = []
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        if server_done is not None:
-            server_done.clear()
+    with warmup.WorkerReadiness() as readiness:
         try:
-            preparation.wait()
-            phases["rounds_start"] = time.perf_counter()
-            from fedlora.federation.loop import run_federation
+            workers = start_ray(config, verbose, readiness)
+        except BaseException:
+            preparation.wait()  # a problem with the run's own data or model comes first
+            raise
+        phases["ray_ready"] = time.perf_counter()
+        if progress is not None:
+            progress.warming(workers)
+        client_app = client_app or project_client_app()
+        server_app = ServerApp()
+        failure: list[BaseException] = []
 
-            run_federation(grid, config, in_flight=IN_FLIGHT_PER_WORKER * workers,
-                           simulation=True, progress=progress)
-        except Exception as err:  # noqa: BLE001  (raised below, once Flower has stopped)
-            failure.append(err)
-        finally:
+        @server_app.main()
+        def _main(grid: Grid, context: Context) -> None:
             if server_done is not None:
-                server_done.set()
+                server_done.clear()
+            try:
+                preparation.wait()
+                readiness.wait(workers)
+                phases["rounds_start"] = time.perf_counter()
+                from fedlora.federation.loop import run_federation
 
-    from flwr.simulation import run_simulation
+                run_federation(grid, config, in_flight=IN_FLIGHT_PER_WORKER * workers,
+                               simulation=True, progress=progress)
+            except Exception as err:  # noqa: BLE001  (raised below, once Flower has stopped)
+                failure.append(err)
+            finally:
+                if server_done is not None:
+                    server_done.set()
 
-    shorten_simulation_waits(ENGINE_POLL_S)
-    lighten_simulation_polling(ENGINE_POLL_S)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=config.num_clients, backend_name="ray",
-                       backend_config=backend_config(config),
-                       verbose_logging=verbose)
-    phases["stopped"] = time.perf_counter()
-    if failure:
-        raise failure[0]
-    return workers
+        from flwr.simulation import run_simulation
+
+        shorten_simulation_waits(ENGINE_POLL_S)
+        lighten_simulation_polling(ENGINE_POLL_S)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=config.num_clients, backend_name="ray",
+                           backend_config=backend_config(config),
+                           verbose_logging=verbose)
+        phases["stopped"] = time.perf_counter()
+        if failure:
+            raise failure[0]
+        return workers

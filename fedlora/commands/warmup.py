@@ -28,6 +28,18 @@ How the hook reaches the workers:
   processes that never serve: on a 16-core GPU machine with 4 GPU clients
   that slowed the driver's own start by several seconds.
 
+Round 1 starts when the workers are warm. A local Ray's warm-up takes
+seconds (about 5 s of imports per process, more when the driver imports at
+the same time on few cores); a round started before it ends would spend them
+waiting, so its time would be warm-up, not the round, and a short
+``round-timeout`` would drop its clients. So in the inherited case each
+warmed worker reports its pid on a Unix datagram socket of the driver's
+(``WorkerReadiness``, in a private directory) and the round loop waits for
+as many reports as there are client workers, for at most ``READY_WAIT_S``
+(then it goes on: Flower waits for a slow worker as it always did). On a
+cluster there is nothing to wait for here: the workers warm up when Flower
+creates its actors.
+
 The hook must never fail a worker: Ray would end the process and Flower would
 lose the actor. Whatever goes wrong here (a dataset the driver has not yet
 checked, say) is logged at debug level; the first message meets it again and
@@ -43,14 +55,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import socket
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fedlora.core.config import RunConfig
-from fedlora.runtime import quiet
+from fedlora.runtime import quiet, stopping
 
 CONFIG_ENV = "FEDLORA_WARMUP_CONFIG"  # the run's resolved config, as JSON
 VERBOSE_ENV = "FEDLORA_VERBOSE"
+READY_ENV = "FEDLORA_WARMUP_READY"  # the driver's socket a warmed worker reports to
+# How long round 1 waits for the workers' warm-up: several times the slowest
+# seen (a GGUF model converted for the first time, on a loaded machine).
+READY_WAIT_S = 120.0
+STOP_POLL_S = 0.2  # how soon the wait sees a stop request (fedlora.runtime.stopping)
 HOOK = "fedlora.commands.warmup.prepare_worker"
 
 LOGGER = logging.getLogger(__name__)
@@ -115,3 +136,77 @@ def prepare_worker() -> None:
             model_for(config)
     except Exception:  # noqa: BLE001  (the first message reports it; see above)
         LOGGER.debug("worker warm-up skipped", exc_info=True)
+    finally:
+        report_ready()
+
+
+def report_ready() -> None:
+    """Tell the driver this worker is warm (when it listens). Never raises."""
+    path = os.environ.get(READY_ENV)
+    if not path:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as reporter:
+            reporter.sendto(str(os.getpid()).encode(), path)
+    except OSError:
+        LOGGER.debug("warm-up report not delivered", exc_info=True)
+
+
+class WorkerReadiness:
+    """The driver's end of the warm workers' reports (module docstring).
+
+    ``listen`` opens the socket and gives the environment that points the
+    workers at it; ``wait`` counts distinct reporting pids; ``close`` removes
+    the socket. Without ``listen`` there is nothing to wait for. A report is
+    a decimal pid and nothing else; anything else is ignored (the directory
+    is the driver's own, mode 0700, but a datagram is still input)."""
+
+    def __init__(self) -> None:
+        self._directory: str | None = None
+        self._socket: socket.socket | None = None
+        self.reported: set[int] = set()
+
+    def listen(self) -> dict[str, str]:
+        self._directory = tempfile.mkdtemp(prefix="fedlora-ready-")
+        path = os.path.join(self._directory, "socket")
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(path)
+        return {READY_ENV: path}
+
+    def wait(self, workers: int, timeout_s: float = READY_WAIT_S) -> bool:
+        """Block until ``workers`` workers have reported, or ``timeout_s``
+        has passed; whether they all did (True when not listening). A stop
+        request (SIGINT, SIGTERM) ends the wait with ``stopping.Interrupted``."""
+        if self._socket is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while len(self.reported) < workers:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                LOGGER.info("%d of %d Ray workers still warming up after %.0f s; round 1 "
+                            "starts without them", workers - len(self.reported), workers,
+                            timeout_s)
+                return False
+            stopping.raise_if_stopped()
+            self._socket.settimeout(min(remaining, STOP_POLL_S))
+            try:
+                report = self._socket.recv(64)
+            except TimeoutError:
+                continue
+            if report.isdigit():
+                self.reported.add(int(report))
+        return True
+
+    def __enter__(self) -> WorkerReadiness:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None

@@ -73,7 +73,9 @@ def test_local_ray_workers_are_warm_before_their_first_task(tmp_path, tiny_bert,
                                                               topic_dataset):
     """``start_ray`` hands the hook to the raylet's environment: the workers it
     prestarts import the stack and build the run's model, and an actor created
-    afterwards runs in one of them, with the model already in its cache. At
+    afterwards runs in one of them, with the model already in its cache.
+    Each reports itself warm to the driver (``WorkerReadiness``), the Probe's
+    worker among them. At
     ``ray.shutdown`` the local Ray's processes are asked to stop together
     before Ray's own one-at-a-time loop reaches them."""
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"))
@@ -81,12 +83,16 @@ def test_local_ray_workers_are_warm_before_their_first_task(tmp_path, tiny_bert,
 import json, os, sys, time
 import ray
 from fedlora.commands.simulation import start_ray
+from fedlora.commands.warmup import WorkerReadiness
 from fedlora.strategies import resolve
 
 config = resolve({{"model": {str(tiny_bert)!r}, "dataset": {str(topic_dataset)!r},
                   "num-clients": 4, "clients-per-round": 4}})
-workers = start_ray(config)
+readiness = WorkerReadiness()
+workers = start_ray(config, readiness=readiness)
 assert {warmup.CONFIG_ENV!r} not in os.environ  # nothing started later warms up
+all_warm = readiness.wait(workers, timeout_s=180)
+readiness.close()
 
 @ray.remote(num_cpus=1)
 class Probe:
@@ -113,7 +119,8 @@ try:
 finally:
     ray.shutdown()
 ended = all(process.poll() is not None for group in processes.values() for process in group)
-print(json.dumps({{"workers": workers, **seen, "reached": reached, "ended": ended}}))
+print(json.dumps({{"workers": workers, **seen, "reached": reached, "ended": ended,
+                  "all_warm": all_warm, "reported": sorted(readiness.reported)}}))
 """
     try:
         seen = _python(code, env=env)
@@ -121,6 +128,8 @@ print(json.dumps({{"workers": workers, **seen, "reached": reached, "ended": ende
         stop(ours(env["FLWR_HOME"]))
     assert seen["workers"] >= 1
     assert seen["stack"] and seen["models"] == 1, seen
+    assert seen["all_warm"] and len(seen["reported"]) >= seen["workers"], seen
+    assert seen["pid"] in seen["reported"], seen
     # Ray's sequential stop found every process (but a reaper, if any) gone
     # already: each one it finds running costs up to a second. All ended.
     running = {kind for kind, alive in seen["reached"].items() if any(alive)}
@@ -141,6 +150,65 @@ def test_the_hook_never_fails_a_worker(monkeypatch, tmp_path, caplog):
         with caplog.at_level("DEBUG", logger="fedlora.commands.warmup"):
             assert warmup.prepare_worker() is None
         assert "worker warm-up skipped" in caplog.text
+
+
+def _report_from_a_process(env: dict) -> int:
+    """``report_ready`` in a fresh process with ``env``; that process's pid."""
+    done = subprocess.run([sys.executable, "-c",
+                           "import os\nfrom fedlora.commands import warmup\n"
+                           "warmup.report_ready()\nprint(os.getpid())"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout)
+
+
+@pytest.mark.e2e
+def test_the_round_waits_for_each_worker_to_report_warm():
+    """Distinct pids count, a repeated pid or a datagram that is not a pid
+    does not, and a worker that never reports ends the wait at its timeout
+    (False); the socket's directory is gone after the ``with`` block."""
+    import socket
+
+    with warmup.WorkerReadiness() as readiness:
+        environment = readiness.listen()
+        path = environment[warmup.READY_ENV]
+        first = _report_from_a_process(environment)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stranger:
+            stranger.sendto(b"not a pid", path)
+            stranger.sendto(str(first).encode(), path)  # the same worker again
+        assert readiness.wait(1, timeout_s=30)
+        assert readiness.reported == {first}
+        assert not readiness.wait(2, timeout_s=0.3)  # nobody else reports
+        second = _report_from_a_process(environment)
+        assert readiness.wait(2, timeout_s=30)
+        assert readiness.reported == {first, second}
+    assert not Path(path).parent.exists()
+
+
+def test_waiting_for_workers_ends_on_a_stop_request(monkeypatch):
+    from fedlora.runtime import stopping
+
+    monkeypatch.setattr(stopping, "STOP", stopping.threading.Event())
+    stopping.STOP.set()
+    with warmup.WorkerReadiness() as readiness:
+        readiness.listen()
+        with pytest.raises(stopping.Interrupted):
+            readiness.wait(1, timeout_s=30)
+
+
+def test_without_listening_there_is_nothing_to_wait_for():
+    """A cluster's workers report to nobody: the round starts at once."""
+    with warmup.WorkerReadiness() as readiness:
+        assert readiness.wait(5, timeout_s=30)
+
+
+@pytest.mark.e2e
+def test_a_worker_without_a_listening_driver_reports_nothing_and_never_fails(tmp_path):
+    """No socket named (a cluster's workers), or a socket that is gone: the
+    hook's report is a no-op either way."""
+    _report_from_a_process({warmup.READY_ENV: ""})
+    _report_from_a_process({warmup.READY_ENV: str(tmp_path / "gone")})
 
 
 def test_the_environment_is_inherited_only_while_ray_starts(monkeypatch):

@@ -311,9 +311,9 @@ def side_by_side(rows: list[dict]) -> list[dict]:
     """Per K and fedlora cohort size: each side's median clients/s and wall
     time over the reps, and fedlora's clients/s over pfl's."""
     def median(peer: str, clients: int, key: str, cohort: int | None = None) -> float:
-        return statistics.median(row[key] for row in rows if row["peer"] == peer
-                                 and row["clients"] == clients
-                                 and row.get("cohort_size") == cohort)
+        return round(statistics.median(row[key] for row in rows if row["peer"] == peer
+                                       and row["clients"] == clients
+                                       and row.get("cohort_size") == cohort), 2)
 
     lines = []
     for clients, cohort in sorted({(row["clients"], row["cohort_size"]) for row in rows

@@ -252,9 +252,11 @@ class TreeRss:
                 "gpu_mem_mb_used": self.gpu.used_mb()}
 
 
-def measure(mode: str, overrides: dict, work_dir: Path, work: str = "default") -> dict:
-    """Run one child simulation and measure it from outside."""
-    out_dir = work_dir / f"{mode}-{overrides['num-clients']}"
+def measure(mode: str, overrides: dict, work_dir: Path, work: str = "default",
+            tag: str = "") -> dict:
+    """Run one child simulation and measure it from outside (its run
+    directory named by mode, K, work, cohort size and ``tag``)."""
+    out_dir = work_dir / f"{mode}{tag}-{overrides['num-clients']}"
     if work != "default":
         out_dir = out_dir.with_name(f"{out_dir.name}-{work}")
     if overrides.get("cohort-size", 1) != 1:
@@ -405,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             clients = max(args.clients)
             small = {**base, **SMALL_WORK, "num-clients": clients,
                      "clients-per-round": clients, "cohort-size": 1}  # stock's is 1
-            ours = measure("fedlora", small, work_dir, "small")
+            # its own run beside the stock one (a per-K row may be the same setting)
+            ours = measure("fedlora", small, work_dir, "small", tag="-vs-stock")
             stock = measure("stock", small, work_dir, "small")
             rows.append(summarise(clients, resolve(small)["rounds"], ours, stock, "small"))
             print(json.dumps(rows[-1]), flush=True)

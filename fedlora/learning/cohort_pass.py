@@ -58,6 +58,13 @@ from fedlora.learning.models import LoraModel, autocast
 from fedlora.learning.tasks import Task
 from fedlora.learning.training import TrainResult
 
+# The most tokens (rows × length) one pass carries. On a CPU a larger pass is
+# slower per token (its activations leave the caches: 64 clients of 8 × 64
+# tokens, 32k tokens a pass, took 1.4× as long per client as 16 of them,
+# BENCHMARKS.md "Cohorts: the batched pass"); it also bounds a GPU's
+# activation memory. A member's batch larger than this is a pass alone.
+PASS_TOKENS = 8192
+
 
 class NotBatchable(Exception):
     """Why a model cannot be trained by the batched pass (one line)."""
@@ -134,29 +141,38 @@ def train_members(model: LoraModel, members: Sequence[Member], *, task: Task, ep
 def _step(model: LoraModel, task: Task, stack: StackedLinears, generator: torch.Generator,
           step: list[tuple[Member, dict]]) -> None:
     """One optimiser step's forward and backward for the members with a
-    batch: one pass per group of equally shaped batches."""
+    batch: one pass per group of equally shaped batches, each cut into
+    passes of at most ``PASS_TOKENS`` tokens."""
     def shape(item: tuple[Member, dict]) -> tuple[int, ...]:
         return tuple(item[1]["input_ids"].shape)
 
-    for _, group in itertools.groupby(sorted(step, key=shape), key=shape):
-        group = list(group)
-        started = time.perf_counter()
-        members = [m for m, _ in group]
-        batches = [b for _, b in group]
-        joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0]
-                  if isinstance(batches[0][k], torch.Tensor)}
-        rows = batches[0]["input_ids"].shape[0]
-        stack.use(members)
-        with MemberRandomness(generator, members, rows), autocast(model.device):
-            logits = task.logits(model, joined)
-            losses = [task.loss_of(model, logits[i * rows:(i + 1) * rows], batch,
-                                   per_example=False) for i, batch in enumerate(batches)]
-        torch.stack(losses).sum().backward()
-        share = (time.perf_counter() - started) / len(members)
-        for member, loss in zip(members, losses):
-            member.losses.append(float(loss.detach()))
-            member.steps += 1
-            member.compute_seconds += share
+    for size, same_shape in itertools.groupby(sorted(step, key=shape), key=shape):
+        same_shape = list(same_shape)
+        per_pass = max(1, PASS_TOKENS // math.prod(size))
+        for first in range(0, len(same_shape), per_pass):
+            _pass(model, task, stack, generator, same_shape[first:first + per_pass])
+
+
+def _pass(model: LoraModel, task: Task, stack: StackedLinears, generator: torch.Generator,
+          group: list[tuple[Member, dict]]) -> None:
+    """One forward and backward pass for members whose batches have one shape."""
+    started = time.perf_counter()
+    members = [m for m, _ in group]
+    batches = [b for _, b in group]
+    joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0]
+              if isinstance(batches[0][k], torch.Tensor)}
+    rows = batches[0]["input_ids"].shape[0]
+    stack.use(members)
+    with MemberRandomness(generator, members, rows), autocast(model.device):
+        logits = task.logits(model, joined)
+        losses = [task.loss_of(model, own, batch, per_example=False)
+                  for own, batch in zip(logits.split(rows), batches)]
+    torch.stack(losses).sum().backward()
+    share = (time.perf_counter() - started) / len(members)
+    for member, loss in zip(members, losses):
+        member.losses.append(float(loss.detach()))
+        member.steps += 1
+        member.compute_seconds += share
 
 
 def _batches(task: Task, model: LoraModel, member: Member, batch_size: int, epochs: int,
@@ -276,20 +292,26 @@ class MemberRandomness(TorchFunctionMode):
     def _per_member(self, func, args, kwargs, split: tuple[int, ...],
                     split_kw: tuple[str, ...] = ("input",)):
         total = self.rows * len(self.members)
+
+        def pieces(value) -> list:
+            """``value`` per member: its rows, cut by one ``split`` (whose
+            backward joins the members' gradients in one pass; a slice per
+            member would build a whole-batch gradient each, C² in all), or
+            the same value for all (a mask of one row, not a tensor)."""
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == total:
+                return list(value.split(self.rows))
+            return [value] * len(self.members)
+
+        own_args = [pieces(a) if i_arg in split else [a] * len(self.members)
+                    for i_arg, a in enumerate(args)]
+        own_kwargs = {k: pieces(v) if k in split_kw else [v] * len(self.members)
+                      for k, v in kwargs.items()}
         outer = self.generator.get_state()
         outputs = []
         for i, member in enumerate(self.members):
-            rows = slice(i * self.rows, (i + 1) * self.rows)
-
-            def cut(value):
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == total:
-                    return value[rows]
-                return value  # broadcast over rows (a mask of one row), or not a tensor
-
-            own_args = [cut(a) if i_arg in split else a for i_arg, a in enumerate(args)]
-            own_kwargs = {k: cut(v) if k in split_kw else v for k, v in kwargs.items()}
             self.generator.set_state(member.rng_state)
-            outputs.append(func(*own_args, **own_kwargs))
+            outputs.append(func(*(a[i] for a in own_args),
+                                **{k: v[i] for k, v in own_kwargs.items()}))
             member.rng_state = self.generator.get_state()
         self.generator.set_state(outer)
         return torch.cat(outputs)

@@ -47,20 +47,21 @@ def _small(tiny_bert: Path, topic_dataset: Path, **keys) -> list[str]:
 
 @pytest.mark.e2e
 def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
-    """One row per K and cohort size with the default work, then the
-    small-work pair against stock, then the floors those rows can judge;
-    every run is real."""
+    """One row per K and cohort size with the small work, then the
+    small-work pair against stock (its own run, though a per-K row has the
+    same setting), then the floors those rows can judge; every run is real."""
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"))
     command = [*FEDLORA, "bench-scale", "--clients", "4", "--cohort-size", "1,2",
-               "--work-dir", str(tmp_path / "w"), *_small(tiny_bert, topic_dataset)]
+               "--work", "small", "--work-dir", str(tmp_path / "w"),
+               *_small(tiny_bert, topic_dataset)]
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     finally:
         stop(ours(env["FLWR_HOME"]))
     assert done.returncode == 0, done.stderr[-3000:]
-    default, cohorts, small, verdict = (json.loads(line)
+    single, cohorts, small, verdict = (json.loads(line)
                                         for line in done.stdout.strip().splitlines())
-    for row in (default, cohorts, small):
+    for row in (single, cohorts, small):
         assert BENCH_FIELDS <= set(row), sorted(BENCH_FIELDS - set(row))
         assert row["clients"] == 4 and row["updates"] == 4 and row["workers"] >= 1
         assert 0 < row["compute_s"] < row["wall_s"] * row["workers"]
@@ -75,20 +76,21 @@ def test_bench_scale_reports_every_field(tmp_path, tiny_bert, topic_dataset):
         assert 0 < row["cpu_busy"] <= 1.05
         assert row["server_ms_per_update"] == pytest.approx(  # aggregate_s is to 1 ms
             1000 * row["aggregate_s"] / row["updates"], abs=0.5 / row["updates"] + 0.01)
-    assert [r["cohort_size"] for r in (default, cohorts, small)] == [1, 2, 1]
-    assert cohorts["work"] == "default" and not STOCK_FIELDS & set(cohorts)
-    assert (default["work"], small["work"]) == ("default", "small")
-    assert not STOCK_FIELDS & set(default) and STOCK_FIELDS <= set(small)
+    assert [r["cohort_size"] for r in (single, cohorts, small)] == [1, 2, 1]
+    assert {r["work"] for r in (single, cohorts, small)} == {"small"}
+    assert not STOCK_FIELDS & set(cohorts)
+    assert not STOCK_FIELDS & set(single) and STOCK_FIELDS <= set(small)
     assert small["speedup_vs_stock"] == pytest.approx(small["stock_wall_s"] / small["wall_s"],
                                                       abs=0.02)
     assert small["stock_peak_rss_mb"] > 100
     # only the floor every K has is judged at K = 4
     assert [f["floor"] for f in verdict["floors"]] == ["startup_s at every K"]
     startup = verdict["floors"][0]
-    assert startup["value"] == max(default["startup_s"], cohorts["startup_s"],
+    assert startup["value"] == max(single["startup_s"], cohorts["startup_s"],
                                    small["startup_s"])
     assert startup["holds"] == (startup["value"] <= startup["limit"])
-    for run in ("fedlora-4", "fedlora-4-cohort-2", "fedlora-4-small", "stock-4-small"):
+    for run in ("fedlora-4-small", "fedlora-4-small-cohort-2", "fedlora-vs-stock-4-small",
+                "stock-4-small"):
         metrics = (tmp_path / "w" / run / "metrics.jsonl").read_text().splitlines()
         assert json.loads(metrics[-1])["clients"] == 4
 

@@ -67,7 +67,8 @@ absl-py 1.x, so installing it downgrades those two. pfl imports dp-accounting
 and absl-py, so a shared environment can keep its versions (dm-tree unneeded)::
 
     python -m venv /work/venv-pfl    # from the project venv's python
-    echo "$VIRTUAL_ENV/lib/python3.11/site-packages" \\
+    # the project venv's packages, its own .pth files (fedlora, editable) included
+    echo "import site; site.addsitedir('$VIRTUAL_ENV/lib/python3.11/site-packages')" \\
         > /work/venv-pfl/lib/python3.11/site-packages/project-venv.pth
     /work/venv-pfl/bin/pip install --no-deps pfl==0.6.0 dp-accounting==0.5.1 \\
         prv-accountant==0.2.0

@@ -4,21 +4,15 @@ refused before anything runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "simulations" / "bench_dp_cost.py"
+from scripts import simulation_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_dp_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return simulation_script("bench_dp_cost")
 
 
 @pytest.mark.slow

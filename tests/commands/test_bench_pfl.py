@@ -5,20 +5,13 @@ at the same K."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "simulations" / "bench_pfl.py"
+from scripts import simulation_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_pfl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return simulation_script("bench_pfl")
 
 
 def _row(peer: str, clients: int, clients_per_s: float, wall_s: float,
